@@ -1,0 +1,112 @@
+"""The teacher-scoring protocol shared by the in-process and the remote (vLLM) teachers.
+
+A scorer receives plain token-id sequences (no HF objects cross this boundary, so a remote server can
+implement it) and returns, for every *completion* position, the teacher's log-probability of the token the
+student sampled there, plus the teacher's top-k alternatives.
+
+Alignment convention (every scorer must follow it exactly):
+    sequence i = prompt tokens ``seq[:prompt_lengths[i]]`` followed by completion tokens
+    ``seq[prompt_lengths[i]:]``. Completion position ``j`` of row ``i`` is the token
+    ``seq[prompt_lengths[i] + j]``, predicted from ``seq[: prompt_lengths[i] + j]``.
+    Outputs are right-padded to ``C = max completion length`` with ``mask == False`` on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class TeacherScores:
+    """What a teacher returns for a batch of student completions.
+
+    Attributes:
+        token_logprobs: ``(B, C)`` float32, log π_T of the sampled completion token at each position (0 on padding).
+        topk_ids: ``(B, C, k)`` int64, the teacher's k most likely next-token ids at each position (sorted by
+            decreasing log-prob), or ``None`` when ``top_k == 0``.
+        topk_logprobs: ``(B, C, k)`` float32, their log-probs, or ``None`` when ``top_k == 0``.
+        mask: ``(B, C)`` bool, True on real completion tokens.
+        full_logprobs: ``(B, C, V)`` float32 full-vocabulary log-probs, only when asked for and only from
+            in-process teachers (remote servers cannot ship the whole vocabulary).
+    """
+
+    token_logprobs: torch.Tensor
+    mask: torch.Tensor
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    full_logprobs: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_logprobs.shape != self.mask.shape:
+            raise ValueError(
+                f"TeacherScores: token_logprobs {tuple(self.token_logprobs.shape)} and mask "
+                f"{tuple(self.mask.shape)} must have the same (batch, completion) shape."
+            )
+
+
+@runtime_checkable
+class TeacherScorer(Protocol):
+    """Anything that can score student completions with a teacher model.
+
+    Implementations: :class:`lockedopd.teachers.HFTeacher` (in-process transformers model); the vLLM
+    engine and server scorers follow the same contract.
+    """
+
+    vocab_size: int
+
+    def score(
+        self,
+        sequences: Sequence[Sequence[int]],
+        prompt_lengths: Sequence[int],
+        top_k: int = 0,
+        full_logprobs: bool = False,
+    ) -> TeacherScores:
+        """Score each ``sequences[i]`` (prompt + completion token ids, no padding).
+
+        Args:
+            sequences: B token-id lists, each prompt followed by completion.
+            prompt_lengths: B prompt lengths; ``len(sequences[i]) - prompt_lengths[i]`` is the completion length.
+            top_k: how many top alternatives to return per position (0 = none).
+            full_logprobs: also return full-vocabulary log-probs (in-process teachers only).
+        """
+        ...
+
+
+def validate_score_request(
+    sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], vocab_size: int, max_length: int | None
+) -> list[int]:
+    """Check a scoring request and return the completion lengths.
+
+    Raises:
+        ValueError: mismatched batch sizes, a prompt length outside the sequence, an empty prompt,
+            a token id outside the teacher's vocabulary, or a sequence longer than the teacher's context.
+    """
+    if len(sequences) != len(prompt_lengths):
+        raise ValueError(
+            f"score(): got {len(sequences)} sequences but {len(prompt_lengths)} prompt lengths; pass one prompt "
+            "length per sequence."
+        )
+    if len(sequences) == 0:
+        raise ValueError("score(): empty batch; pass at least one sequence.")
+    completion_lengths = []
+    for i, (seq, plen) in enumerate(zip(sequences, prompt_lengths)):
+        if plen < 1 or plen > len(seq):
+            raise ValueError(
+                f"score(): sequence {i} has length {len(seq)} but prompt length {plen}; the prompt must hold at "
+                "least one token and fit inside the sequence."
+            )
+        if len(seq) and (max(seq) >= vocab_size or min(seq) < 0):
+            raise ValueError(
+                f"score(): sequence {i} holds token id {max(seq)} but the teacher's vocabulary has {vocab_size} "
+                "entries: teacher and student must share one tokenizer/vocabulary."
+            )
+        if max_length is not None and len(seq) > max_length:
+            raise ValueError(
+                f"score(): sequence {i} has {len(seq)} tokens, longer than the teacher's context of {max_length}; "
+                "shorten prompts or lower rollout.max_new_tokens."
+            )
+        completion_lengths.append(len(seq) - plen)
+    return completion_lengths
