@@ -60,6 +60,7 @@ def build_tiny_llama(
     max_position_embeddings: int = 512,
     seed: int = 0,
     tokenizer=None,
+    init_std: float = 0.02,
 ) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM``, deterministic for a given ``seed``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -73,6 +74,7 @@ def build_tiny_llama(
         num_key_value_heads=num_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
+        initializer_range=init_std,
     )
     if tokenizer is not None:
         config.pad_token_id = tokenizer.pad_token_id

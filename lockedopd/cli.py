@@ -1,0 +1,69 @@
+"""``lockedopd`` command line: ``distill``, ``diagnose``, ``trajectory``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _add_distill_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "distill", help="run on-policy distillation from a YAML config",
+        description="Run OPD (with optional warmup → subspace lock) from a YAML config. Overrides are key=value "
+        "with dotted keys, e.g. max_steps=2 output_dir=runs/x resume=true lock.rank=8.",
+    )
+    parser.add_argument("config", help="YAML config (see recipes/configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.set_defaults(handler=_run_distill)
+
+
+def _run_distill(args) -> int:
+    from lockedopd.opd import OPDTrainer, load_config
+
+    config = load_config(args.config, args.overrides)
+    trainer = OPDTrainer.from_config(config)
+    summary = trainer.train()
+    print(json.dumps(summary, indent=2))
+    before, after = summary.get("initial_reverse_kl"), summary.get("final_reverse_kl")
+    if before is not None and after is not None:
+        print(f"held-out reverse KL: {before:.4f} -> {after:.4f} nats/token")
+    print(f"results in {summary['output_dir']} (metrics.jsonl, curves.png, summary.json, checkpoints/)")
+    return 0
+
+
+def _add_optional_parsers(subparsers) -> None:
+    """Subcommands that live with their subsystems (diagnostics, benchmarks)."""
+    try:
+        from lockedopd.diagnostics.cli import add_diagnose_parser, add_trajectory_parser
+    except ImportError:  # pragma: no cover - diagnostics always ship; guard keeps `distill` usable if broken
+        return
+    add_diagnose_parser(subparsers)
+    add_trajectory_parser(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level argument parser."""
+    parser = argparse.ArgumentParser(prog="lockedopd", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_distill_parser(subparsers)
+    _add_optional_parsers(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; expected errors print one line to stderr and exit with code 2 (no traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ImportError) as exc:
+        print(f"lockedopd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Build what a config names: tokenizer, student, teacher scorer and prompt sets.
+
+Everything is checked here, before a run directory is created, so bad input leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lockedopd.data import PromptRecord, load_prompts, split_prompts, synthetic_prompts
+from lockedopd.models import build_tiny_llama, build_tiny_tokenizer, layers_to_keep, load_smollm2, prune_layers
+from lockedopd.opd.config import ModelConfig, OPDConfig
+from lockedopd.teachers.base import TeacherScorer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunInputs:
+    """Everything :class:`lockedopd.OPDTrainer` consumes, built from a config."""
+
+    student: nn.Module
+    tokenizer: object
+    teacher: TeacherScorer
+    train_prompts: list[PromptRecord]
+    eval_prompts: list[PromptRecord]
+
+
+def build_model(spec: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
+    """Model (and its tokenizer) for one :class:`ModelConfig`, pruned if asked."""
+    dtype = DTYPES[spec.dtype]
+    if spec.source == "tiny":
+        tokenizer = tokenizer or build_tiny_tokenizer()
+        model = build_tiny_llama(
+            len(tokenizer), spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_heads,
+            seed=spec.seed, tokenizer=tokenizer, init_std=spec.init_std,
+        )
+    elif spec.source == "smollm2":
+        model, tokenizer = load_smollm2(dtype=dtype)
+    else:
+        path = Path(spec.source)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model source {spec.source!r} is neither 'tiny', 'smollm2' nor an existing checkpoint directory."
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if spec.keep_layers is not None:
+        prune_layers(model, spec.keep_layers)
+    elif spec.drop_every is not None:
+        prune_layers(model, layers_to_keep(model.config.num_hidden_layers, spec.drop_every))
+    return model.to(dtype), tokenizer
+
+
+def build_teacher(config: OPDConfig, tokenizer) -> TeacherScorer:
+    """The teacher scorer for ``config.teacher.backend``."""
+    spec = config.teacher
+    if spec.backend == "hf":
+        from lockedopd.teachers.hf import HFTeacher
+
+        model, _ = build_model(spec.model, tokenizer if spec.model.source == "tiny" else None)
+        return HFTeacher(model, batch_size=spec.batch_size, temperature=spec.temperature)
+    if spec.backend == "vllm":
+        from lockedopd.teachers import VLLMTeacher
+
+        return VLLMTeacher(_teacher_dir(config), top_k_max=max(config.objective.top_k, 1))
+    if spec.backend == "vllm_server":
+        from lockedopd.teachers import VLLMServerTeacher
+
+        return VLLMServerTeacher(base_url=spec.server_url, expected_vocab_size=len(tokenizer))
+    raise ValueError(f"teacher.backend={spec.backend!r} is not one of ['hf', 'vllm', 'vllm_server'].")
+
+
+def _teacher_dir(config: OPDConfig) -> str:
+    """A HF directory for engines that load weights themselves (vLLM)."""
+    spec = config.teacher.model
+    if spec.source == "smollm2":
+        from lockedopd.models import default_cache_dir
+
+        load_smollm2()  # makes sure the converted cache exists
+        return str(default_cache_dir() / "smollm2-135m-instruct")
+    if spec.source == "tiny" or spec.drop_every or spec.keep_layers:
+        raise ValueError("the vLLM teacher needs teacher.model.source to be 'smollm2' or a checkpoint directory.")
+    return spec.source
+
+
+def build_prompts(config: OPDConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """Train and held-out prompt sets."""
+    data = config.data
+    if data.train_path is None:
+        if config.student.source != "tiny":
+            raise ValueError("data.train_path is required unless the student is a tiny model.")
+        records = synthetic_prompts(64 + data.eval_size, seed=config.seed)
+    else:
+        records = load_prompts(data.train_path)
+    if data.eval_path is not None:
+        train, held_out = records, load_prompts(data.eval_path)[: data.eval_size]
+    else:
+        train, held_out = split_prompts(records, data.eval_size, seed=config.seed)
+    if not train:
+        raise ValueError("no training prompts left after holding out the eval set.")
+    return train, held_out
+
+
+def check_vocabularies(student: nn.Module, tokenizer, teacher: TeacherScorer) -> None:
+    """Raise ``ValueError`` if teacher and student cannot be compared token by token."""
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    teacher_vocab = getattr(teacher, "vocab_size", None)
+    if teacher_vocab is not None and teacher_vocab != student_vocab:
+        raise ValueError(
+            f"teacher vocabulary size ({teacher_vocab}) differs from the student's ({student_vocab}): on-policy "
+            "distillation compares log-probs token by token, so teacher and student must share one tokenizer. "
+            "Pick a teacher of the student's model family."
+        )
+    if len(tokenizer) > student_vocab:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the student's output layer only {student_vocab}; "
+            "resize the student's embeddings or use the matching tokenizer."
+        )
+
+
+def build_run_inputs(config: OPDConfig) -> RunInputs:
+    """Build and cross-check every input of a run."""
+    train, held_out = build_prompts(config)
+    student, tokenizer = build_model(config.student)
+    teacher = build_teacher(config, tokenizer)
+    check_vocabularies(student, tokenizer, teacher)
+    return RunInputs(student, tokenizer, teacher, train, held_out)

@@ -1,0 +1,309 @@
+"""Configuration dataclasses for an OPD run, and a strict YAML loader with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from.
+
+    Attributes:
+        source: ``"tiny"`` (random Llama built in code), ``"smollm2"`` (the embedded SmolLM2-135M-Instruct) or
+            a local HF checkpoint directory.
+        num_layers / hidden_size / intermediate_size / num_heads / seed: shape and init of a ``tiny`` model.
+        init_std: weight init std of a ``tiny`` model (larger = peakier next-token distributions).
+        drop_every: remove every n-th decoder layer (2 = every other, 3 = every third); a layer-pruned student.
+        keep_layers: explicit decoder layer indices to keep (overrides ``drop_every``).
+        dtype: ``float32`` or ``bfloat16``.
+    """
+
+    source: str = "tiny"
+    num_layers: int = 2
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_heads: int = 4
+    seed: int = 0
+    init_std: float = 0.02
+    drop_every: int | None = None
+    keep_layers: list[int] | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher and how it is scored.
+
+    Attributes:
+        backend: ``"hf"`` (in-process transformers), ``"vllm"`` (vLLM engine) or ``"vllm_server"``.
+        model: which model the teacher is.
+        batch_size: sequences per teacher forward (HF backend).
+        temperature: teacher logits are divided by it.
+        server_url: base URL of a running vLLM OpenAI server (``vllm_server`` backend).
+    """
+
+    backend: str = "hf"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=4, seed=1))
+    batch_size: int = 8
+    temperature: float = 1.0
+    server_url: str = "http://127.0.0.1:8000"
+
+
+@dataclass
+class RolloutConfig:
+    """Student sampling. ``max_prompt_tokens`` truncates prompts from the left."""
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 256
+
+
+@dataclass
+class ObjectiveConfig:
+    """The OPD objective and the paper's controls.
+
+    Attributes:
+        name: ``"pg"`` (the paper's sampled-token reverse-KL advantage, policy gradient), ``"reverse_kl"``
+            (exact full-vocabulary), ``"topk_reverse_kl"``, ``"forward_kl"``, ``"jsd"``.
+        top_k: teacher top-k for ``topk_reverse_kl`` (and what scorers return).
+        beta: JSD β (0 = forward KL, 1 = reverse KL).
+        token_keep_fraction: keep only this fraction of completion tokens in the loss.
+        token_keep_mode: ``"top"`` (highest per-token KL) or ``"random"``.
+        reward_lambda: λ in A = λ·A_OPD + (1−λ)·A_reward; 1 = pure OPD.
+        reward_fn: ``"module:function"`` or a built-in name (``"contains_answer"``) for the verifiable reward.
+    """
+
+    name: str = "pg"
+    top_k: int = 20
+    beta: float = 0.5
+    token_keep_fraction: float = 1.0
+    token_keep_mode: str = "top"
+    reward_lambda: float = 1.0
+    reward_fn: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Prompts. JSONL files with a ``"prompt"`` field (and optionally ``"answer"`` for rewards).
+
+    Attributes:
+        train_path: training prompts; ``null`` with a tiny model uses built-in synthetic prompts.
+        eval_path: held-out prompts; ``null`` holds out ``eval_size`` prompts of the train file instead.
+        eval_size: how many held-out prompts to evaluate on.
+        use_chat_template: wrap prompts with the tokenizer's chat template.
+    """
+
+    train_path: str | None = None
+    eval_path: str | None = None
+    eval_size: int = 16
+    use_chat_template: bool = True
+
+
+@dataclass
+class LockConfig:
+    """Warmup → lock. ``enabled: false`` runs plain full-parameter OPD.
+
+    Attributes:
+        rank: subspace rank r per matrix.
+        mode: ``"right"`` (ΔW = A·Vᵀ, trains out×r) or ``"two_sided"`` (ΔW = U·C·Vᵀ, trains r×r).
+        threshold / patience / check_every / min_fraction: stability test of the tracker.
+        min_warmup_steps / max_warmup_steps: bounds on the warmup.
+        at_step: force the lock after this many steps (skips the stability test).
+        basis_path: lock at step 0 from a saved ``basis.safetensors``.
+    """
+
+    enabled: bool = False
+    rank: int = 16
+    mode: str = "right"
+    threshold: float = 0.9
+    patience: int = 2
+    check_every: int = 2
+    min_fraction: float = 0.9
+    min_warmup_steps: int = 2
+    max_warmup_steps: int | None = None
+    at_step: int | None = None
+    basis_path: str | None = None
+
+
+@dataclass
+class OPDConfig:
+    """Everything an OPD run needs. Load from YAML with :func:`load_config`.
+
+    Attributes:
+        output_dir: run directory (config, metrics.jsonl, checkpoints, plots).
+        seed: every random draw of the run derives from it (resume-exact).
+        max_steps: optimizer steps.
+        batch_size: prompts per micro-batch; ``grad_accum_steps`` micro-batches make one step.
+        lr / lr_scheduler / lr_warmup_steps / min_lr_ratio: learning-rate schedule (constant, linear, cosine).
+        weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW settings.
+        max_grad_norm: gradient clipping (0 disables).
+        target_modules: student Linear modules trained (all other weights frozen).
+        save_steps / eval_steps: checkpoint and held-out eval period (0 disables; the last step always saves).
+        resume: continue from the newest complete checkpoint in ``output_dir``.
+        progress: show a progress bar.
+    """
+
+    output_dir: str = "runs/opd"
+    seed: int = 0
+    max_steps: int = 10
+    batch_size: int = 4
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    save_steps: int = 5
+    eval_steps: int = 5
+    resume: bool = False
+    progress: bool = True
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lock: LockConfig = field(default_factory=LockConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot work."""
+        choices = {
+            "lr_scheduler": (self.lr_scheduler, ("constant", "linear", "cosine")),
+            "objective.name": (self.objective.name, ("pg", "reverse_kl", "topk_reverse_kl", "forward_kl", "jsd")),
+            "objective.token_keep_mode": (self.objective.token_keep_mode, ("top", "random")),
+            "teacher.backend": (self.teacher.backend, ("hf", "vllm", "vllm_server")),
+            "lock.mode": (self.lock.mode, ("right", "two_sided")),
+            "student.dtype": (self.student.dtype, ("float32", "bfloat16")),
+            "teacher.model.dtype": (self.teacher.model.dtype, ("float32", "bfloat16")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"config: {key}={value!r} is not one of {list(allowed)}.")
+        positive = {
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "rollout.max_new_tokens": self.rollout.max_new_tokens,
+            "lock.rank": self.lock.rank,
+            "lock.check_every": self.lock.check_every,
+            "lock.patience": self.lock.patience,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"config: {key} must be >= 1, got {value}.")
+        if self.lr <= 0:
+            raise ValueError(f"config: lr must be > 0, got {self.lr}.")
+        if not 0.0 < self.objective.token_keep_fraction <= 1.0:
+            raise ValueError(
+                f"config: objective.token_keep_fraction must be in (0, 1], got {self.objective.token_keep_fraction}."
+            )
+        if not 0.0 <= self.objective.reward_lambda <= 1.0:
+            raise ValueError(f"config: objective.reward_lambda must be in [0, 1], got {self.objective.reward_lambda}.")
+        if self.objective.reward_lambda < 1.0 and not self.objective.reward_fn:
+            raise ValueError("config: objective.reward_lambda < 1 mixes in a reward; set objective.reward_fn too.")
+        if self.rollout.temperature <= 0:
+            raise ValueError(f"config: rollout.temperature must be > 0, got {self.rollout.temperature}.")
+        if not 0.0 < self.rollout.top_p <= 1.0:
+            raise ValueError(f"config: rollout.top_p must be in (0, 1], got {self.rollout.top_p}.")
+
+
+def _resolve_type(tp: Any) -> Any:
+    """Strip ``Optional`` from a (string-evaluated) annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config: section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"config: unknown key {prefix}{unknown[0]!r}; allowed keys in "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}."
+        )
+    kwargs = {}
+    for key, value in data.items():
+        tp = _resolve_type(hints[key])
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass signature errors
+        raise ValueError(f"config: {prefix or 'top level'}: {exc}") from exc
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if value is None:
+        return None
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"config: {key} must be {tp.__name__}, got {value!r}.")
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> OPDConfig:
+    """Build an :class:`OPDConfig` from a nested mapping; unknown keys raise ``ValueError``."""
+    return _from_dict(OPDConfig, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=2).")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section.")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> OPDConfig:
+    """Read a YAML config file (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist; see recipes/configs/ for examples.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def config_to_dict(config: OPDConfig) -> dict[str, Any]:
+    """Plain nested dict of a config (what ``output_dir/config.yaml`` holds)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,129 @@
+"""Turn one scored rollout into the configured OPD loss (objective + sparsification + reward mixing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lockedopd.opd import objectives as obj
+from lockedopd.opd.config import ObjectiveConfig
+from lockedopd.teachers.base import TeacherScores
+
+FULL_VOCAB_OBJECTIVES = ("reverse_kl", "forward_kl", "jsd")
+
+
+def teacher_request(config: ObjectiveConfig) -> dict:
+    """What the objective needs from the teacher: ``{"top_k": k, "full_logprobs": bool}``."""
+    return {
+        "top_k": config.top_k if config.name == "topk_reverse_kl" else 0,
+        "full_logprobs": config.name in FULL_VOCAB_OBJECTIVES,
+    }
+
+
+@dataclass
+class LossOutput:
+    """The loss to back-propagate and the statistics logged with it."""
+
+    loss: torch.Tensor
+    reverse_kl: float  # mean per-token sampled estimate log π_S(y) − log π_T(y) on all completion tokens
+    tokens: int
+    kept_tokens: int
+    exact_reverse_kl: float | None = None
+    reward_mean: float | None = None
+
+
+def compute_opd_loss(
+    student_logprobs: torch.Tensor,
+    completion_ids: torch.Tensor,
+    scores: TeacherScores,
+    config: ObjectiveConfig,
+    rewards: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """Assemble the OPD loss for one micro-batch.
+
+    Args:
+        student_logprobs: ``(B, C, V)`` student log-probs at completion positions, with grad.
+        completion_ids: ``(B, C)`` sampled tokens.
+        scores: the teacher's scores for the same completions (``mask`` is the completion mask).
+        config: objective settings.
+        rewards: ``(B,)`` verifiable rewards, required when ``config.reward_lambda < 1``.
+        generator: random source for random token sparsification.
+    """
+    mask = scores.mask.to(student_logprobs.device)
+    if student_logprobs.shape[:2] != mask.shape:
+        raise ValueError(
+            f"student log-probs {tuple(student_logprobs.shape[:2])} and teacher scores {tuple(mask.shape)} do not "
+            "cover the same completions; score the rollout's own sequences."
+        )
+    if scores.full_logprobs is not None and scores.full_logprobs.shape[-1] != student_logprobs.shape[-1]:
+        raise ValueError(
+            f"teacher vocabulary ({scores.full_logprobs.shape[-1]}) differs from the student's "
+            f"({student_logprobs.shape[-1]}): teacher and student must share one tokenizer."
+        )
+    student_tok = obj.gather_token_logprobs(student_logprobs, completion_ids.to(student_logprobs.device))
+    teacher_tok = scores.token_logprobs.to(student_logprobs.device)
+    advantages = obj.opd_advantages(student_tok, teacher_tok)
+    sampled_kl = -advantages
+
+    exact_kl = None
+    teacher_full = None if scores.full_logprobs is None else scores.full_logprobs.to(student_logprobs.device)
+    if teacher_full is not None:
+        exact_kl = obj.reverse_kl_per_token(student_logprobs, teacher_full).detach()
+
+    keep = mask
+    if config.token_keep_fraction < 1.0:
+        keep = obj.sparsify_token_mask(
+            exact_kl if exact_kl is not None else sampled_kl, mask, config.token_keep_fraction,
+            config.token_keep_mode, generator,
+        )
+
+    reward_adv = None
+    if config.reward_lambda < 1.0:
+        if rewards is None:
+            raise ValueError("objective.reward_lambda < 1 needs rewards for the batch.")
+        reward_adv = obj.group_normalized_rewards(rewards).to(student_logprobs.device)
+
+    name = config.name
+    if name == "pg":
+        adv = advantages if reward_adv is None else obj.mix_advantages(advantages, reward_adv, config.reward_lambda)
+        loss = obj.policy_gradient_loss(student_tok, adv, keep)
+    else:
+        if name == "reverse_kl":
+            opd_loss = obj.reverse_kl_loss(student_logprobs, _need(teacher_full, name), keep)
+        elif name == "forward_kl":
+            opd_loss = obj.forward_kl_loss(student_logprobs, _need(teacher_full, name), keep)
+        elif name == "jsd":
+            opd_loss = obj.generalized_jsd_loss(student_logprobs, _need(teacher_full, name), keep, config.beta)
+        elif name == "topk_reverse_kl":
+            if scores.topk_ids is None:
+                raise ValueError("objective topk_reverse_kl needs the teacher's top-k ids; the scorer returned none.")
+            opd_loss = obj.topk_reverse_kl_loss(
+                student_logprobs, scores.topk_ids.to(student_logprobs.device),
+                scores.topk_logprobs.to(student_logprobs.device), keep,
+            )
+        else:
+            raise ValueError(f"unknown objective {name!r}.")
+        loss = opd_loss
+        if reward_adv is not None:
+            reward_loss = obj.policy_gradient_loss(student_tok, reward_adv.unsqueeze(-1).expand_as(student_tok), keep)
+            loss = config.reward_lambda * opd_loss + (1.0 - config.reward_lambda) * reward_loss
+
+    return LossOutput(
+        loss=loss,
+        reverse_kl=float(obj.masked_mean(sampled_kl, mask)),
+        tokens=int(mask.sum()),
+        kept_tokens=int(keep.sum()),
+        exact_reverse_kl=None if exact_kl is None else float(obj.masked_mean(exact_kl, mask)),
+        reward_mean=None if rewards is None else float(rewards.float().mean()),
+    )
+
+
+def _need(teacher_full: torch.Tensor | None, name: str) -> torch.Tensor:
+    if teacher_full is None:
+        raise ValueError(
+            f"objective {name!r} needs full-vocabulary teacher log-probs, which only the in-process teacher "
+            "(teacher.backend=hf) provides; use objective.name=pg or topk_reverse_kl with remote teachers."
+        )
+    return teacher_full

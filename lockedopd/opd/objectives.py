@@ -1,0 +1,195 @@
+"""OPD objectives as pure functions with documented shapes.
+
+Shapes: ``B`` sequences, ``T`` completion positions, ``V`` vocabulary, ``k`` teacher top-k. Every loss takes a
+boolean ``mask`` of shape ``(B, T)`` (True on real completion tokens) and returns a scalar averaged over the
+unmasked tokens (or a weighted average when ``weights`` is given).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` ``(B, T)`` over ``mask`` ``(B, T)``; optional per-token ``weights`` ``(B, T)``."""
+    w = mask.to(values.dtype)
+    if weights is not None:
+        w = w * weights.to(values.dtype)
+    return (values * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def gather_token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Pick ``logprobs[b, t, tokens[b, t]]``: ``(B, T, V)``, ``(B, T)`` → ``(B, T)``."""
+    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def opd_advantages(student_token_logprobs: torch.Tensor, teacher_token_logprobs: torch.Tensor) -> torch.Tensor:
+    """The paper's dense per-token advantage r_t = log π_T(y_t) − log π_θ(y_t), detached: ``(B, T)``.
+
+    Its negative is the per-token sampled estimate of the reverse KL(π_θ ‖ π_T).
+    """
+    return (teacher_token_logprobs - student_token_logprobs).detach()
+
+
+def policy_gradient_loss(
+    student_token_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    old_token_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense policy-gradient loss −E[A_t · ρ_t] over sampled tokens.
+
+    Args:
+        student_token_logprobs: ``(B, T)`` log π_θ(y_t), with grad.
+        advantages: ``(B, T)`` per-token advantages (treated as constants).
+        mask: ``(B, T)`` bool.
+        weights: optional ``(B, T)`` token weights (e.g. from sparsification).
+        old_token_logprobs: ``(B, T)`` log-probs of the policy that sampled the tokens; when given, the
+            importance ratio ρ_t = exp(log π_θ − log π_old) is used (off-policy rollouts). Otherwise ρ_t's
+            gradient equals ∇log π_θ (on-policy, ratio 1 at the sampling point).
+    """
+    if old_token_logprobs is None:
+        old_token_logprobs = student_token_logprobs.detach()
+    ratio = torch.exp(student_token_logprobs - old_token_logprobs)
+    return -masked_mean(advantages.detach() * ratio, mask, weights)
+
+
+def reverse_kl_per_token(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Exact KL(π_S ‖ π_T) at each position: ``(B, T, V)`` × 2 → ``(B, T)``."""
+    return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+
+
+def forward_kl_per_token(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Exact KL(π_T ‖ π_S) at each position: ``(B, T, V)`` × 2 → ``(B, T)``."""
+    return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
+
+
+def reverse_kl_loss(student_logprobs, teacher_logprobs, mask, weights=None) -> torch.Tensor:
+    """Mean exact reverse KL(π_S ‖ π_T) over masked tokens; inputs ``(B, T, V)`` log-probs."""
+    return masked_mean(reverse_kl_per_token(student_logprobs, teacher_logprobs), mask, weights)
+
+
+def forward_kl_loss(student_logprobs, teacher_logprobs, mask, weights=None) -> torch.Tensor:
+    """Mean exact forward KL(π_T ‖ π_S) over masked tokens; inputs ``(B, T, V)`` log-probs."""
+    return masked_mean(forward_kl_per_token(student_logprobs, teacher_logprobs), mask, weights)
+
+
+def topk_reverse_kl_per_token(
+    student_logprobs: torch.Tensor, teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """Reverse KL restricted to the teacher's top-k support, both distributions renormalised on it.
+
+    Args:
+        student_logprobs: ``(B, T, V)`` full student log-probs.
+        teacher_topk_ids: ``(B, T, k)`` ids of the teacher's top-k tokens.
+        teacher_topk_logprobs: ``(B, T, k)`` their teacher log-probs.
+    Returns:
+        ``(B, T)`` KL(π̃_S ‖ π̃_T) with π̃ the renormalised distributions over the k ids; exact when k = V.
+    """
+    s = torch.log_softmax(student_logprobs.gather(-1, teacher_topk_ids), dim=-1)
+    t = torch.log_softmax(teacher_topk_logprobs, dim=-1)
+    return (s.exp() * (s - t)).sum(-1)
+
+
+def topk_reverse_kl_loss(student_logprobs, teacher_topk_ids, teacher_topk_logprobs, mask, weights=None):
+    """Mean of :func:`topk_reverse_kl_per_token` over masked tokens."""
+    per_token = topk_reverse_kl_per_token(student_logprobs, teacher_topk_ids, teacher_topk_logprobs)
+    return masked_mean(per_token, mask, weights)
+
+
+def generalized_jsd_per_token(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float):
+    """Generalised Jensen-Shannon divergence per token, TRL's convention: ``(B, T, V)`` × 2 → ``(B, T)``.
+
+    With mixture M = β·π_S + (1−β)·π_T: JSD_β = β·KL(π_T ‖ M) + (1−β)·KL(π_S ‖ M). The limits are
+    β = 0 → forward KL(π_T ‖ π_S) and β = 1 → reverse KL(π_S ‖ π_T), as in TRL's ``generalized_jsd_loss``.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized JSD: beta must be in [0, 1], got {beta}.")
+    if beta == 0.0:
+        return forward_kl_per_token(student_logprobs, teacher_logprobs)
+    if beta == 1.0:
+        return reverse_kl_per_token(student_logprobs, teacher_logprobs)
+    mixture = torch.logsumexp(
+        torch.stack([student_logprobs + math.log(beta), teacher_logprobs + math.log(1 - beta)]), dim=0
+    )
+    kl_teacher = (teacher_logprobs.exp() * (teacher_logprobs - mixture)).sum(-1)
+    kl_student = (student_logprobs.exp() * (student_logprobs - mixture)).sum(-1)
+    return beta * kl_teacher + (1 - beta) * kl_student
+
+
+def generalized_jsd_loss(student_logprobs, teacher_logprobs, mask, beta: float = 0.5, weights=None):
+    """Mean generalised JSD over masked tokens (see :func:`generalized_jsd_per_token`)."""
+    return masked_mean(generalized_jsd_per_token(student_logprobs, teacher_logprobs, beta), mask, weights)
+
+
+def sparsify_token_mask(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    keep_fraction: float,
+    mode: str = "top",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Keep exactly ``round(keep_fraction · n)`` of the ``n`` unmasked tokens of the batch (the paper's control).
+
+    Args:
+        scores: ``(B, T)`` per-token scores (e.g. the per-token reverse KL); used by ``mode="top"``.
+        mask: ``(B, T)`` bool, the tokens eligible.
+        keep_fraction: in (0, 1].
+        mode: ``"top"`` keeps the highest-scoring tokens, ``"random"`` a uniformly random subset.
+        generator: random source for ``mode="random"``.
+    Returns:
+        ``(B, T)`` bool mask, a subset of ``mask``.
+    """
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"sparsify_token_mask: keep_fraction must be in (0, 1], got {keep_fraction}.")
+    n = int(mask.sum())
+    keep = int(round(keep_fraction * n))
+    if keep_fraction == 1.0 or n == 0:
+        return mask.clone()
+    if mode == "top":
+        key = scores.detach().float().masked_fill(~mask, float("-inf"))
+    elif mode == "random":
+        key = torch.rand(mask.shape, generator=generator).masked_fill(~mask, float("-inf"))
+    else:
+        raise ValueError(f"sparsify_token_mask: mode must be 'top' or 'random', got {mode!r}.")
+    chosen = torch.zeros(mask.numel(), dtype=torch.bool)
+    if keep:
+        chosen[key.flatten().topk(keep).indices] = True
+    return chosen.view_as(mask) & mask
+
+
+def mix_advantages(
+    opd_advantages_: torch.Tensor, reward_advantages: torch.Tensor, lam: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The paper's objective mixing A = λ·A_OPD + (1−λ)·A_reward.
+
+    Args:
+        opd_advantages_: ``(B, T)`` per-token OPD advantages.
+        reward_advantages: ``(B,)`` per-sequence advantages (broadcast over tokens) or ``(B, T)``.
+        lam: λ in [0, 1]; λ = 1 is pure OPD.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"mix_advantages: lambda must be in [0, 1], got {lam}.")
+    if reward_advantages.dim() == 1:
+        reward_advantages = reward_advantages.unsqueeze(-1).expand_as(opd_advantages_)
+    mixed = lam * opd_advantages_ + (1.0 - lam) * reward_advantages.to(opd_advantages_.dtype)
+    return mixed if mask is None else mixed * mask
+
+
+def group_normalized_rewards(rewards: torch.Tensor, group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Turn per-sequence rewards ``(B,)`` into advantages: minus the group mean (GRPO style, no std scaling).
+
+    Sequences with the same ``group_ids`` entry (completions of one prompt) share a baseline; without groups the
+    batch mean is the baseline.
+    """
+    rewards = rewards.float()
+    if group_ids is None:
+        return rewards - rewards.mean()
+    out = torch.empty_like(rewards)
+    for g in group_ids.unique():
+        sel = group_ids == g
+        out[sel] = rewards[sel] - rewards[sel].mean()
+    return out

@@ -1,0 +1,176 @@
+"""Student rollouts: sample completions with HF ``generate`` and lay them out for scoring and training.
+
+Layout of a :class:`Rollout` batch (the same tensor ``generate`` returns):
+``[left-padded prompt (P) | completion, right-padded after EOS (C)]``. Training re-runs the student on
+exactly this tensor and keeps only the last ``C + 1`` logits, so no prompt logits are materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Rollout:
+    """A batch of student samples.
+
+    Attributes:
+        input_ids: ``(B, P + C)`` left-padded prompts followed by completions.
+        attention_mask: ``(B, P + C)`` 1 on real tokens (prompt and completion, EOS included).
+        prompt_width: ``P``, the padded prompt length.
+        completion_ids: ``(B, C)`` sampled tokens (pad after the first EOS).
+        completion_mask: ``(B, C)`` bool, True on sampled tokens up to and including the first EOS.
+        prompt_lengths: B unpadded prompt lengths.
+        logprobs: ``(B, C)`` log-probs of the sampled tokens under the sampling policy (raw, temperature 1),
+            no grad; 0 on padding.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_width: int
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    prompt_lengths: list[int]
+    logprobs: torch.Tensor
+
+    def sequences(self) -> list[list[int]]:
+        """Unpadded prompt + completion token ids per row (what teacher scorers take)."""
+        rows = []
+        for i in range(self.input_ids.shape[0]):
+            prompt = self.input_ids[i, self.prompt_width - self.prompt_lengths[i] : self.prompt_width]
+            completion = self.completion_ids[i][self.completion_mask[i]]
+            rows.append(prompt.tolist() + completion.tolist())
+        return rows
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of sampled completion tokens in the batch."""
+        return int(self.completion_mask.sum())
+
+
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], use_chat_template: bool = True, max_prompt_tokens: int = 256
+) -> list[list[int]]:
+    """Tokenize prompts (through the chat template when the tokenizer has one), truncating from the left."""
+    encoded = []
+    for text in prompts:
+        if use_chat_template and getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = list(ids)[-max_prompt_tokens:]
+        if not ids:
+            raise ValueError(f"prompt {text!r} encodes to zero tokens; remove empty prompts from the data.")
+        encoded.append(ids)
+    return encoded
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: ``(B, L)`` → ``(B, L)``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.no_grad()
+def generate_rollout(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    eos_token_id: int | Sequence[int] | None,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    seed: int | None = None,
+) -> Rollout:
+    """Sample one completion per prompt from ``model``.
+
+    Args:
+        model: a causal LM (or a PEFT wrapper of one) with ``generate``.
+        prompt_ids: B token-id lists.
+        pad_token_id / eos_token_id: the tokenizer's special ids.
+        max_new_tokens / temperature / top_p / do_sample: sampling settings.
+        seed: when given, the sampling is reproducible (the global torch RNG is seeded).
+    """
+    if not prompt_ids:
+        raise ValueError("generate_rollout: no prompts given.")
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):
+        input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[i, width - len(ids) :] = 1
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=0 if do_sample else None,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    model.train(was_training)
+    sequences = out.sequences.cpu()
+    completion_ids = sequences[:, width:]
+    completion_mask = _completion_mask(completion_ids, eos_token_id)
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad_token_id)
+    logits = torch.stack(out.logits, dim=1).float().cpu()  # (B, C, V) raw logits of each generated position
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    logprobs = logprobs * completion_mask
+    full_mask = torch.cat([attention_mask, completion_mask.long()], dim=1)
+    sequences = torch.cat([input_ids, completion_ids], dim=1)
+    return Rollout(
+        input_ids=sequences,
+        attention_mask=full_mask,
+        prompt_width=width,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        prompt_lengths=[len(p) for p in prompt_ids],
+        logprobs=logprobs,
+    )
+
+
+def _completion_mask(completion_ids: torch.Tensor, eos_token_id) -> torch.Tensor:
+    """True up to and including the first EOS of each row."""
+    if eos_token_id is None:
+        return torch.ones_like(completion_ids, dtype=torch.bool)
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids))
+    # number of EOS strictly before each position; a token is kept while none came before it
+    before = is_eos.long().cumsum(-1) - is_eos.long()
+    return before == 0
+
+
+def student_completion_logprobs(model: nn.Module, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """Full-vocabulary student log-probs at each completion position, with grad: ``(B, C, V)``.
+
+    Only the last ``C + 1`` positions' logits are computed (``logits_to_keep``).
+    """
+    device = next(model.parameters()).device
+    completion = rollout.completion_ids.shape[1]
+    out = model(
+        input_ids=rollout.input_ids.to(device),
+        attention_mask=rollout.attention_mask.to(device),
+        position_ids=position_ids_from_mask(rollout.attention_mask).to(device),
+        logits_to_keep=completion + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :completion].float()  # position width-1+j predicts completion token j
+    return torch.log_softmax(logits / temperature, dim=-1)

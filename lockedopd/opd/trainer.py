@@ -1,0 +1,386 @@
+"""The OPD training loop: rollout → teacher scores → objective → backward → optimizer step.
+
+Phases (``phase`` in metrics.jsonl): ``full`` (plain OPD, no lock configured), ``warmup`` (full parameters while
+the subspace tracker watches ΔW) and ``locked`` (only the coefficients of the SubspaceLockedAdapter train).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from lockedopd.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
+from lockedopd.data import PromptRecord
+from lockedopd.opd.config import OPDConfig, config_to_dict
+from lockedopd.opd.evaluation import EvalResult, evaluate_reverse_kl
+from lockedopd.opd.loss import compute_opd_loss, teacher_request
+from lockedopd.opd.rollout import encode_prompts, generate_rollout, student_completion_logprobs
+from lockedopd.opd.schedule import lr_at_step
+from lockedopd.rewards import resolve_reward_fn
+from lockedopd.teachers.base import TeacherScorer
+
+logger = logging.getLogger(__name__)
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def step_seed(seed: int, step: int, micro: int = 0) -> int:
+    """The seed of one micro-batch: a pure function of (run seed, step), so a resumed run draws the same."""
+    return (seed * 1_000_033 + step * 7_919 + micro * 104_729) % (2**31 - 1)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by an optimizer's state tensors (moments, bases)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per step; on resume, entries after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is None:
+            atomic_write_text(path, "")
+        else:
+            kept = [
+                line for line in (path.read_text().splitlines() if path.exists() else [])
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and flush it to disk."""
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        """All records so far."""
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class OPDTrainer:
+    """On-policy distillation of ``student`` towards ``teacher``, with optional warmup → subspace lock.
+
+    Args:
+        config: the run's :class:`OPDConfig`.
+        student: a causal LM (trained in place).
+        tokenizer: the student's tokenizer (shared with the teacher).
+        teacher: any :class:`lockedopd.teachers.TeacherScorer`.
+        train_prompts / eval_prompts: prompt records.
+
+    Use :meth:`from_config` to build everything from a config, then :meth:`train`.
+    """
+
+    def __init__(
+        self,
+        config: OPDConfig,
+        student: nn.Module,
+        tokenizer,
+        teacher: TeacherScorer,
+        train_prompts: Sequence[PromptRecord],
+        eval_prompts: Sequence[PromptRecord],
+    ) -> None:
+        if not train_prompts:
+            raise ValueError("OPDTrainer: the training prompt set is empty; give data.train_path with prompts.")
+        self.config = config
+        self.model = student
+        self.base_model = student
+        self.tokenizer = tokenizer
+        self.teacher = teacher
+        self.train_prompts = list(train_prompts)
+        self.eval_prompts = list(eval_prompts)
+        self.run_dir = Path(config.output_dir)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        max_prompt = config.rollout.max_prompt_tokens
+        use_template = config.data.use_chat_template
+        self.train_ids = encode_prompts(tokenizer, [r.prompt for r in self.train_prompts], use_template, max_prompt)
+        self.eval_ids = encode_prompts(tokenizer, [r.prompt for r in self.eval_prompts], use_template, max_prompt)
+        self.reward_fn = resolve_reward_fn(config.objective.reward_fn) if config.objective.reward_fn else None
+        self.request = teacher_request(config.objective)
+        self.phase = "warmup" if config.lock.enabled else "full"
+        self.lock = None
+        self.step = 0
+        self._freeze_all_but_targets()
+        self.optimizer = self._full_optimizer()
+        if config.lock.enabled:
+            from lockedopd.opd.locking import LockController
+
+            self.lock = LockController(self)
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @classmethod
+    def from_config(cls, config: OPDConfig) -> OPDTrainer:
+        """Build student, teacher and prompts from ``config`` (all checked before anything is written)."""
+        from lockedopd.opd.builders import build_run_inputs
+
+        torch.manual_seed(config.seed)
+        inputs = build_run_inputs(config)
+        return cls(config, inputs.student, inputs.tokenizer, inputs.teacher, inputs.train_prompts, inputs.eval_prompts)
+
+    def target_parameters(self) -> dict[str, nn.Parameter]:
+        """Weights of the student's target Linear modules, keyed by module name."""
+        targets = {}
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, nn.Linear) and name.split(".")[-1] in self.config.target_modules:
+                targets[name] = module.weight
+        if not targets:
+            raise ValueError(
+                f"no Linear module of the student matches target_modules={self.config.target_modules}; "
+                "name module suffixes such as q_proj or down_proj."
+            )
+        return targets
+
+    def _freeze_all_but_targets(self) -> None:
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for p in self.target_parameters().values():
+            p.requires_grad_(True)
+
+    def _full_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = list(self.target_parameters().values())
+        return torch.optim.AdamW(
+            params, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps, weight_decay=c.weight_decay,
+            foreach=False,
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the current phase trains."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    # ---------------------------------------------------------------------------------------------- training
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        c = self.config
+        return lr_at_step(step, c.lr, c.max_steps, c.lr_scheduler, c.lr_warmup_steps, c.min_lr_ratio)
+
+    def _sample_prompts(self, step: int, micro: int) -> tuple[list[list[int]], list[PromptRecord]]:
+        rng = random.Random(step_seed(self.config.seed, step, micro))
+        picks = [rng.randrange(len(self.train_ids)) for _ in range(self.config.batch_size)]
+        return [self.train_ids[i] for i in picks], [self.train_prompts[i] for i in picks]
+
+    def training_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step (``grad_accum_steps`` micro-batches); returns its metrics."""
+        c = self.config
+        started = time.perf_counter()
+        rollout_s = score_s = 0.0
+        totals = {"loss": 0.0, "reverse_kl": 0.0, "tokens": 0, "kept_tokens": 0}
+        exact, rewards_seen = [], []
+        self.model.train()
+        for micro in range(c.grad_accum_steps):
+            seed = step_seed(c.seed, step, micro)
+            prompt_ids, records = self._sample_prompts(step, micro)
+            t0 = time.perf_counter()
+            rollout = generate_rollout(
+                self.model, prompt_ids, self.pad_token_id, self.eos_token_id, c.rollout.max_new_tokens,
+                c.rollout.temperature, c.rollout.top_p, seed=seed,
+            )
+            t1 = time.perf_counter()
+            scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
+            t2 = time.perf_counter()
+            rollout_s, score_s = rollout_s + t1 - t0, score_s + t2 - t1
+            rewards = None
+            if self.reward_fn is not None:
+                texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+                rewards = torch.tensor(self.reward_fn(texts, [r.answer for r in records]), dtype=torch.float32)
+            student_lp = student_completion_logprobs(self.model, rollout)
+            out = compute_opd_loss(
+                student_lp, rollout.completion_ids, scores, c.objective, rewards,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            (out.loss / c.grad_accum_steps).backward()
+            totals["loss"] += float(out.loss.detach()) / c.grad_accum_steps
+            totals["reverse_kl"] += out.reverse_kl / c.grad_accum_steps
+            totals["tokens"] += out.tokens
+            totals["kept_tokens"] += out.kept_tokens
+            if out.exact_reverse_kl is not None:
+                exact.append(out.exact_reverse_kl)
+            if out.reward_mean is not None:
+                rewards_seen.append(out.reward_mean)
+            del student_lp, out, scores
+        params = self.trainable_parameters()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30))
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.lock is not None:
+            self.lock.before_optimizer_step(step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "phase": self.phase, **totals, "lr": lr, "grad_norm": grad_norm}
+        if exact:
+            record["exact_reverse_kl"] = sum(exact) / len(exact)
+        if rewards_seen:
+            record["reward"] = sum(rewards_seen) / len(rewards_seen)
+        record.update(
+            trainable_params=sum(p.numel() for p in params),
+            optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
+            rollout_s=round(rollout_s, 4),
+            score_s=round(score_s, 4),
+            step_time_s=round(time.perf_counter() - started, 4),
+        )
+        return record
+
+    def evaluate(self) -> EvalResult:
+        """Held-out reverse KL of the current student (same sampling seed at every evaluation)."""
+        c = self.config
+        return evaluate_reverse_kl(
+            self.model, self.teacher, self.eval_ids, self.pad_token_id, self.eos_token_id, c.rollout.max_new_tokens,
+            c.batch_size, seed=step_seed(c.seed + EVAL_SEED_OFFSET, 0), temperature=c.rollout.temperature,
+            exact=self._exact_eval(),
+        )
+
+    def _exact_eval(self) -> bool:
+        from lockedopd.teachers.hf import HFTeacher
+
+        return isinstance(self.teacher, HFTeacher)
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) training to ``max_steps``; returns a summary (also written to ``summary.json``)."""
+        c = self.config
+        resume_from = self._resume_point()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", _yaml_dump(config_to_dict(c)))
+        log = MetricsLog(self.run_dir / "metrics.jsonl", None if resume_from is None else self.step)
+        if resume_from is None:
+            if self.lock is not None:
+                self.lock.start()
+            initial = self.evaluate() if self.eval_ids else None
+            if initial is not None:
+                log.write({"step": 0, "phase": self.phase, **initial.as_dict()})
+            self.save()
+        progress = _progress(c.progress, total=c.max_steps, initial=self.step)
+        try:
+            while self.step < c.max_steps:
+                record = self.training_step(self.step)
+                self.step += 1
+                if self.lock is not None:
+                    record.update(self.lock.after_optimizer_step(self.step))
+                is_last = self.step == c.max_steps
+                if self.eval_ids and (is_last or (c.eval_steps and self.step % c.eval_steps == 0)):
+                    record.update(self.evaluate().as_dict())
+                log.write(record)
+                if is_last or (c.save_steps and self.step % c.save_steps == 0) or record.get("locked_now"):
+                    self.save()
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(phase=self.phase, kl=f"{record['reverse_kl']:.3f}", loss=f"{record['loss']:.3f}")
+        finally:
+            if progress is not None:
+                progress.close()
+        summary = self._summary(log.read())
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        from lockedopd.opd.plots import plot_training_curves
+
+        plot_training_curves(log.read(), self.run_dir / "curves.png", lock_step=summary.get("lock_step"))
+        if self.lock is not None:
+            self.lock.finish(summary)
+        return summary
+
+    def _summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        evals = [r for r in records if "eval_reverse_kl" in r]
+        summary: dict[str, Any] = {
+            "output_dir": str(self.run_dir),
+            "steps": self.step,
+            "initial_reverse_kl": evals[0]["eval_reverse_kl"] if evals else None,
+            "final_reverse_kl": evals[-1]["eval_reverse_kl"] if evals else None,
+            "eval_kl_exact": evals[-1]["eval_kl_exact"] if evals else None,
+            "mean_step_time_s": _mean([r["step_time_s"] for r in records if "step_time_s" in r]),
+        }
+        if self.lock is not None:
+            summary.update(self.lock.summary())
+        return summary
+
+    # ------------------------------------------------------------------------------------------ checkpointing
+    def save(self) -> Path:
+        """Write checkpoint ``step-{step}`` atomically (weights, optimizer, RNG, phase)."""
+        tensors = {"model": self.effective_state_dict()}
+        states = {
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "pyv": random.getstate()[0]},
+        }
+        trainer_state = {"step": self.step, "phase": self.phase}
+        if self.lock is not None:
+            self.lock.add_to_checkpoint(tensors, states, trainer_state)
+        return save_checkpoint(self.run_dir, self.step, tensors, states, trainer_state)
+
+    def effective_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's weights as a plain model's state dict (adapter deltas merged in when locked)."""
+        if self.lock is not None and self.phase == "locked":
+            return self.lock.merged_state_dict()
+        return {k: v for k, v in self.base_model.state_dict().items()}
+
+    def _resume_point(self) -> int | None:
+        """Restore the newest complete checkpoint when ``resume`` is set; returns its step or None."""
+        if not self.config.resume:
+            if list_checkpoints(self.run_dir):
+                raise FileExistsError(
+                    f"{self.run_dir} already holds checkpoints; pass resume=true to continue that run or choose "
+                    "another output_dir."
+                )
+            return None
+        found = list_checkpoints(self.run_dir)
+        if not found:
+            logger.info("resume=true but %s has no checkpoint: starting fresh", self.run_dir)
+            return None
+        step, path = found[-1]
+        tensors, states, trainer_state = load_checkpoint(path)
+        self.step = int(trainer_state["step"])
+        phase = trainer_state.get("phase", "full")
+        if phase == "locked":
+            self.lock.restore_locked(tensors, states, trainer_state)
+        else:
+            missing, unexpected = self.base_model.load_state_dict(tensors["model"], strict=False)
+            missing = [m for m in missing if not _is_tied_duplicate(self.base_model, m)]
+            if missing or unexpected:
+                raise ValueError(
+                    f"checkpoint {path} does not match the student (missing {missing[:3]}, unexpected "
+                    f"{unexpected[:3]}); resume with the config that wrote it."
+                )
+            self.optimizer.load_state_dict(states["optimizer"])
+            if self.lock is not None:
+                self.lock.restore_warmup(tensors, states, trainer_state)
+        rng = states["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate((rng["pyv"], tuple(rng["python"]), None))
+        logger.info("resumed %s from step %d (%s)", self.run_dir, self.step, self.phase)
+        return step
+
+
+def _is_tied_duplicate(model: nn.Module, name: str) -> bool:
+    """True for a weight shared with another (e.g. a tied lm_head), which safetensors stores once."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    out = model.get_output_embeddings()
+    return out is not None and name.endswith("lm_head.weight")
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _yaml_dump(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="OPD", unit="step", dynamic_ncols=True)
