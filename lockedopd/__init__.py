@@ -1,3 +1,29 @@
-"""lockedopd: memory-cheap on-policy distillation by training inside the locked top-r update subspace."""
+"""lockedopd: memory-cheap on-policy distillation by training inside the locked top-r update subspace.
+
+``import lockedopd`` registers the ``SUBSPACE_LOCKED`` PEFT method, so ``peft.get_peft_model(model,
+lockedopd.SubspaceLockedConfig(...))`` and ``PeftModel.from_pretrained(...)`` work.
+"""
+
+from lockedopd import teachers
+from lockedopd.adapter import SubspaceLockedConfig, SubspaceLockedLayer, SubspaceLockedModel, export_lora
+from lockedopd.opd import OPDConfig, OPDTrainer, load_config
+from lockedopd.optim import LockedAdamW
+from lockedopd.subspace import SubspaceTracker, load_basis, save_basis, subspace_similarity
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LockedAdamW",
+    "OPDConfig",
+    "OPDTrainer",
+    "SubspaceLockedConfig",
+    "SubspaceLockedLayer",
+    "SubspaceLockedModel",
+    "SubspaceTracker",
+    "export_lora",
+    "load_basis",
+    "load_config",
+    "save_basis",
+    "subspace_similarity",
+    "teachers",
+]

@@ -143,8 +143,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
             elif child.suffix == ".pt":
                 states[child.stem] = torch.load(child, map_location="cpu", weights_only=True)
         except Exception as exc:  # safetensors/torch raise several types for damaged files
-            raise ValueError(f"checkpoint file {child} is corrupt or unreadable ({exc}); delete that checkpoint "
-                             "directory to resume from the previous one.") from exc
+            raise ValueError(
+                f"checkpoint file {child} is corrupt or unreadable ({exc}); delete that checkpoint "
+                "directory to resume from the previous one."
+            ) from exc
     try:
         trainer_state = json.loads(state_file.read_text())
     except json.JSONDecodeError as exc:

@@ -10,7 +10,8 @@ import sys
 
 def _add_distill_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "distill", help="run on-policy distillation from a YAML config",
+        "distill",
+        help="run on-policy distillation from a YAML config",
         description="Run OPD (with optional warmup → subspace lock) from a YAML config. Overrides are key=value "
         "with dotted keys, e.g. max_steps=2 output_dir=runs/x resume=true lock.rank=8.",
     )
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        handler = getattr(args, "handler", None) or args.func
+        return int(handler(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ImportError) as exc:
         print(f"lockedopd {args.command}: error: {exc}", file=sys.stderr)
         return 2

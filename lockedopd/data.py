@@ -27,7 +27,7 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
     if not path.is_file():
         raise FileNotFoundError(
             f"prompt file {path} does not exist; generate the shipped set with `python recipes/data/make_prompts.py`"
-            " or point data.train_path at a JSONL file with one {\"prompt\": ...} per line."
+            ' or point data.train_path at a JSONL file with one {"prompt": ...} per line.'
         )
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -39,7 +39,7 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
             raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg}).") from exc
         prompt = item.get("prompt") if isinstance(item, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{path}:{number} has no non-empty \"prompt\" string.")
+            raise ValueError(f'{path}:{number} has no non-empty "prompt" string.')
         answer = item.get("answer")
         records.append(PromptRecord(prompt, None if answer is None else str(answer)))
     if not records:

@@ -12,8 +12,8 @@ import os
 import shutil
 import string
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn

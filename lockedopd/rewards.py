@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 RewardFn = Callable[[Sequence[str], Sequence[str | None]], list[float]]
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

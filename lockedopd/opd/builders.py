@@ -36,8 +36,14 @@ def build_model(spec: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
     if spec.source == "tiny":
         tokenizer = tokenizer or build_tiny_tokenizer()
         model = build_tiny_llama(
-            len(tokenizer), spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_heads,
-            seed=spec.seed, tokenizer=tokenizer, init_std=spec.init_std,
+            len(tokenizer),
+            spec.num_layers,
+            spec.hidden_size,
+            spec.intermediate_size,
+            spec.num_heads,
+            seed=spec.seed,
+            tokenizer=tokenizer,
+            init_std=spec.init_std,
         )
     elif spec.source == "smollm2":
         model, tokenizer = load_smollm2(dtype=dtype)

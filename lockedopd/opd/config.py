@@ -242,7 +242,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(
-            f"config: unknown key {prefix}{unknown[0]!r}; allowed keys in "
+            f"config: unknown key '{prefix}{unknown[0]}'; allowed keys in "
             f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}."
         )
     kwargs = {}

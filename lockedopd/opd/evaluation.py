@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -62,7 +62,12 @@ def evaluate_reverse_kl(
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start : start + batch_size]
         rollout = generate_rollout(
-            student, chunk, pad_token_id, eos_token_id, max_new_tokens, temperature=temperature,
+            student,
+            chunk,
+            pad_token_id,
+            eos_token_id,
+            max_new_tokens,
+            temperature=temperature,
             seed=seed + start,
         )
         scores = teacher.score(rollout.sequences(), rollout.prompt_lengths, full_logprobs=exact)

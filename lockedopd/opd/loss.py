@@ -75,8 +75,11 @@ def compute_opd_loss(
     keep = mask
     if config.token_keep_fraction < 1.0:
         keep = obj.sparsify_token_mask(
-            exact_kl if exact_kl is not None else sampled_kl, mask, config.token_keep_fraction,
-            config.token_keep_mode, generator,
+            exact_kl if exact_kl is not None else sampled_kl,
+            mask,
+            config.token_keep_fraction,
+            config.token_keep_mode,
+            generator,
         )
 
     reward_adv = None
@@ -100,8 +103,10 @@ def compute_opd_loss(
             if scores.topk_ids is None:
                 raise ValueError("objective topk_reverse_kl needs the teacher's top-k ids; the scorer returned none.")
             opd_loss = obj.topk_reverse_kl_loss(
-                student_logprobs, scores.topk_ids.to(student_logprobs.device),
-                scores.topk_logprobs.to(student_logprobs.device), keep,
+                student_logprobs,
+                scores.topk_ids.to(student_logprobs.device),
+                scores.topk_logprobs.to(student_logprobs.device),
+                keep,
             )
         else:
             raise ValueError(f"unknown objective {name!r}.")

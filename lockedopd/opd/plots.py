@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, lock_step: int | None = None) -> Path:

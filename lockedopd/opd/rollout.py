@@ -7,8 +7,8 @@ exactly this tensor and keeps only the last ``C + 1`` logits, so no prompt logit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn

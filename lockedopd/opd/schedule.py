@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_at_step(step: int, base_lr: float, max_steps: int, kind: str = "cosine", warmup_steps: int = 0,
-               min_lr_ratio: float = 0.1) -> float:
+def lr_at_step(
+    step: int, base_lr: float, max_steps: int, kind: str = "cosine", warmup_steps: int = 0, min_lr_ratio: float = 0.1
+) -> float:
     """Learning rate for optimizer step ``step`` (0-based).
 
     Linear warmup over ``warmup_steps``, then ``constant``, ``linear`` decay or ``cosine`` decay down to

@@ -10,8 +10,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,8 @@ class MetricsLog:
             atomic_write_text(path, "")
         else:
             kept = [
-                line for line in (path.read_text().splitlines() if path.exists() else [])
+                line
+                for line in (path.read_text().splitlines() if path.exists() else [])
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
@@ -153,7 +155,11 @@ class OPDTrainer:
         c = self.config
         params = list(self.target_parameters().values())
         return torch.optim.AdamW(
-            params, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps, weight_decay=c.weight_decay,
+            params,
+            lr=c.lr,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_eps,
+            weight_decay=c.weight_decay,
             foreach=False,
         )
 
@@ -185,8 +191,14 @@ class OPDTrainer:
             prompt_ids, records = self._sample_prompts(step, micro)
             t0 = time.perf_counter()
             rollout = generate_rollout(
-                self.model, prompt_ids, self.pad_token_id, self.eos_token_id, c.rollout.max_new_tokens,
-                c.rollout.temperature, c.rollout.top_p, seed=seed,
+                self.model,
+                prompt_ids,
+                self.pad_token_id,
+                self.eos_token_id,
+                c.rollout.max_new_tokens,
+                c.rollout.temperature,
+                c.rollout.top_p,
+                seed=seed,
             )
             t1 = time.perf_counter()
             scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
@@ -198,7 +210,11 @@ class OPDTrainer:
                 rewards = torch.tensor(self.reward_fn(texts, [r.answer for r in records]), dtype=torch.float32)
             student_lp = student_completion_logprobs(self.model, rollout)
             out = compute_opd_loss(
-                student_lp, rollout.completion_ids, scores, c.objective, rewards,
+                student_lp,
+                rollout.completion_ids,
+                scores,
+                c.objective,
+                rewards,
                 generator=torch.Generator().manual_seed(seed),
             )
             (out.loss / c.grad_accum_steps).backward()
@@ -238,8 +254,15 @@ class OPDTrainer:
         """Held-out reverse KL of the current student (same sampling seed at every evaluation)."""
         c = self.config
         return evaluate_reverse_kl(
-            self.model, self.teacher, self.eval_ids, self.pad_token_id, self.eos_token_id, c.rollout.max_new_tokens,
-            c.batch_size, seed=step_seed(c.seed + EVAL_SEED_OFFSET, 0), temperature=c.rollout.temperature,
+            self.model,
+            self.teacher,
+            self.eval_ids,
+            self.pad_token_id,
+            self.eos_token_id,
+            c.rollout.max_new_tokens,
+            c.batch_size,
+            seed=step_seed(c.seed + EVAL_SEED_OFFSET, 0),
+            temperature=c.rollout.temperature,
             exact=self._exact_eval(),
         )
 
@@ -277,7 +300,9 @@ class OPDTrainer:
                     self.save()
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(phase=self.phase, kl=f"{record['reverse_kl']:.3f}", loss=f"{record['loss']:.3f}")
+                    progress.set_postfix(
+                        phase=self.phase, kl=f"{record['reverse_kl']:.3f}", loss=f"{record['loss']:.3f}"
+                    )
         finally:
             if progress is not None:
                 progress.close()

@@ -1,0 +1,264 @@
+"""Warmup → lock inside :class:`lockedopd.OPDTrainer`.
+
+During warmup a :class:`lockedopd.SubspaceTracker` sketches ΔW_t = W_t − W_0 of every target matrix. When the
+top-r right subspaces stop moving (or at ``lock.at_step``), the controller
+
+1. writes ``basis.safetensors`` and the lock-time weights ``lock/base_model.safetensors`` (the warmup update is
+   thereby folded into the frozen base weights),
+2. wraps the student in the :class:`lockedopd.SubspaceLockedConfig` PEFT adapter (coefficients start at zero, so
+   the model's function is unchanged),
+3. replaces the full AdamW by :class:`lockedopd.LockedAdamW` over the coefficients, continuing the warmup's step
+   count and moments projected into the subspace, and drops the full optimizer state,
+4. writes ``adapter/`` (PEFT format).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file
+
+from lockedopd.checkpoint import atomic_save_safetensors, atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lockedopd.opd.trainer import OPDTrainer
+
+logger = logging.getLogger(__name__)
+ADAPTER_NAME = "default"
+
+
+class LockController:
+    """Owns the tracker, the lock step and the locked-phase state of one trainer."""
+
+    def __init__(self, trainer: OPDTrainer) -> None:
+        self.trainer = trainer
+        self.config = trainer.config.lock
+        self.run_dir = trainer.run_dir
+        self.tracker = None
+        self.lock_step: int | None = None
+        self.lock_reason: str | None = None
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.peft_model = None
+        self.phase_stats: dict[str, dict[str, int]] = {}
+        if self.config.basis_path is None:
+            self.tracker = self._new_tracker()
+
+    @property
+    def basis_file(self) -> Path:
+        """Where the locked basis is written."""
+        return self.run_dir / "basis.safetensors"
+
+    @property
+    def lock_base_file(self) -> Path:
+        """The frozen base weights of the locked phase (warmup update folded in)."""
+        return self.run_dir / "lock" / "base_model.safetensors"
+
+    def _new_tracker(self):
+        from lockedopd.subspace import SubspaceTracker
+
+        c = self.config
+        return SubspaceTracker(
+            self.trainer.base_model,
+            target_modules=list(self.trainer.target_parameters()),
+            rank=c.rank,
+            threshold=c.threshold,
+            patience=c.patience,
+            check_every=c.check_every,
+            min_warmup_steps=c.min_warmup_steps,
+            max_warmup_steps=c.max_warmup_steps,
+            min_fraction=c.min_fraction,
+            seed=self.trainer.config.seed,
+        )
+
+    # --------------------------------------------------------------------------------------------- the phases
+    def start(self) -> None:
+        """Called once before step 0 of a fresh run: locks immediately when ``lock.basis_path`` is set."""
+        if self.config.basis_path is not None:
+            from lockedopd.subspace import load_basis
+
+            bases, _ = load_basis(self.config.basis_path)
+            self.lock(0, bases, reason="basis_path")
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Hook before each optimizer step (the trajectory monitor attaches here)."""
+
+    def after_optimizer_step(self, step: int) -> dict[str, Any]:
+        """Observe the new weights; lock when due. Returns metrics for this step's record."""
+        record: dict[str, Any] = {}
+        self._note_phase_stats()
+        if self.trainer.phase != "warmup":
+            return record
+        stable = self.tracker.observe(step)
+        last = self.tracker.history[-1] if self.tracker.history else None
+        if last is not None and last.get("step") == step:
+            record["subspace_similarity"] = last["median_similarity"]
+            record["subspace_stable_fraction"] = last["fraction_stable"]
+        forced = self.config.at_step is not None and step >= self.config.at_step
+        if forced or stable:
+            reason = "at_step" if forced else self.tracker.reason
+            self.lock(step, self.tracker.bases(), reason=reason)
+            record.update(locked_now=True, lock_step=step, lock_reason=reason)
+        return record
+
+    def lock(self, step: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], reason: str) -> None:
+        """Freeze ``bases`` and switch the trainer to coefficient training."""
+        from lockedopd.subspace import save_basis
+
+        trainer = self.trainer
+        if not bases:
+            raise ValueError(
+                "lock: the tracker produced no basis (every target update is zero); lower lr or "
+                "raise lock.min_warmup_steps."
+            )
+        bases = {name: bases[name] for name in sorted(bases)}
+        save_basis(
+            self.basis_file,
+            bases,
+            {"step": step, "rank": self.config.rank, "mode": self.config.mode, "reason": reason},
+        )
+        atomic_save_safetensors(trainer.base_model.state_dict(), self.lock_base_file, {"step": step})
+        warmup_optimizer = trainer.optimizer
+        full_params = {name: trainer.base_model.get_submodule(name).weight for name in bases}
+        self._wrap(bases)
+        from lockedopd.optim import LockedAdamW
+
+        c = trainer.config
+        trainer.optimizer = LockedAdamW.from_warmup(
+            self.coefficients(),
+            warmup_optimizer,
+            full_params,
+            bases,
+            mode=self.config.mode,
+            lr=trainer.lr_at(step),
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_eps,
+        )
+        warmup_optimizer.state.clear()
+        for p in full_params.values():
+            p.grad = None
+        self.lock_step, self.lock_reason = step, reason
+        self.peft_model.save_pretrained(self.run_dir / "adapter")
+        logger.info("locked at step %d (%s): %d matrices, rank %d", step, reason, len(bases), self.config.rank)
+
+    def _wrap(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Wrap the student in the adapter built from the basis file; trainer then trains only coefficients."""
+        import peft
+
+        from lockedopd.adapter import SubspaceLockedConfig
+
+        trainer = self.trainer
+        config = SubspaceLockedConfig(
+            r=self.config.rank,
+            mode=self.config.mode,
+            target_modules=list(bases),
+            basis_path=str(self.basis_file),
+        )
+        self.peft_model = peft.get_peft_model(trainer.base_model, config, adapter_name=ADAPTER_NAME)
+        self.bases = bases
+        trainer.model = self.peft_model
+        trainer.phase = "locked"
+        self.tracker = None
+
+    def coefficients(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable coefficient tensor of each locked module (A: out×r, or C: r×r), sorted by name."""
+        inner = self.peft_model.base_model.model
+        out = {}
+        for name in sorted(self.bases):
+            layer = inner.get_submodule(name)
+            out[name] = layer._coefficients(ADAPTER_NAME)
+        return out
+
+    # ----------------------------------------------------------------------------------------- checkpointing
+    def add_to_checkpoint(self, tensors: dict, states: dict, trainer_state: dict) -> None:
+        """Add the lock's state to a checkpoint being written."""
+        trainer_state["lock_step"] = self.lock_step
+        trainer_state["lock_reason"] = self.lock_reason
+        if self.trainer.phase == "locked":
+            tensors["coefficients"] = {name: p.detach() for name, p in self.coefficients().items()}
+        elif self.tracker is not None:
+            states["tracker"] = self.tracker.state_dict()
+
+    def restore_warmup(self, tensors: dict, states: dict, trainer_state: dict) -> None:
+        """Resume inside the warmup: the tracker's sketches of W_0 come back from the checkpoint."""
+        if self.tracker is not None and "tracker" in states:
+            self.tracker.load_state_dict(states["tracker"])
+
+    def restore_locked(self, tensors: dict, states: dict, trainer_state: dict) -> None:
+        """Resume after the lock: lock-time base weights, basis, coefficients and LockedAdamW state."""
+        from lockedopd.optim import LockedAdamW
+        from lockedopd.subspace import load_basis
+
+        trainer = self.trainer
+        if not self.lock_base_file.is_file() or not self.basis_file.is_file():
+            raise FileNotFoundError(
+                f"{self.run_dir} is past its lock step but {self.lock_base_file} or {self.basis_file} is missing; "
+                "the run directory is incomplete."
+            )
+        trainer.base_model.load_state_dict(load_file(self.lock_base_file), strict=False)
+        bases, _ = load_basis(self.basis_file)
+        self._wrap({name: bases[name] for name in sorted(bases)})
+        coefficients = self.coefficients()
+        saved = tensors.get("coefficients", {})
+        if set(saved) != set(coefficients):
+            raise ValueError("checkpoint coefficients do not match the locked modules; resume with the same config.")
+        with torch.no_grad():
+            for name, p in coefficients.items():
+                p.copy_(saved[name])
+        c = trainer.config
+        trainer.optimizer = LockedAdamW(
+            list(coefficients.values()),
+            lr=trainer.lr_at(trainer.step),
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_eps,
+        )
+        trainer.optimizer.load_state_dict(states["optimizer"])
+        self.lock_step = trainer_state.get("lock_step")
+        self.lock_reason = trainer_state.get("lock_reason")
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's effective weights under plain module names (W_lock + ΔW for locked modules)."""
+        inner = self.peft_model.base_model.model
+        merged = {}
+        for key, value in inner.state_dict().items():
+            if ".locked_" in key:
+                continue
+            merged[key.replace(".base_layer.", ".")] = value
+        with torch.no_grad():
+            for name in self.bases:
+                layer = inner.get_submodule(name)
+                key = f"{name}.weight"
+                merged[key] = merged[key] + layer.get_delta_weight(ADAPTER_NAME).to(merged[key].dtype)
+        return merged
+
+    # -------------------------------------------------------------------------------------------- reporting
+    def _note_phase_stats(self) -> None:
+        from lockedopd.opd.trainer import optimizer_state_bytes
+
+        phase = self.trainer.phase
+        params = self.trainer.trainable_parameters()
+        self.phase_stats[phase] = {
+            "trainable_params": sum(p.numel() for p in params),
+            "optimizer_state_bytes": optimizer_state_bytes(self.trainer.optimizer),
+            "gradient_bytes": sum(p.numel() * p.element_size() for p in params),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Lock facts for ``summary.json``."""
+        out: dict[str, Any] = {
+            "lock_step": self.lock_step,
+            "lock_reason": self.lock_reason,
+            "phases": dict(self.phase_stats),
+        }
+        if self.tracker is not None:
+            out["tracker_memory_bytes"] = self.tracker.memory_bytes()
+        return out
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """End of training: save the final adapter (PEFT format) next to the run's other results."""
+        if self.peft_model is not None:
+            self.peft_model.save_pretrained(self.run_dir / "adapter")
+        atomic_write_text(self.run_dir / "lock.json", json.dumps(self.summary(), indent=2))

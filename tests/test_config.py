@@ -1,0 +1,49 @@
+"""Config loading: strict keys, typed overrides, clear errors."""
+
+import pytest
+
+from lockedopd.opd.config import OPDConfig, load_config
+from tests.conftest import REPO, TINY_CONFIG
+
+
+def test_tiny_config_loads_with_overrides():
+    cfg = load_config(TINY_CONFIG, ["max_steps=3", "lock.rank=2", "objective.name=pg", "lr=0.5", "resume=true"])
+    assert isinstance(cfg, OPDConfig)
+    assert (cfg.max_steps, cfg.lock.rank, cfg.objective.name, cfg.lr, cfg.resume) == (3, 2, "pg", 0.5, True)
+    assert cfg.teacher.model.num_layers == 4
+
+
+def test_all_shipped_configs_load():
+    configs = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        first_line = path.read_text().splitlines()[0]
+        assert first_line.startswith("# lockedopd distill recipes/configs/" + path.name), path
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_step=3", "unknown key 'max_step'"),
+        ("lock.rnak=3", "unknown key 'lock.rnak'"),
+        ("objective.name=sft", "objective.name='sft' is not one of"),
+        ("batch_size=0", "batch_size must be >= 1"),
+        ("max_steps=ten", "max_steps must be int"),
+        ("objective.reward_lambda=0.5", "set objective.reward_fn"),
+        ("teacher.backend=openai", "teacher.backend='openai'"),
+    ],
+)
+def test_bad_config_values_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(TINY_CONFIG, [override])
+
+
+def test_missing_config_file_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_override_syntax_error():
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(TINY_CONFIG, ["max_steps"])
