@@ -1,0 +1,128 @@
+"""Export a subspace-locked adapter as a plain PEFT LoRA adapter (loadable without lockedopd)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layer import SubspaceLockedLayer
+
+__all__ = ["export_lora"]
+
+
+def _locked_layers(peft_model: nn.Module) -> list[tuple[str, SubspaceLockedLayer]]:
+    """``(base-model module name, layer)`` for every subspace-locked layer of ``peft_model``."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from .model import _normalize_key
+
+    root = peft_model
+    if isinstance(getattr(root, "base_model", None), BaseTuner):  # PeftModel
+        root = root.base_model
+    if isinstance(root, BaseTuner):
+        root = root.model
+    return [(_normalize_key(n), m) for n, m in root.named_modules() if isinstance(m, SubspaceLockedLayer)]
+
+
+def export_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter ``adapter_name`` of ``peft_model`` as a standard PEFT LoRA adapter directory.
+
+    The locked update ``ΔW = A Vᵀ`` (right) or ``U C Vᵀ`` (two_sided) is exactly a rank-r LoRA with
+    ``lora_A = Vᵀ`` (r x in), ``lora_B = A`` or ``U C`` (out x r) and ``lora_alpha = r`` (scaling 1). The directory
+    gets ``adapter_config.json`` (a ``peft.LoraConfig`` with the exact module names as ``target_modules``) and
+    ``adapter_model.safetensors`` with keys ``base_model.model.{name}.lora_A.weight`` / ``lora_B.weight``, so plain
+    ``PeftModel.from_pretrained(base, out_dir)`` reproduces the adapted model on the *unmerged* base weights.
+    The directory is written to a temporary sibling first and then moved into place.
+
+    Args:
+        peft_model: A ``PeftModel`` (or the tuner/model inside it) holding subspace-locked layers.
+        out_dir: Destination directory; replaced if it exists.
+        adapter_name: Which adapter to export.
+
+    Returns:
+        The output directory.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    configs = getattr(peft_model, "peft_config", None) or {}
+    config = configs.get(adapter_name) if isinstance(configs, dict) else None
+    if config is None:
+        raise ValueError(f"export_lora: adapter {adapter_name!r} not found; available adapters: {sorted(configs)}.")
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(
+            f"export_lora: adapter {adapter_name!r} has modules_to_save={config.modules_to_save}, which a LoRA export "
+            "cannot carry; export only adapters without modules_to_save."
+        )
+    if getattr(config, "bias", "none") != "none":
+        raise ValueError(
+            f"export_lora: adapter {adapter_name!r} trains biases (bias={config.bias!r}); only bias='none' exports "
+            "exactly to LoRA."
+        )
+
+    tensors: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    ranks: set[int] = set()
+    fan_in_fan_out = False
+    for name, layer in _locked_layers(peft_model):
+        if adapter_name not in layer.locked_mode:
+            continue
+        with torch.no_grad():
+            coeff = layer._coefficients(adapter_name)
+            V = layer.locked_V[adapter_name].to(device=coeff.device, dtype=torch.float32)
+            if layer.locked_mode[adapter_name] == "two_sided":
+                U = layer.locked_U[adapter_name].to(device=coeff.device, dtype=torch.float32)
+                B = U @ coeff.to(torch.float32)
+            else:
+                B = coeff.to(torch.float32)
+        dtype = coeff.dtype
+        tensors[f"base_model.model.{name}.lora_A.weight"] = V.T.to(dtype).cpu().contiguous().clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dtype).cpu().contiguous().clone()
+        names.append(name)
+        ranks.add(layer.r[adapter_name])
+        fan_in_fan_out = fan_in_fan_out or bool(getattr(layer, "fan_in_fan_out", False))
+    if not names:
+        raise ValueError(f"export_lora: no subspace-locked layer carries adapter {adapter_name!r}.")
+    if len(ranks) != 1:
+        raise ValueError(f"export_lora: layers of adapter {adapter_name!r} have different ranks {sorted(ranks)}.")
+    (r,) = ranks
+
+    lora_config = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        lora_dropout=0.0,
+        target_modules=sorted(names),
+        init_lora_weights=False,
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+        base_model_name_or_path=getattr(config, "base_model_name_or_path", None),
+        revision=getattr(config, "revision", None),
+        task_type=getattr(config, "task_type", None),
+        inference_mode=True,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    old = None
+    try:
+        lora_config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / out_dir.name).exists() and not out_dir.exists():
+            os.replace(old / out_dir.name, out_dir)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,217 @@
+"""argparse wiring for ``lockedopd diagnose`` and ``lockedopd trajectory``.
+
+The main CLI calls ``add_diagnose_parser(subparsers)`` / ``add_trajectory_parser(subparsers)``;
+each sets ``func`` (``run_diagnose`` / ``run_trajectory``) as the parser default.  The runners
+return an exit code: 0 on success, 2 on a user-facing error (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_diagnose_parser", "run_diagnose", "add_trajectory_parser", "run_trajectory", "main"]
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o):
+    """Replace NaN/inf by None so the JSON is strict."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def _write_json(obj, path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, default=_json_default) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def _fail(cmd: str, exc: BaseException) -> int:
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError):
+        msg = f"missing key {msg}"
+    if not isinstance(exc, (FileNotFoundError, ValueError, OSError)):
+        msg = f"{type(exc).__name__}: {msg}"
+    print(f"lockedopd {cmd}: error: {' '.join(msg.split())}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------- diagnose
+def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "diagnose",
+        help="parameter-space diagnostics between two checkpoints (sparsity, angles, NSS, mask overlaps)",
+        description=(
+            "Compare a base and a fine-tuned checkpoint tensor by tensor (streaming): bf16 update sparsity, "
+            "update density, principal-angle rotation, normalized spectral shift, principal-mask and "
+            "low-magnitude overlaps, stable rank and Hill alpha of the update."
+        ),
+    )
+    p.add_argument("base", help="base checkpoint: HF dir (model.safetensors or sharded index) or .safetensors file")
+    p.add_argument("ft", help="fine-tuned checkpoint, same forms as BASE")
+    p.add_argument("--json", dest="json_out", metavar="OUT", default=None, help="write the full result JSON here")
+    p.add_argument("--k", type=int, default=512, help="top-k left singular vectors for principal angles (512)")
+    p.add_argument("--eta", type=float, default=1e-3, help="relative bf16 change tolerance (1e-3)")
+    p.add_argument("--mask-rank", type=int, default=64, help="rank r of the principal-mask reconstruction (64)")
+    p.add_argument("--alpha", type=float, default=0.3, help="mask fraction for both overlaps (0.3)")
+    p.add_argument("--hill-k", type=int, default=16, help="top singular values for the Hill estimate (16)")
+    p.add_argument(
+        "--update-mask",
+        choices=("eta", "exact"),
+        default="eta",
+        help="M_upd: entries changed beyond eta (default) or bf16 values differing at all",
+    )
+    p.add_argument("--include", metavar="REGEX", default=None, help="only tensors whose name matches (re.search)")
+    p.add_argument("--plot", metavar="OUT.png", default=None, help="per-layer bar plot PNG")
+    p.add_argument("--top", type=int, default=10, help="matrices listed in the markdown table (10)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_diagnose)
+    return p
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    try:
+        from .diagnose import diagnose, format_markdown, plot_diagnostics
+
+        result = diagnose(
+            args.base,
+            args.ft,
+            k=args.k,
+            eta=args.eta,
+            mask_rank=args.mask_rank,
+            alpha=args.alpha,
+            include=args.include,
+            progress=not getattr(args, "no_progress", False),
+            hill_k=getattr(args, "hill_k", 16),
+            update_mask=getattr(args, "update_mask", "eta"),
+        )
+        print(format_markdown(result, top=getattr(args, "top", 10)))
+        if getattr(args, "json_out", None):
+            out = _write_json(result, args.json_out)
+            print(f"\nwrote {out}")
+        if getattr(args, "plot", None):
+            out = plot_diagnostics(result, args.plot)
+            print(f"wrote {out}")
+        if result["summary"]["n_matrices"] == 0 and result["summary"]["n_params"] == 0:
+            print(
+                "lockedopd diagnose: warning: no tensors compared (check --include and the checkpoints)",
+                file=sys.stderr,
+            )
+        return 0
+    except KeyboardInterrupt:
+        print("lockedopd diagnose: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clean line, never a traceback
+        return _fail("diagnose", exc)
+
+
+# ---------------------------------------------------------------------------- trajectory
+def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "trajectory",
+        help="update-trajectory metrics over a run's checkpoints (stable rank, norm, Hill, subspace similarity)",
+        description=(
+            "Read RUN_DIR/checkpoints/step-XXXXXX/model.safetensors (step-000000 is W_0) and report, per "
+            "checkpoint, the stable rank, Frobenius norm and Hill alpha of W_t - W_0 and the top-K right-subspace "
+            "similarity to the final update."
+        ),
+    )
+    p.add_argument("run_dir", help="run directory holding checkpoints/step-XXXXXX/")
+    p.add_argument("--reference", metavar="RUN_DIR", default=None, help="compare final-update subspaces with this run")
+    p.add_argument(
+        "--json", dest="json_out", metavar="OUT", default=None, help="default RUN_DIR/trajectory_metrics.json"
+    )
+    p.add_argument("--plot", metavar="OUT.png", default=None, help="default RUN_DIR/trajectory_metrics.png")
+    p.add_argument("--top-k", type=int, default=16, help="K right singular vectors for sim(t) and Hill (16)")
+    p.add_argument("--include", metavar="REGEX", default=None, help="only matrices whose name matches (re.search)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_trajectory)
+    return p
+
+
+def run_trajectory(args: argparse.Namespace) -> int:
+    try:
+        from .trajectory import discover_run_checkpoints, final_update_similarity, plot_trajectory, trajectory_metrics
+
+        progress = not getattr(args, "no_progress", False)
+        top_k = getattr(args, "top_k", 16)
+        include = getattr(args, "include", None)
+        run = discover_run_checkpoints(args.run_dir)
+        if not run["checkpoints"]:
+            raise ValueError(
+                f"run {args.run_dir} has no model checkpoints after step-000000"
+                + (f" ({len(run['notes'])} skipped: {run['notes'][0]})" if run["notes"] else "")
+            )
+        result = trajectory_metrics(run["base"], run["checkpoints"], top_k=top_k, include=include, progress=progress)
+        result["notes"] = run["notes"]
+        if getattr(args, "reference", None):
+            ref = discover_run_checkpoints(args.reference)
+            if not ref["checkpoints"]:
+                raise ValueError(f"reference run {args.reference} has no model checkpoints after step-000000")
+            result["reference"] = final_update_similarity(
+                run["base"],
+                run["checkpoints"][-1][1],
+                ref["base"],
+                ref["checkpoints"][-1][1],
+                top_k=top_k,
+                include=include,
+                progress=progress,
+            )
+            result["reference"]["run_dir"] = str(args.reference)
+        run_dir = Path(args.run_dir)
+        json_out = _write_json(result, args.json_out or run_dir / "trajectory_metrics.json")
+        png_out = plot_trajectory(result, args.plot or run_dir / "trajectory_metrics.png")
+        print("| step | stable rank (median) | ‖ΔW‖_F | Hill α̂ (median) | sim to final |")
+        print("|---|---|---|---|---|")
+
+        def f(x):
+            return "n/a" if x is None else f"{x:.4g}"
+
+        for r in result["per_step"]:
+            print(
+                f"| {r['step']} | {f(r['stable_rank_median'])} | {f(r['update_fro_norm'])} | "
+                f"{f(r['hill_alpha_median'])} | {f(r['subspace_similarity_mean'])} |"
+            )
+        if "reference" in result:
+            print(f"\nfinal-update subspace similarity vs {args.reference}: {f(result['reference']['mean'])}")
+        for note in run["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"\nwrote {json_out}\nwrote {png_out}")
+        return 0
+    except KeyboardInterrupt:
+        print("lockedopd trajectory: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        return _fail("trajectory", exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m lockedopd.diagnostics.cli diagnose ...``)."""
+    parser = argparse.ArgumentParser(prog="lockedopd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_diagnose_parser(sub)
+    add_trajectory_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Subspace tracking during warmup: sketches of ΔW, top-r bases, stability detection, basis files."""
+
+from .basis_io import check_orthonormal, load_basis, save_basis
+from .sketch import (
+    LowRankFactors,
+    default_sketch_sizes,
+    draw_test_matrices,
+    exact_top_subspaces,
+    reconstruct_top_subspaces,
+    sketch_matrix,
+    subspace_similarity,
+)
+from .tracker import SubspaceTracker
+
+__all__ = [
+    "LowRankFactors",
+    "SubspaceTracker",
+    "check_orthonormal",
+    "default_sketch_sizes",
+    "draw_test_matrices",
+    "exact_top_subspaces",
+    "load_basis",
+    "reconstruct_top_subspaces",
+    "save_basis",
+    "sketch_matrix",
+    "subspace_similarity",
+]
+
