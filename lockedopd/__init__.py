@@ -6,6 +6,8 @@ lockedopd.SubspaceLockedConfig(...))`` and ``PeftModel.from_pretrained(...)`` wo
 
 from lockedopd import teachers
 from lockedopd.adapter import SubspaceLockedConfig, SubspaceLockedLayer, SubspaceLockedModel, export_lora
+from lockedopd.diagnostics.monitor import TrajectoryMonitor
+from lockedopd.integrations import SubspaceLockCallback, locked_peft_config
 from lockedopd.opd import OPDConfig, OPDTrainer, load_config
 from lockedopd.optim import LockedAdamW
 from lockedopd.subspace import SubspaceTracker, load_basis, save_basis, subspace_similarity
@@ -19,10 +21,13 @@ __all__ = [
     "SubspaceLockedConfig",
     "SubspaceLockedLayer",
     "SubspaceLockedModel",
+    "SubspaceLockCallback",
     "SubspaceTracker",
+    "TrajectoryMonitor",
     "export_lora",
     "load_basis",
     "load_config",
+    "locked_peft_config",
     "save_basis",
     "subspace_similarity",
     "teachers",

@@ -119,6 +119,12 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype 
         logger.info("Converting %s once into %s", SMOLLM2_GGUF, cache)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # The weights are de-quantized to float32 on load; drop the GGUF quantizer marker, which would otherwise
+        # make transformers refuse to serialise the (no longer quantized) model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp", dir=cache.parent))
         model.save_pretrained(tmp)

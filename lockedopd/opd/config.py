@@ -137,6 +137,26 @@ class LockConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The trajectory monitor of locked runs (see :class:`lockedopd.diagnostics.TrajectoryMonitor`).
+
+    Attributes:
+        enabled: measure the unconstrained gradient every ``every`` locked steps.
+        every: check period in steps (each check costs one full-weight gradient for that step).
+        capture_threshold: captured gradient-energy share below which a check counts as drifting.
+        patience: drifting checks in a row that make a drift.
+        on_drift: ``"warn"`` (log it), ``"relock"`` (fold the adapter in, track again, lock a new basis) or
+            ``"unlock"`` (fold the adapter in and finish with full-parameter training).
+    """
+
+    enabled: bool = True
+    every: int = 2
+    capture_threshold: float = 0.5
+    patience: int = 3
+    on_drift: str = "warn"
+
+
+@dataclass
 class OPDConfig:
     """Everything an OPD run needs. Load from YAML with :func:`load_config`.
 
@@ -152,6 +172,8 @@ class OPDConfig:
         save_steps / eval_steps: checkpoint and held-out eval period (0 disables; the last step always saves).
         resume: continue from the newest complete checkpoint in ``output_dir``.
         progress: show a progress bar.
+        reference_run: run directory of an unconstrained OPD run of the same setting; ``trajectory.json`` then
+            compares this run's final KL and final update with it.
     """
 
     output_dir: str = "runs/opd"
@@ -173,12 +195,14 @@ class OPDConfig:
     eval_steps: int = 5
     resume: bool = False
     progress: bool = True
+    reference_run: str | None = None
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lock: LockConfig = field(default_factory=LockConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +215,7 @@ class OPDConfig:
             "objective.token_keep_mode": (self.objective.token_keep_mode, ("top", "random")),
             "teacher.backend": (self.teacher.backend, ("hf", "vllm", "vllm_server")),
             "lock.mode": (self.lock.mode, ("right", "two_sided")),
+            "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
             "student.dtype": (self.student.dtype, ("float32", "bfloat16")),
             "teacher.model.dtype": (self.teacher.model.dtype, ("float32", "bfloat16")),
         }
@@ -205,6 +230,8 @@ class OPDConfig:
             "lock.rank": self.lock.rank,
             "lock.check_every": self.lock.check_every,
             "lock.patience": self.lock.patience,
+            "monitor.every": self.monitor.every,
+            "monitor.patience": self.monitor.patience,
         }
         for key, value in positive.items():
             if value < 1:

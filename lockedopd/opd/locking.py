@@ -44,6 +44,15 @@ class LockController:
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.peft_model = None
         self.phase_stats: dict[str, dict[str, int]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.track_origin = 0
+        self.monitor = None
+        self._watch: dict[str, Any] | None = None
+        if trainer.config.monitor.enabled:
+            from lockedopd.diagnostics.monitor import TrajectoryMonitor
+
+            m = trainer.config.monitor
+            self.monitor = TrajectoryMonitor(every=m.every, capture_threshold=m.capture_threshold, patience=m.patience)
         if self.config.basis_path is None:
             self.tracker = self._new_tracker()
 
@@ -83,21 +92,67 @@ class LockController:
             bases, _ = load_basis(self.config.basis_path)
             self.lock(0, bases, reason="basis_path")
 
+    def before_backward(self, step: int) -> None:
+        """On monitor steps of the locked phase, let the backward pass also fill the frozen weights' gradients."""
+        if self.trainer.phase != "locked" or self.monitor is None or not self.monitor.due(step + 1):
+            return
+        inner = self.peft_model.base_model.model
+        self._watch = {"weights": {name: inner.get_submodule(name).base_layer.weight for name in self.bases}}
+        for weight in self._watch["weights"].values():
+            weight.requires_grad_(True)
+
     def before_optimizer_step(self, step: int) -> None:
-        """Hook before each optimizer step (the trajectory monitor attaches here)."""
+        """Snapshot the coefficients of a monitor step so the locked step can be measured afterwards."""
+        if self._watch is not None:
+            self._watch["before"] = {name: p.detach().clone() for name, p in self.coefficients().items()}
+
+    def _finish_watch(self, step: int) -> dict[str, Any]:
+        """Measure the monitor step, free the full gradients, refreeze the base weights."""
+        watch, self._watch = self._watch, None
+        inner = self.peft_model.base_model.model
+        grads, locked_steps, bases = {}, {}, {}
+        after = self.coefficients()
+        for name, weight in watch["weights"].items():
+            layer = inner.get_submodule(name)
+            U = self.bases[name][0] if self.config.mode == "two_sided" else None
+            V = self.bases[name][1]
+            delta = (after[name].detach() - watch["before"][name]).double()
+            locked_steps[name] = (U.double() @ delta if U is not None else delta) @ V.double().T
+            grads[name] = weight.grad.detach() if weight.grad is not None else torch.zeros_like(weight)
+            bases[name] = (U, V)
+            del layer
+        check = self.monitor.measure(step, grads, locked_steps, bases)
+        for weight in watch["weights"].values():
+            weight.grad = None
+            weight.requires_grad_(False)
+        record = {
+            "monitor_captured_energy": check["captured_energy"],
+            "monitor_cosine_to_adam": check["cosine_to_adam"],
+            "monitor_cosine_to_gradient": check["cosine_to_gradient"],
+        }
+        if check["drift"]:
+            action = self.trainer.config.monitor.on_drift
+            record.update(drift=True, drift_action=action)
+            if action in ("relock", "unlock"):
+                self.unlock(step, relock=action == "relock")
+        return record
 
     def after_optimizer_step(self, step: int) -> dict[str, Any]:
-        """Observe the new weights; lock when due. Returns metrics for this step's record."""
+        """Observe the new weights; lock when due; finish a monitor check. Returns metrics for the step's record."""
         record: dict[str, Any] = {}
         self._note_phase_stats()
-        if self.trainer.phase != "warmup":
+        if self._watch is not None:
+            record.update(self._finish_watch(step))
+        if self.trainer.phase != "warmup" or record.get("drift"):
             return record
-        stable = self.tracker.observe(step)
+        # after a relock the tracker's warmup bounds count from the relock step
+        stable = self.tracker.observe(step - self.track_origin)
         last = self.tracker.history[-1] if self.tracker.history else None
         if last is not None and last.get("step") == step:
             record["subspace_similarity"] = last["median_similarity"]
             record["subspace_stable_fraction"] = last["fraction_stable"]
-        forced = self.config.at_step is not None and step >= self.config.at_step
+        already_locked = any(event["event"] == "lock" for event in self.events)
+        forced = self.config.at_step is not None and step >= self.config.at_step and not already_locked
         if forced or stable:
             reason = "at_step" if forced else self.tracker.reason
             self.lock(step, self.tracker.bases(), reason=reason)
@@ -141,6 +196,7 @@ class LockController:
         for p in full_params.values():
             p.grad = None
         self.lock_step, self.lock_reason = step, reason
+        self.events.append({"step": step, "event": "lock", "reason": reason})
         self.peft_model.save_pretrained(self.run_dir / "adapter")
         logger.info("locked at step %d (%s): %d matrices, rank %d", step, reason, len(bases), self.config.rank)
 
@@ -163,6 +219,44 @@ class LockController:
         trainer.phase = "locked"
         self.tracker = None
 
+    def unlock(self, step: int, relock: bool) -> None:
+        """Fold the adapter into the weights and return to full-parameter training.
+
+        The coefficient moments are lifted back to full-weight coordinates (m_W = m_A·Vᵀ, v_W = v_A·(Vᵀ∘Vᵀ), or
+        with U on the left for two-sided) and the step count carries on. With ``relock`` a new tracker starts
+        from the current weights and locks a fresh basis once that is stable.
+        """
+        from lockedopd.optim.locked_adamw import change_moment_basis
+
+        trainer = self.trainer
+        coefficient_state = {name: trainer.optimizer.state.get(p, {}) for name, p in self.coefficients().items()}
+        bases = self.bases
+        trainer.base_model = self.peft_model.merge_and_unload()
+        trainer.model = trainer.base_model
+        self.peft_model = None
+        trainer._freeze_all_but_targets()
+        trainer.optimizer = trainer._full_optimizer()
+        targets = trainer.target_parameters()
+        for name, state in coefficient_state.items():
+            if not state:
+                continue
+            U, V = bases[name]
+            left = U if self.config.mode == "two_sided" else None
+            m, v = change_moment_basis(state["exp_avg"], state["exp_avg_sq"], left=left, right=V.T)
+            param = targets[name]
+            step_count = state["step"]
+            trainer.optimizer.state[param] = {
+                "step": step_count.clone() if torch.is_tensor(step_count) else torch.tensor(float(step_count)),
+                "exp_avg": m.to(param.dtype),
+                "exp_avg_sq": v.to(param.dtype),
+            }
+        trainer.phase = "warmup" if relock else "full"
+        self.tracker = self._new_tracker() if relock else None
+        self.track_origin = step
+        self.bases = None
+        self.events.append({"step": step, "event": "relock-start" if relock else "unlock"})
+        logger.warning("step %d: %s after drift", step, "re-tracking the subspace" if relock else "unlocked")
+
     def coefficients(self) -> dict[str, torch.nn.Parameter]:
         """The trainable coefficient tensor of each locked module (A: out×r, or C: r×r), sorted by name."""
         inner = self.peft_model.base_model.model
@@ -177,6 +271,10 @@ class LockController:
         """Add the lock's state to a checkpoint being written."""
         trainer_state["lock_step"] = self.lock_step
         trainer_state["lock_reason"] = self.lock_reason
+        trainer_state["lock_events"] = self.events
+        trainer_state["track_origin"] = self.track_origin
+        if self.monitor is not None:
+            trainer_state["monitor"] = self.monitor.state_dict()
         if self.trainer.phase == "locked":
             tensors["coefficients"] = {name: p.detach() for name, p in self.coefficients().items()}
         elif self.tracker is not None:
@@ -184,8 +282,22 @@ class LockController:
 
     def restore_warmup(self, tensors: dict, states: dict, trainer_state: dict) -> None:
         """Resume inside the warmup: the tracker's sketches of W_0 come back from the checkpoint."""
+        self._restore_common(trainer_state)
+        self.track_origin = int(trainer_state.get("track_origin", 0))
+        if trainer_state.get("lock_events"):
+            # re-tracking after a relock: the tracker's W_0 is the weights at that moment, which its state holds
+            self.tracker = self._new_tracker()
         if self.tracker is not None and "tracker" in states:
             self.tracker.load_state_dict(states["tracker"])
+        elif trainer_state.get("phase") == "full":
+            self.tracker = None
+
+    def _restore_common(self, trainer_state: dict) -> None:
+        self.lock_step = trainer_state.get("lock_step")
+        self.lock_reason = trainer_state.get("lock_reason")
+        self.events = list(trainer_state.get("lock_events", []))
+        if self.monitor is not None and "monitor" in trainer_state:
+            self.monitor.load_state_dict(trainer_state["monitor"])
 
     def restore_locked(self, tensors: dict, states: dict, trainer_state: dict) -> None:
         """Resume after the lock: lock-time base weights, basis, coefficients and LockedAdamW state."""
@@ -216,8 +328,7 @@ class LockController:
             eps=c.adam_eps,
         )
         trainer.optimizer.load_state_dict(states["optimizer"])
-        self.lock_step = trainer_state.get("lock_step")
-        self.lock_reason = trainer_state.get("lock_reason")
+        self._restore_common(trainer_state)
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's effective weights under plain module names (W_lock + ΔW for locked modules)."""
@@ -251,8 +362,11 @@ class LockController:
         out: dict[str, Any] = {
             "lock_step": self.lock_step,
             "lock_reason": self.lock_reason,
+            "lock_events": list(self.events),
             "phases": dict(self.phase_stats),
         }
+        if self.monitor is not None:
+            out["monitor"] = self.monitor.summary()
         if self.tracker is not None:
             out["tracker_memory_bytes"] = self.tracker.memory_bytes()
         return out
@@ -262,3 +376,6 @@ class LockController:
         if self.peft_model is not None:
             self.peft_model.save_pretrained(self.run_dir / "adapter")
         atomic_write_text(self.run_dir / "lock.json", json.dumps(self.summary(), indent=2))
+        from lockedopd.diagnostics.run_report import write_trajectory_report
+
+        write_trajectory_report(self.run_dir, summary, self.monitor, self.trainer.config)

@@ -185,6 +185,8 @@ class OPDTrainer:
         rollout_s = score_s = 0.0
         totals = {"loss": 0.0, "reverse_kl": 0.0, "tokens": 0, "kept_tokens": 0}
         exact, rewards_seen = [], []
+        if self.lock is not None:
+            self.lock.before_backward(step)
         self.model.train()
         for micro in range(c.grad_accum_steps):
             seed = step_seed(c.seed, step, micro)
@@ -293,7 +295,8 @@ class OPDTrainer:
                 if self.lock is not None:
                     record.update(self.lock.after_optimizer_step(self.step))
                 is_last = self.step == c.max_steps
-                if self.eval_ids and (is_last or (c.eval_steps and self.step % c.eval_steps == 0)):
+                due = is_last or (c.eval_steps and self.step % c.eval_steps == 0) or record.get("locked_now")
+                if self.eval_ids and due:
                     record.update(self.evaluate().as_dict())
                 log.write(record)
                 if is_last or (c.save_steps and self.step % c.save_steps == 0) or record.get("locked_now"):

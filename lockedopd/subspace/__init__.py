@@ -25,4 +25,3 @@ __all__ = [
     "sketch_matrix",
     "subspace_similarity",
 ]
-

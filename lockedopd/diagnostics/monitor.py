@@ -1,0 +1,166 @@
+"""TrajectoryMonitor: does a locked run still follow the path unconstrained OPD would take?
+
+Every ``every`` steps of the locked phase the trainer also computes the *unconstrained* gradient G of every
+locked matrix on the current batch (it enables grads on the frozen base weights for that one backward pass and
+frees them right after). The monitor then reports, per matrix and overall:
+
+* ``captured_energy`` = ‖P(G)‖²/‖G‖², the share of the full gradient inside the locked subspace, with
+  P(G) = G·V·Vᵀ (right mode) or U·Uᵀ·G·V·Vᵀ (two-sided);
+* ``cosine_to_adam`` = cos(locked step, the step unconstrained AdamW would take from this gradient). The full
+  Adam moments were dropped at the lock (that is the memory saving), so the reference is AdamW's step from a
+  fresh state, −G/(|G|+ε), which is what the per-element scaling makes of this gradient;
+* ``cosine_to_gradient`` = cos(locked step, −G).
+
+Capture below ``capture_threshold`` for ``patience`` checks in a row is a *drift*; what then happens
+(``warn`` / ``relock`` / ``unlock``) is the trainer's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def project(grad: torch.Tensor, V: torch.Tensor, U: torch.Tensor | None = None) -> torch.Tensor:
+    """P(G) = G·V·Vᵀ, or U·Uᵀ·G·V·Vᵀ when ``U`` is given: ``(out, in)`` → ``(out, in)``."""
+    projected = grad @ V @ V.T
+    if U is not None:
+        projected = U @ (U.T @ projected)
+    return projected
+
+
+def captured_energy(grad: torch.Tensor, V: torch.Tensor, U: torch.Tensor | None = None) -> tuple[float, float]:
+    """``(‖P(G)‖², ‖G‖²)`` in float64."""
+    g = grad.double()
+    return float(project(g, V.double(), None if U is None else U.double()).square().sum()), float(g.square().sum())
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    a, b = a.double().flatten(), b.double().flatten()
+    denom = float(a.norm() * b.norm())
+    return float(a @ b) / denom if denom > 0 else None
+
+
+@dataclass
+class TrajectoryMonitor:
+    """Checks, on live batches, how much of unconstrained OPD's gradient the locked subspace captures.
+
+    Args:
+        every: check every this many locked steps.
+        capture_threshold: captured-energy share under which a check counts as drifting.
+        patience: consecutive drifting checks that make a drift.
+        eps: the ε of the fresh-AdamW reference step.
+    """
+
+    every: int = 2
+    capture_threshold: float = 0.5
+    patience: int = 3
+    eps: float = 1e-8
+    history: list[dict] = field(default_factory=list)
+    drift_events: list[int] = field(default_factory=list)
+    _below: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"TrajectoryMonitor: every must be >= 1, got {self.every}.")
+        if not 0.0 <= self.capture_threshold <= 1.0:
+            raise ValueError(f"TrajectoryMonitor: capture_threshold must be in [0, 1], got {self.capture_threshold}.")
+        if self.patience < 1:
+            raise ValueError(f"TrajectoryMonitor: patience must be >= 1, got {self.patience}.")
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based, the step about to complete) is a check."""
+        return step % self.every == 0
+
+    def measure(
+        self,
+        step: int,
+        grads: dict[str, torch.Tensor],
+        locked_steps: dict[str, torch.Tensor],
+        bases: dict[str, tuple[torch.Tensor | None, torch.Tensor]],
+    ) -> dict:
+        """Record one check.
+
+        Args:
+            step: the optimizer step (1-based).
+            grads: module name → unconstrained gradient G of its weight (out × in).
+            locked_steps: module name → the weight change the locked optimizer just made (out × in).
+            bases: module name → (U or None, V).
+        Returns:
+            the check's summary (also appended to ``history``): ``captured_energy`` (energy-weighted over
+            matrices), ``captured_energy_min``, ``cosine_to_adam`` and ``cosine_to_gradient`` (means over
+            matrices), ``drift`` (True when this check completes a drift).
+        """
+        inside = total = 0.0
+        per_matrix = {}
+        for name, grad in grads.items():
+            U, V = bases[name]
+            e_in, e_all = captured_energy(grad, V, U)
+            inside, total = inside + e_in, total + e_all
+            step_w = locked_steps[name]
+            adam_step = -grad.double() / (grad.double().abs() + self.eps)
+            out_dim, in_dim = grad.shape
+            rank = V.shape[1]
+            per_matrix[name] = {
+                "random_baseline": rank / in_dim if U is None else rank * rank / (in_dim * out_dim),
+                "captured_energy": e_in / e_all if e_all > 0 else None,
+                "cosine_to_adam": _cosine(step_w, adam_step),
+                "cosine_to_gradient": _cosine(step_w, -grad),
+            }
+        shares = [m["captured_energy"] for m in per_matrix.values() if m["captured_energy"] is not None]
+        cos_adam = [m["cosine_to_adam"] for m in per_matrix.values() if m["cosine_to_adam"] is not None]
+        cos_grad = [m["cosine_to_gradient"] for m in per_matrix.values() if m["cosine_to_gradient"] is not None]
+        capture = inside / total if total > 0 else None
+        self._below = self._below + 1 if capture is not None and capture < self.capture_threshold else 0
+        drift = self._below >= self.patience
+        if drift:
+            self.drift_events.append(step)
+            self._below = 0
+            logger.warning(
+                "trajectory monitor: the locked subspace captured only %.3f of the gradient energy for %d checks "
+                "in a row (threshold %.2f) at step %d",
+                capture,
+                self.patience,
+                self.capture_threshold,
+                step,
+            )
+        baselines = [m["random_baseline"] for m in per_matrix.values()]
+        check = {
+            "step": step,
+            "captured_energy": capture,
+            "random_baseline": sum(baselines) / len(baselines) if baselines else None,
+            "captured_energy_min": min(shares) if shares else None,
+            "cosine_to_adam": sum(cos_adam) / len(cos_adam) if cos_adam else None,
+            "cosine_to_gradient": sum(cos_grad) / len(cos_grad) if cos_grad else None,
+            "drift": drift,
+            "matrices": per_matrix,
+        }
+        self.history.append(check)
+        return check
+
+    def summary(self) -> dict:
+        """Means over all checks, and whether any drift happened."""
+        captures = [h["captured_energy"] for h in self.history if h["captured_energy"] is not None]
+        cosines = [h["cosine_to_adam"] for h in self.history if h["cosine_to_adam"] is not None]
+        return {
+            "checks": len(self.history),
+            "captured_energy_mean": sum(captures) / len(captures) if captures else None,
+            "captured_energy_min": min(captures) if captures else None,
+            "random_baseline": self.history[-1]["random_baseline"] if self.history else None,
+            "cosine_to_adam_mean": sum(cosines) / len(cosines) if cosines else None,
+            "drift_events": list(self.drift_events),
+        }
+
+    def state_dict(self) -> dict:
+        """Plain-Python state for checkpoints (the per-matrix detail is kept)."""
+        return {"history": self.history, "drift_events": self.drift_events, "below": self._below}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.history = list(state["history"])
+        self.drift_events = list(state["drift_events"])
+        self._below = int(state["below"])

@@ -1,0 +1,366 @@
+"""Use lockedopd inside TRL (or any ``transformers.Trainer``): a warmup callback and the locked PEFT config.
+
+Two-run design.  Locked OPD is two Trainer runs on the same model:
+
+1. **Warmup** (full-parameter): train with any trainer, e.g. TRL's on-policy ``DistillationTrainer`` (or
+   ``trl.experimental.gkd.GKDTrainer`` with ``GKDConfig(lmbda=1.0)``), with a :class:`SubspaceLockCallback`
+   attached.  The callback sketches every target matrix at the start of training (no copy of ``W_0`` is kept),
+   tracks the top-r subspace of the cumulative update ``ΔW = W_t - W_0`` and, once it is stable (or at a fixed
+   ``at_step``), writes ``basis.safetensors`` into ``args.output_dir`` (or ``basis_path``) and, by default, stops
+   the run (``control.should_training_stop = True``).
+2. **Locked phase**: start a second trainer on the *warmed-up* model with
+   ``peft_config=SubspaceLockedConfig(basis_path=...)`` (:func:`locked_peft_config` reads rank and module names
+   from the file).  Only the coefficients inside the frozen subspace train; the base weights stay untouched, so
+   the optimizer state is ``r/in`` (``mode="right"``) of a full-parameter run.
+
+Example::
+
+    import lockedopd  # registers the SUBSPACE_LOCKED PEFT method
+    from trl import DistillationConfig, DistillationTrainer
+    from lockedopd.integrations.trl import SubspaceLockCallback, locked_peft_config
+
+    args = DistillationConfig(output_dir="run/warmup", max_steps=1000, bf16=False, gradient_checkpointing=False)
+    lock = SubspaceLockCallback(rank=16, max_warmup_steps=200)
+    warmup = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
+                                 processing_class=tokenizer, callbacks=[lock])
+    warmup.train()  # stops once the subspace is stable; writes run/warmup/basis.safetensors
+
+    locked = DistillationTrainer(model=warmup.model,  # the warmed-up weights
+                                 teacher_model=teacher, args=DistillationConfig(output_dir="run/locked", ...),
+                                 train_dataset=prompts, processing_class=tokenizer,
+                                 peft_config=locked_peft_config(lock.basis_path, mode="right"))
+    locked.train()
+
+The callback unwraps accelerate/DDP/``torch.compile`` wrappers before reading weights.  Each process runs the
+same (deterministic) tracker so that all ranks stop at the same step; only the main process writes files.
+Sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported: the tracker needs whole 2-D weight matrices.
+
+Metrics of every subspace check (``subspace/median_similarity``, ``subspace/min_similarity``,
+``subspace/fraction_stable``, ...) are merged into the trainer's next log entry (``trainer.state.log_history``
+and the console).  Reporting integrations (``report_to``) run before user callbacks; use
+:meth:`SubspaceLockCallback.install` instead of ``callbacks=[...]`` to let them see these metrics too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..adapter import SubspaceLockedConfig
+from ..subspace import SubspaceTracker, load_basis
+
+__all__ = ["SubspaceLockCallback", "locked_peft_config", "unwrap_model"]
+
+logger = logging.getLogger(__name__)
+
+BASIS_FILENAME = "basis.safetensors"
+TRACKER_STATE_FILENAME = "subspace_tracker.pt"
+_STATE_VERSION = 1
+_WRAPPER_NAMES = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "FullyShardedDataParallel")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip accelerate / DDP / DeepSpeed / ``torch.compile`` wrappers and return the plain model.
+
+    Raises:
+        ValueError: ``model`` is a PEFT model (the warmup must be full-parameter training).
+    """
+    try:
+        from accelerate.utils import extract_model_from_parallel
+
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
+    except ImportError:  # pragma: no cover - accelerate is a dependency of transformers.Trainer
+        pass
+    # fallback for wrappers accelerate does not know (and accelerate-less environments)
+    while type(model).__name__ in _WRAPPER_NAMES and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)
+    try:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                "SubspaceLockCallback watches a full-parameter warmup, but the trainer's model is a PeftModel. Run "
+                "the warmup without peft_config and pass peft_config=locked_peft_config(...) only to the second run."
+            )
+    except ImportError:  # pragma: no cover
+        pass
+    return model
+
+
+def locked_peft_config(
+    basis_path: str | os.PathLike,
+    mode: str = "right",
+    r: int | None = None,
+    **kwargs: Any,
+) -> SubspaceLockedConfig:
+    """A :class:`~lockedopd.SubspaceLockedConfig` for the locked run, with rank and targets read from a basis file.
+
+    Args:
+        basis_path: A ``basis.safetensors`` written by :class:`SubspaceLockCallback` (or ``save_basis``).
+        mode: ``"right"`` (trainable ``A``, ``ΔW = A Vᵀ``) or ``"two_sided"`` (trainable ``C``, ``ΔW = U C Vᵀ``).
+        r: Expected rank; ``None`` takes the file's rank.  A different value raises ``ValueError``.
+        **kwargs: Further ``SubspaceLockedConfig`` fields (``init_scale``, ``modules_to_save``, ``task_type``...).
+            ``target_modules`` defaults to the exact module names of the basis file.
+
+    Returns:
+        The config; pass it as ``peft_config=`` to a TRL trainer or to ``peft.get_peft_model``.
+    """
+    bases, metadata = load_basis(basis_path)
+    ranks = sorted({V.shape[1] for _, V in bases.values()})
+    file_rank = int(metadata.get("rank", ranks[0]))
+    if r is not None and r != file_rank:
+        raise ValueError(f"locked_peft_config: r={r} but the basis file {str(basis_path)!r} has rank {file_rank}.")
+    names = sorted(bases)
+    # full module names: PEFT matches a list entry when a module's name equals it (or ends with "." + it), so
+    # exactly the modules of the basis file are locked
+    target_modules = kwargs.pop("target_modules", None)
+    if target_modules is None:
+        target_modules = names
+    return SubspaceLockedConfig(
+        r=file_rank, mode=mode, target_modules=target_modules, basis_path=str(basis_path), **kwargs
+    )
+
+
+class SubspaceLockCallback(TrainerCallback):
+    """Watch the top-r update subspace during a full-parameter Trainer run; write the basis and stop when it locks.
+
+    See the module docstring for the two-run design.  The basis is taken (and, with ``stop_training``, the run
+    stopped) at the first of:
+
+    * ``at_step`` is given: exactly after optimizer step ``at_step`` (stability checks still run and are logged);
+    * otherwise: when the :class:`~lockedopd.subspace.SubspaceTracker` declares the subspace stable, or reaches
+      ``max_warmup_steps``.
+
+    If the run ends before that (``max_steps`` reached) and ``save_on_train_end`` is set, the basis of the final
+    weights is written anyway, with a warning.
+
+    Args:
+        rank: Rank r of the locked subspace.
+        target_modules: ``None`` (every ``nn.Linear`` except embeddings / LM head), a list of module-name suffixes
+            or a full-match regex, as in :class:`~lockedopd.subspace.SubspaceTracker`.
+        threshold, patience, check_every, min_warmup_steps, max_warmup_steps, min_fraction, seed: Stability
+            settings, forwarded to :class:`~lockedopd.subspace.SubspaceTracker`.
+        at_step: Pin the lock step (ignores stability).  ``None``: lock when stable.
+        basis_path: Where to write the basis; default ``{args.output_dir}/basis.safetensors``.
+        stop_training: Stop the run once the basis is written (the warmup is then one Trainer run).
+        save_on_train_end: Write the basis at the end of a run that never locked.
+        log_prefix: Prefix of the metric names merged into the trainer's logs.
+        tracker_kwargs: Extra keyword arguments for :class:`~lockedopd.subspace.SubspaceTracker`
+            (``sketch_size``, ``co_sketch_size``).
+
+    Attributes:
+        tracker: The :class:`SubspaceTracker` (created at ``on_train_begin``).
+        basis_path: Path of the written basis file (``None`` until written).
+        locked_step: Optimizer step at which the basis was taken (``None`` until written).
+        lock_reason: ``"at_step"``, ``"stable"``, ``"max_warmup_steps"`` or ``"train_end"``.
+    """
+
+    def __init__(
+        self,
+        rank: int = 16,
+        target_modules: Sequence[str] | str | None = None,
+        threshold: float = 0.9,
+        patience: int = 2,
+        check_every: int = 2,
+        min_warmup_steps: int = 2,
+        max_warmup_steps: int | None = None,
+        min_fraction: float = 0.9,
+        seed: int = 0,
+        at_step: int | None = None,
+        basis_path: str | os.PathLike | None = None,
+        stop_training: bool = True,
+        save_on_train_end: bool = True,
+        log_prefix: str = "subspace/",
+        tracker_kwargs: dict | None = None,
+    ):
+        if at_step is not None and (isinstance(at_step, bool) or not isinstance(at_step, int) or at_step < 1):
+            raise ValueError(f"at_step must be None or an int >= 1, got {at_step!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        self.tracker_config = dict(
+            target_modules=target_modules,
+            rank=rank,
+            threshold=threshold,
+            patience=patience,
+            check_every=check_every,
+            min_warmup_steps=min_warmup_steps,
+            max_warmup_steps=max_warmup_steps,
+            min_fraction=min_fraction,
+            seed=seed,
+            **(tracker_kwargs or {}),
+        )
+        self.at_step = at_step
+        self.requested_basis_path = None if basis_path is None else Path(basis_path)
+        self.stop_training = stop_training
+        self.save_on_train_end = save_on_train_end
+        self.log_prefix = log_prefix
+
+        self.tracker: SubspaceTracker | None = None
+        self.basis_path: Path | None = None
+        self.locked_step: int | None = None
+        self.lock_reason: str | None = None
+        self._pending_logs: dict[str, float] = {}
+        self._n_logged_checks = 0
+
+    # ------------------------------------------------------------------ helpers
+    def install(self, trainer) -> SubspaceLockCallback:
+        """Add this callback to ``trainer`` *first*, so that reporting integrations also receive its metrics.
+
+        Use instead of ``callbacks=[cb]`` when ``report_to`` is set (wandb, tensorboard, ...).  Returns ``self``.
+        """
+        handler = trainer.callback_handler
+        handler.callbacks = [cb for cb in handler.callbacks if cb is not self]
+        handler.callbacks.insert(0, self)
+        return self
+
+    def _resolve_basis_path(self, args: TrainingArguments) -> Path:
+        if self.requested_basis_path is not None:
+            return self.requested_basis_path
+        if not args.output_dir:
+            raise ValueError("SubspaceLockCallback: args.output_dir is not set; pass basis_path=... explicitly.")
+        return Path(args.output_dir) / BASIS_FILENAME
+
+    def _collect_check_metrics(self) -> None:
+        history = self.tracker.history
+        for entry in history[self._n_logged_checks :]:
+            for key in ("median_similarity", "mean_similarity", "min_similarity", "fraction_stable", "consecutive"):
+                value = entry.get(key)
+                if value is not None:
+                    self._pending_logs[f"{self.log_prefix}{key}"] = float(value)
+        self._n_logged_checks = len(history)
+
+    def _lock(self, args: TrainingArguments, state: TrainerState, reason: str) -> None:
+        path = self._resolve_basis_path(args)
+        step = int(state.global_step)
+        if state.is_world_process_zero:
+            self.tracker.save_basis(
+                path, step=step, metadata={"lock_reason": reason, "source": "SubspaceLockCallback"}
+            )
+            logger.info(
+                "SubspaceLockCallback: wrote the rank-%d basis of step %d to %s", self.tracker.rank, step, path
+            )
+        _wait_for_everyone()
+        self.basis_path = path
+        self.locked_step = step
+        self.lock_reason = reason
+        self._pending_logs[f"{self.log_prefix}locked_step"] = float(step)
+
+    def locked_peft_config(self, mode: str = "right", **kwargs: Any) -> SubspaceLockedConfig:
+        """:func:`locked_peft_config` of the basis this callback wrote."""
+        if self.basis_path is None:
+            raise RuntimeError("SubspaceLockCallback has not written a basis yet; run the warmup first.")
+        return locked_peft_config(self.basis_path, mode=mode, **kwargs)
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        model = kwargs.get("model")
+        if model is None:
+            raise ValueError("SubspaceLockCallback.on_train_begin got no model from the trainer.")
+        model = unwrap_model(model)
+        self.tracker = SubspaceTracker(model, **self.tracker_config)
+        self.basis_path = self.locked_step = self.lock_reason = None
+        self._pending_logs = {}
+        self._n_logged_checks = 0
+        if state.global_step > 0:
+            self._restore(args, state)
+        return control
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.tracker is None or self.locked_step is not None:
+            return control
+        step = int(state.global_step)
+        if step <= self.tracker.last_step:  # e.g. a second on_step_end call for the same step
+            return control
+        stable = self.tracker.observe(step)
+        self._collect_check_metrics()
+        reason = None
+        if self.at_step is not None:
+            if step >= self.at_step:
+                reason = "at_step"
+        elif stable:
+            reason = self.tracker.reason or "stable"
+        if reason is not None:
+            self._lock(args, state, reason)
+            control.should_log = True  # log the final check's metrics even off the logging_steps grid
+            if self.stop_training:
+                control.should_training_stop = True
+        return control
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if not self._pending_logs or logs is None:
+            return control
+        logs.update(self._pending_logs)
+        # Trainer.log appended a copy of `logs` to the history before calling the callbacks: update it too
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._pending_logs)
+        self._pending_logs = {}
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.tracker is None or not state.is_world_process_zero:
+            return control
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if checkpoint.is_dir():
+            torch.save(
+                {
+                    "version": _STATE_VERSION,
+                    "tracker": self.tracker.state_dict(),
+                    "locked_step": self.locked_step,
+                    "lock_reason": self.lock_reason,
+                    "basis_path": None if self.basis_path is None else str(self.basis_path),
+                    "n_logged_checks": self._n_logged_checks,
+                },
+                checkpoint / TRACKER_STATE_FILENAME,
+            )
+        return control
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.tracker is None or self.locked_step is not None or not self.save_on_train_end:
+            return control
+        if state.global_step < 1:
+            return control
+        warnings.warn(
+            f"SubspaceLockCallback: training ended at step {state.global_step} before the subspace locked "
+            f"(checks so far: {len(self.tracker.history)}); writing the basis of the final weights anyway.",
+            stacklevel=2,
+        )
+        self._lock(args, state, "train_end")
+        return control
+
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
+        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / TRACKER_STATE_FILENAME
+        if not path.is_file():
+            warnings.warn(
+                f"SubspaceLockCallback: resuming at step {state.global_step} without {path}; the subspace is now "
+                "measured from the resumed weights, not from the start of the warmup.",
+                stacklevel=3,
+            )
+            self.tracker.last_step = int(state.global_step)
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("version") != _STATE_VERSION:
+            raise ValueError(f"{path} is not a SubspaceLockCallback state file (unknown version).")
+        self.tracker.load_state_dict(saved["tracker"])
+        self.locked_step = saved["locked_step"]
+        self.lock_reason = saved["lock_reason"]
+        self.basis_path = None if saved["basis_path"] is None else Path(saved["basis_path"])
+        self._n_logged_checks = int(saved["n_logged_checks"])
+
+
+def _wait_for_everyone() -> None:
+    try:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    except Exception:  # pragma: no cover - no distributed state: nothing to wait for
+        pass

