@@ -34,6 +34,37 @@ def _run_distill(args) -> int:
     return 0
 
 
+def _add_bench_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="memory/speed benchmark: full OPD vs locked vs LoRA vs projected, side by side",
+        description="Runs benchmarks/memory_speed.py of a source checkout, e.g. "
+        "`lockedopd bench benchmarks/experiments/smollm2.yaml --out runs/bench`.",
+    )
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/memory_speed.py")
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_speed.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"{script} is not here: the benchmarks ship with the source checkout, not the wheel; clone the repository."
+        )
+    saved = sys.argv
+    sys.argv = [str(script), *args.args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def _add_optional_parsers(subparsers) -> None:
     """Subcommands that live with their subsystems (diagnostics, benchmarks)."""
     try:
@@ -50,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_distill_parser(subparsers)
+    _add_bench_parser(subparsers)
     _add_optional_parsers(subparsers)
     return parser
 

@@ -1,0 +1,703 @@
+"""Memory and speed of OPD training methods, side by side in one run, on one student and one fixed batch.
+
+    python benchmarks/memory_speed.py benchmarks/experiments/smollm2.yaml [--out DIR] [--methods full,lora]
+
+Methods (see ``defaults.yaml``): full OPD (AdamW on every target weight), the subspace-locked adapter in right and
+two-sided mode (coefficients trained by ``LockedAdamW``), LoRA on the same targets, GaLore-style projected
+full-parameter training (``LockedAdamW`` projected mode, fixed basis) and, when ``galore-torch`` imports, the real
+GaLore AdamW. Each method runs in a fresh process (``isolation: fork``) that builds the student and the synthetic OPD
+batch from the same seed, then runs ``steps.warmup`` untimed and ``steps.timed`` timed optimizer steps
+(forward + exact reverse-KL loss against a fixed teacher log-prob tensor + backward + optimizer step).
+
+Measured per method: trainable parameters, Adam coordinates (entries of one moment tensor), parameter, gradient,
+optimizer-state and basis bytes (counted from the tensors themselves, after the steps), their sum (training state),
+peak RSS growth over the steps (``VmHWM`` reset through ``/proc/self/clear_refs``), seconds per step, and ratios to
+full OPD. Writes ``results.json``, ``results.md`` and ``memory.png`` to ``--out`` (default
+``benchmarks/results/<experiment>/``). Timings on a shared CPU are noisy: compare ratios, not seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue as queue_lib
+import sys
+import tempfile
+import time
+import traceback
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULTS = BENCH_DIR / "defaults.yaml"
+METHODS = ("full", "locked_right", "locked_two_sided", "lora", "projected_right", "galore")
+LABELS = {
+    "full": "full OPD (AdamW)",
+    "locked_right": "locked right (A·Vᵀ)",
+    "locked_two_sided": "locked two-sided (U·C·Vᵀ)",
+    "lora": "LoRA + AdamW",
+    "projected_right": "projected full-param (fixed V)",
+    "galore": "GaLore AdamW (galore-torch)",
+}
+ISOLATIONS = ("fork", "spawn", "none")
+RATIO_KEYS = (
+    "trainable_params",
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "train_overhead_bytes",
+    "training_state_bytes",
+    "peak_rss_delta_bytes",
+    "mean_step_s",
+    "min_step_s",
+)
+MIB = 2**20
+
+
+# ------------------------------------------------------------------------------------------------------- config
+def _merge(base: dict, override: dict, where: str, prefix: str = "") -> dict:
+    """``base`` with ``override`` applied recursively; keys unknown to the defaults raise ValueError."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in base:
+            raise ValueError(
+                f"{where}: unknown key {prefix + key!r}; known keys here: {sorted(base)} (see {DEFAULTS.name})."
+            )
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {prefix + key!r} must be a mapping, got {value!r}.")
+            out[key] = _merge(base[key], value, where, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | os.PathLike, methods: list[str] | None = None) -> dict:
+    """Defaults merged with the experiment file at ``path`` (and an optional method list), checked."""
+    path = Path(path)
+    defaults = yaml.safe_load(DEFAULTS.read_text())
+    override = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(override, dict):
+        raise ValueError(f"{path}: an experiment file must be a YAML mapping of overrides.")
+    config = _merge(defaults, override, str(path))
+    config["name"] = config["name"] or path.stem
+    if methods:
+        config["methods"] = methods
+    unknown = [m for m in config["methods"] if m not in METHODS]
+    if unknown or not config["methods"]:
+        raise ValueError(f"methods={config['methods']!r}: each must be one of {list(METHODS)}.")
+    if config["isolation"] not in ISOLATIONS:
+        raise ValueError(f"isolation={config['isolation']!r} is invalid; allowed: {list(ISOLATIONS)}.")
+    if config["model"]["source"] not in ("tiny", "smollm2"):
+        raise ValueError(f"model.source={config['model']['source']!r} is invalid; use tiny or smollm2.")
+    if config["projected"]["basis"] not in ("grad_svd", "random"):
+        raise ValueError(f"projected.basis={config['projected']['basis']!r} is invalid; use grad_svd or random.")
+    for key, value in (
+        ("rank", config["rank"]),
+        ("steps.warmup", config["steps"]["warmup"]),
+        ("steps.timed", config["steps"]["timed"]),
+        ("threads", config["threads"]),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} must be a positive integer.")
+    return config
+
+
+# ------------------------------------------------------------------------------------------ memory accounting
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's elements."""
+    return t.numel() * t.element_size()
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    """Tensors held by a non-tensor optimizer-state value (e.g. GaLore's projector object)."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, list | tuple):
+        return [t for item in obj for t in _tensors_in(item)]
+    if hasattr(obj, "__dict__"):
+        return [t for value in vars(obj).values() for t in _tensors_in(value)]
+    return []
+
+
+def optimizer_breakdown(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Optimizer-state bytes split into Adam moments, step counters and projection bases, plus Adam coordinates."""
+    out = {"moment_bytes": 0, "step_bytes": 0, "optimizer_basis_bytes": 0, "other_state_bytes": 0, "adam_coords": 0}
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key in ("exp_avg", "exp_avg_sq"):
+                out["moment_bytes"] += tensor_bytes(value)
+                out["adam_coords"] += value.numel() if key == "exp_avg" else 0
+            elif key == "step":
+                out["step_bytes"] += tensor_bytes(value) if torch.is_tensor(value) else 0
+            elif key in ("U", "V") or not torch.is_tensor(value):
+                out["optimizer_basis_bytes"] += sum(tensor_bytes(t) for t in _tensors_in(value))
+            else:
+                out["other_state_bytes"] += tensor_bytes(value)
+    out["optimizer_state_bytes"] = (
+        out["moment_bytes"] + out["step_bytes"] + out["optimizer_basis_bytes"] + out["other_state_bytes"]
+    )
+    return out
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------- student and batch
+def build_student(config: dict) -> nn.Module:
+    """The student of the experiment, in float32 (built in code or loaded from the converted SmolLM2 cache)."""
+    m = config["model"]
+    if m["source"] == "tiny":
+        from lockedopd.models import build_tiny_llama
+
+        return build_tiny_llama(
+            m["vocab_size"],
+            num_layers=m["num_layers"],
+            hidden_size=m["hidden_size"],
+            intermediate_size=m["intermediate_size"],
+            num_heads=m["num_heads"],
+            seed=config["seed"],
+            init_std=m["init_std"],
+        )
+    from lockedopd.models import layers_to_keep, load_smollm2, prune_layers
+
+    model, _ = load_smollm2()
+    if m["drop_every"]:
+        prune_layers(model, layers_to_keep(model.config.num_hidden_layers, m["drop_every"]))
+    return model.float()
+
+
+def target_modules(model: nn.Module, suffixes: list[str]) -> dict[str, nn.Linear]:
+    """Target Linear modules by name (the same selection as ``OPDTrainer.target_parameters``)."""
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in suffixes}
+    if not targets:
+        raise ValueError(f"no Linear module matches target_modules={suffixes}.")
+    return targets
+
+
+@dataclass
+class SyntheticBatch:
+    """A fixed OPD micro-batch: a rollout layout plus the teacher's full-vocabulary log-probs."""
+
+    rollout: Any  # lockedopd.opd.rollout.Rollout
+    teacher_logprobs: torch.Tensor  # (B, C, V)
+    mask: torch.Tensor  # (B, C) bool
+
+
+def synthetic_batch(config: dict, vocab_size: int) -> SyntheticBatch:
+    """Random prompts, completions sampled from a fixed random teacher distribution; same for every method."""
+    from lockedopd.opd.rollout import Rollout
+
+    b = config["batch"]
+    B, P, C = b["batch_size"], b["prompt_tokens"], b["completion_tokens"]
+    g = torch.Generator().manual_seed(config["seed"] + 1)
+    teacher = torch.log_softmax(torch.randn(B, C, vocab_size, generator=g) * b["teacher_logit_std"], dim=-1)
+    completion = torch.multinomial(teacher.exp().view(-1, vocab_size), 1, generator=g).view(B, C)
+    prompt = torch.randint(0, vocab_size, (B, P), generator=g)
+    rollout = Rollout(
+        input_ids=torch.cat([prompt, completion], dim=1),
+        attention_mask=torch.ones(B, P + C, dtype=torch.long),
+        prompt_width=P,
+        completion_ids=completion,
+        completion_mask=torch.ones(B, C, dtype=torch.bool),
+        prompt_lengths=[P] * B,
+        logprobs=torch.zeros(B, C),
+    )
+    return SyntheticBatch(rollout, teacher, rollout.completion_mask)
+
+
+def _orthonormal(rows: int, r: int, g: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, r, generator=g, dtype=torch.float64))[0].float()
+
+
+# -------------------------------------------------------------------------------------------------- methods
+@dataclass
+class Setup:
+    """A method ready to train: the module to run, its optimizer, and a hook run before each optimizer step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    before_step: Any = None
+
+
+def load_galore_adamw():
+    """``(GaLoreAdamW class, None)`` or ``(None, reason)``.
+
+    ``galore_torch/__init__`` also imports its 8-bit optimizer, which needs bitsandbytes; without it only the
+    AdamW module (and its projector) is loaded, from the installed package.
+    """
+    try:
+        from galore_torch import GaLoreAdamW
+
+        return GaLoreAdamW, None
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("galore_torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "galore-torch is not installed (pip install --no-deps galore-torch)"
+    for name in [n for n in sys.modules if n == "galore_torch" or n.startswith("galore_torch.")]:
+        del sys.modules[name]
+    package = types.ModuleType("galore_torch")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["galore_torch"] = package
+    try:
+        return importlib.import_module("galore_torch.adamw").AdamW, None
+    except Exception as exc:  # noqa: BLE001 - any failure means "skip this method"
+        return None, f"galore-torch does not import: {type(exc).__name__}: {exc}"
+
+
+def _full_params(model: nn.Module, targets: dict[str, nn.Linear]) -> list[nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [m.weight for m in targets.values()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def setup_method(method: str, model: nn.Module, config: dict, workdir: Path) -> Setup:
+    """Wrap/freeze ``model`` and build the optimizer of ``method``."""
+    import peft
+
+    from lockedopd.optim import LockedAdamW
+
+    r, lr = config["rank"], config["lr"]
+    targets = target_modules(model, config["target_modules"])
+    g = torch.Generator().manual_seed(config["seed"] + 2)
+    if method == "full":
+        return Setup(model, torch.optim.AdamW(_full_params(model, targets), lr=lr, foreach=False))
+    if method in ("locked_right", "locked_two_sided"):
+        from lockedopd.adapter import SubspaceLockedConfig
+        from lockedopd.subspace import save_basis
+
+        bases = {
+            n: (_orthonormal(m.out_features, r, g), _orthonormal(m.in_features, r, g)) for n, m in targets.items()
+        }
+        basis_path = save_basis(workdir / "basis.safetensors", bases, {"step": 0})
+        mode = "right" if method == "locked_right" else "two_sided"
+        wrapped = peft.get_peft_model(
+            model, SubspaceLockedConfig(r=r, mode=mode, target_modules=list(bases), basis_path=str(basis_path))
+        )
+        coefficients = [p for p in wrapped.parameters() if p.requires_grad]
+        return Setup(wrapped, LockedAdamW(coefficients, lr=lr, projection=mode))
+    if method == "lora":
+        lora = peft.LoraConfig(
+            r=r, lora_alpha=config["lora"]["alpha"], lora_dropout=0.0, target_modules=list(config["target_modules"])
+        )
+        wrapped = peft.get_peft_model(model, lora)
+        return Setup(
+            wrapped, torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr, foreach=False)
+        )
+    if method == "projected_right":
+        params = _full_params(model, targets)
+        if config["projected"]["basis"] == "random":
+            basis = [_orthonormal(p.shape[1], r, g) for p in params]
+            return Setup(model, LockedAdamW([{"params": params, "basis": basis}], lr=lr, projection="right"))
+        optimizer = LockedAdamW(params, lr=lr, projection="right")
+
+        def set_basis_from_first_gradient() -> None:
+            for p in params:
+                if optimizer.get_basis(p)[1] is None and p.grad is not None:
+                    vh = torch.linalg.svd(p.grad.float(), full_matrices=False).Vh
+                    optimizer.set_basis(p, vh[:r].mT.contiguous())
+
+        return Setup(model, optimizer, set_basis_from_first_gradient)
+    if method == "galore":
+        galore_adamw, reason = load_galore_adamw()
+        if galore_adamw is None:
+            raise _Skip(reason)
+        gc_ = config["galore"]
+        group = {
+            "params": _full_params(model, targets),
+            "rank": r,
+            "update_proj_gap": gc_["update_proj_gap"],
+            "scale": gc_["scale"],
+            "proj_type": gc_["proj_type"],
+        }
+        return Setup(model, galore_adamw([group], lr=lr, no_deprecation_warning=True))
+    raise ValueError(f"unknown method {method!r}; allowed: {list(METHODS)}")
+
+
+class _Skip(Exception):
+    """The method cannot run here (e.g. an optional package is missing)."""
+
+
+# -------------------------------------------------------------------------------------------------- a worker
+def train_step(setup: Setup, batch: SyntheticBatch) -> tuple[float, int]:
+    """One OPD optimizer step on ``batch``; returns (loss, gradient bytes after backward)."""
+    from lockedopd.opd.objectives import reverse_kl_loss
+    from lockedopd.opd.rollout import student_completion_logprobs
+
+    student_logprobs = student_completion_logprobs(setup.model, batch.rollout)
+    loss = reverse_kl_loss(student_logprobs, batch.teacher_logprobs, batch.mask)
+    loss.backward()
+    grad_bytes = sum(tensor_bytes(p.grad) for p in setup.model.parameters() if p.grad is not None)
+    if setup.before_step is not None:
+        setup.before_step()
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach()), grad_bytes
+
+
+def measure_method(method: str, config: dict) -> dict[str, Any]:
+    """Build student, batch and method from scratch and measure them (meant to run in a fresh process)."""
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    model = build_student(config)
+    model.train()
+    shapes = {n: list(m.weight.shape) for n, m in target_modules(model, config["target_modules"]).items()}
+    batch = synthetic_batch(config, model.get_output_embeddings().weight.shape[0])
+    with tempfile.TemporaryDirectory(prefix="lockedopd-bench-") as workdir:
+        setup = setup_method(method, model, config, Path(workdir))
+        steps = config["steps"]
+        gc.collect()
+        rss_before = _proc_status_bytes("VmRSS")
+        peak_ok = reset_peak_rss() and rss_before is not None
+        losses, seconds, grad_bytes = [], [], 0
+        for i in range(steps["warmup"] + steps["timed"]):
+            started = time.perf_counter()
+            loss, grads = train_step(setup, batch)
+            elapsed = time.perf_counter() - started
+            losses.append(loss)
+            grad_bytes = max(grad_bytes, grads)
+            if i >= steps["warmup"]:
+                seconds.append(elapsed)
+        peak = _proc_status_bytes("VmHWM") if peak_ok else None
+        rss_after = _proc_status_bytes("VmRSS")
+    params = {id(p): p for p in setup.model.parameters()}.values()
+    adapter_buffer_bytes = sum(tensor_bytes(b) for n, b in setup.model.named_buffers() if ".locked_" in n)
+    record: dict[str, Any] = {
+        "method": method,
+        "label": LABELS[method],
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "param_bytes": sum(tensor_bytes(p) for p in params),
+        "grad_bytes": grad_bytes,
+        "adapter_buffer_bytes": adapter_buffer_bytes,
+        **optimizer_breakdown(setup.optimizer),
+        "peak_rss_delta_bytes": None if peak is None else peak - rss_before,
+        "rss_growth_bytes": None if rss_after is None or rss_before is None else rss_after - rss_before,
+        "step_s": seconds,
+        "mean_step_s": sum(seconds) / len(seconds),
+        "min_step_s": min(seconds),
+        "losses": losses,
+        "target_shapes": shapes,
+    }
+    record["basis_bytes"] = record["optimizer_basis_bytes"] + adapter_buffer_bytes
+    record["train_overhead_bytes"] = grad_bytes + record["optimizer_state_bytes"] + adapter_buffer_bytes
+    record["training_state_bytes"] = record["param_bytes"] + record["train_overhead_bytes"]
+    return record
+
+
+def _worker(method: str, config: dict, queue) -> None:
+    try:
+        queue.put(("ok", measure_method(method, config)))
+    except _Skip as exc:
+        queue.put(("skipped", str(exc)))
+    except BaseException:  # noqa: BLE001 - report every failure to the parent
+        queue.put(("error", traceback.format_exc()))
+
+
+def run_method(method: str, config: dict) -> tuple[str, Any]:
+    """Measure one method in a fresh process (or in this one for ``isolation: none``)."""
+    if config["isolation"] == "none":
+        queue: Any = _ListQueue()
+        _worker(method, config, queue)
+        return queue.items[0]
+    ctx = mp.get_context(config["isolation"])
+    results = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(method, config, results), name=f"bench-{method}")
+    proc.start()
+    try:
+        while True:
+            try:
+                return results.get(timeout=5.0)
+            except queue_lib.Empty:
+                if not proc.is_alive():
+                    return "error", f"worker for {method} exited with code {proc.exitcode} without a result"
+    finally:
+        proc.join(timeout=60)
+
+
+class _ListQueue:
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def put(self, item) -> None:
+        self.items.append(item)
+
+
+# ------------------------------------------------------------------------------------------------- reporting
+def add_ratios(results: dict[str, dict]) -> None:
+    """Add ``ratios_to_full`` (value / full OPD's value) to every record when full OPD ran."""
+    full = results.get("full")
+    if full is None:
+        return
+    for record in results.values():
+        record["ratios_to_full"] = {
+            key: (record[key] / full[key] if record.get(key) is not None and full.get(key) else None)
+            for key in RATIO_KEYS
+        }
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / MIB:,.2f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else (f"{value:.4f}" if value < 0.01 else f"{value:.3f}")
+
+
+def markdown_report(report: dict) -> str:
+    """The results as markdown: set-up, an absolute table and a table of ratios to full OPD."""
+    c, model, env = report["config"], report["model"], report["environment"]
+    b = c["batch"]
+    lines = [
+        f"# Memory and speed of OPD methods: `{c['name']}`",
+        "",
+        f"Student: {model['description']}; {model['num_targets']} target matrices "
+        f"({', '.join(c['target_modules'])}), {model['target_weights']:,} target weights. Rank r = {c['rank']}. "
+        f"One fixed synthetic OPD batch: {b['batch_size']} sequences x ({b['prompt_tokens']} prompt + "
+        f"{b['completion_tokens']} completion) tokens, exact reverse KL against a fixed teacher log-prob tensor. "
+        f"{c['steps']['warmup']} untimed + {c['steps']['timed']} timed steps per method, each method in a fresh "
+        f"process ({c['isolation']}); torch {env['torch']}, {c['threads']} torch thread(s), {env['cpu_count']} CPUs "
+        f"(load average {env['load_average']} at start). Memory is counted from the tensors; seconds are wall time "
+        "on a shared CPU (the minimum over the timed steps is the least disturbed), so compare ratios.",
+        "",
+        "| method | trainable params | Adam coords | params MiB | grads MiB | optimizer state MiB | bases MiB "
+        "| training state MiB | peak RSS Δ MiB | s/step mean | s/step min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"].values():
+        lines.append(
+            f"| {r['label']} | {r['trainable_params']:,} | {r['adam_coords']:,} | {_mib(r['param_bytes'])} "
+            f"| {_mib(r['grad_bytes'])} | {_mib(r['optimizer_state_bytes'])} | {_mib(r['basis_bytes'])} "
+            f"| {_mib(r['training_state_bytes'])} | {_mib(r['peak_rss_delta_bytes'])} "
+            f"| {r['mean_step_s']:.3f} | {r['min_step_s']:.3f} |"
+        )
+    if "full" in report["results"]:
+        lines += [
+            "",
+            "Ratios to full OPD (training overhead = gradients + optimizer state + adapter bases):",
+            "",
+            "| method | trainable | grads | optimizer state | training overhead | training state | peak RSS Δ "
+            "| s/step mean | s/step min |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in report["results"].values():
+            q = r["ratios_to_full"]
+            lines.append(f"| {r['label']} | " + " | ".join(_ratio(q[k]) for k in RATIO_KEYS) + " |")
+    for method, reason in report["skipped"].items():
+        lines += ["", f"Skipped `{method}`: {reason}."]
+    lines += [
+        "",
+        "Columns: *Adam coords* = entries of one Adam moment tensor (the dimension the optimizer works in); "
+        "*optimizer state* = moments + step counters + bases the optimizer holds (projected, GaLore); *bases* = "
+        "frozen projection matrices wherever they live (adapter buffers or optimizer state); *training state* = "
+        "all parameters (frozen included) + gradients + optimizer state + adapter buffers; *peak RSS Δ* = peak "
+        "resident memory during the steps minus the resident memory before them (activations, gradients, "
+        "optimizer state, allocator slack).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_memory(report: dict, path: Path) -> None:
+    """Grouped bars: memory per component per method (left), and seconds per step (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = list(report["results"].values())
+    components = [
+        ("parameters", "param_bytes"),
+        ("gradients", "grad_bytes"),
+        ("Adam moments\n+ steps", None),
+        ("bases", "basis_bytes"),
+        ("peak RSS Δ\n(measured)", "peak_rss_delta_bytes"),
+    ]
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / max(1, len(results))
+    for i, r in enumerate(results):
+        values = []
+        for _, key in components:
+            value = r["moment_bytes"] + r["step_bytes"] if key is None else r[key]
+            values.append(0.0 if value is None else value / MIB)
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(components))]
+        bars = ax.bar(xs, values, width, label=r["label"])
+        ax.bar_label(
+            bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=6, rotation=90, padding=2
+        )
+        ax_t.bar(i, r["min_step_s"], color=bars.patches[0].get_facecolor())
+    ax.set_xticks(range(len(components)), [name for name, _ in components])
+    ax.set_ylabel("MiB")
+    ax.set_title(f"{report['config']['name']}: memory per component (r = {report['config']['rank']})")
+    ax.legend(fontsize=8)
+    ax.margins(y=0.15)
+    ax_t.set_xticks(range(len(results)), [r["method"] for r in results], rotation=45, ha="right", fontsize=8)
+    ax_t.set_ylabel("seconds per step (min over timed steps)")
+    ax_t.set_title("time per step (fwd + bwd + optimizer)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _model_summary(config: dict, shapes: dict[str, list[int]]) -> dict[str, Any]:
+    m = config["model"]
+    if m["source"] == "tiny":
+        description = (
+            f"tiny random Llama ({m['num_layers']} layers, hidden {m['hidden_size']}, "
+            f"intermediate {m['intermediate_size']}, vocab {m['vocab_size']})"
+        )
+    else:
+        layers = len({n.split(".layers.")[1].split(".")[0] for n in shapes})
+        d = m["drop_every"]
+        drop = f"; layers {d}, {2 * d}, ... (1-based) dropped" if d else ""
+        description = f"SmolLM2-135M-Instruct ({layers} of 30 layers{drop})"
+    return {
+        "description": description,
+        "num_targets": len(shapes),
+        "target_weights": sum(o * i for o, i in shapes.values()),
+    }
+
+
+def _environment() -> dict[str, Any]:
+    import peft
+    import transformers
+
+    galore = importlib.util.find_spec("galore_torch")
+    try:
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "galore_torch_installed": galore is not None,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average": load,
+    }
+
+
+def preload_modules() -> None:
+    """Import what the workers need once, so that forked workers start in milliseconds.
+
+    Imports only: a process that has run torch's parallel kernels must not fork (OpenMP then hangs the child).
+    """
+    import peft  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    import lockedopd.adapter  # noqa: F401
+    import lockedopd.models  # noqa: F401
+    import lockedopd.opd.objectives  # noqa: F401
+    import lockedopd.opd.rollout  # noqa: F401
+    import lockedopd.optim  # noqa: F401
+    import lockedopd.subspace  # noqa: F401
+
+
+def run(config: dict, out_dir: Path, progress: bool = True) -> dict:
+    """Run every configured method, write results.json / results.md / memory.png to ``out_dir``; return the report.
+
+    With ``isolation: fork`` call this from a process that has not run torch kernels yet (e.g. the CLI): forking
+    after OpenMP has started hangs the workers. Use ``spawn`` otherwise.
+    """
+    from tqdm.auto import tqdm
+
+    if config["isolation"] == "fork":
+        preload_modules()
+    environment = _environment()
+    results: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    bar = tqdm(config["methods"], desc=f"memory/speed {config['name']}", unit="method", disable=not progress)
+    for method in bar:
+        bar.set_postfix(method=method)
+        status, payload = run_method(method, config)
+        if status == "skipped":
+            skipped[method] = payload
+        elif status == "error":
+            raise RuntimeError(f"benchmark method {method!r} failed:\n{payload}")
+        else:
+            results[method] = payload
+    bar.close()
+    if not results:
+        raise RuntimeError(f"every method was skipped: {skipped}")
+    add_ratios(results)
+    shapes = next(iter(results.values()))["target_shapes"]
+    for record in results.values():
+        record.pop("target_shapes")
+    report = {
+        "config": config,
+        "environment": environment,
+        "model": _model_summary(config, shapes),
+        "target_shapes": shapes,
+        "results": results,
+        "skipped": skipped,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown_report(report))
+    plot_memory(report, out_dir / "memory.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", help="experiment YAML (overrides of benchmarks/defaults.yaml)")
+    p.add_argument("--out", default=None, help="output directory (default: benchmarks/results/<experiment>/)")
+    p.add_argument("--methods", default=None, help=f"comma list, a subset of {','.join(METHODS)}")
+    p.add_argument("--isolation", choices=ISOLATIONS, default=None, help="override the config's isolation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--rerender", action="store_true", help="only rewrite results.md and memory.png from results.json")
+    args = p.parse_args(argv)
+    if args.rerender:
+        out_dir = Path(args.out) if args.out else BENCH_DIR / "results" / Path(args.experiment).stem
+        report = json.loads((out_dir / "results.json").read_text())
+        (out_dir / "results.md").write_text(markdown_report(report))
+        plot_memory(report, out_dir / "memory.png")
+        print(markdown_report(report))
+        return 0
+    config = load_config(args.experiment, args.methods.split(",") if args.methods else None)
+    if args.isolation:
+        config["isolation"] = args.isolation
+    out_dir = Path(args.out) if args.out else BENCH_DIR / "results" / config["name"]
+    report = run(config, out_dir, progress=not args.no_progress)
+    print(markdown_report(report))
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'memory.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

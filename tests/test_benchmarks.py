@@ -1,0 +1,184 @@
+"""The memory/speed benchmark, end to end on the tiny experiment: exact byte counts, ratios, outputs.
+
+The CLI runs in a fresh interpreter: its workers are forked, and a process that has already run torch's
+parallel kernels (this pytest process) must not fork.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+TINY = BENCH / "experiments" / "tiny.yaml"
+LOCKED = ("locked_right", "locked_two_sided")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "memory_speed.py"), str(TINY), "--out", str(out), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _tiny_shapes() -> list[tuple[int, int]]:
+    """(out, in) of every target weight of the tiny experiment, from its config (not from the run)."""
+    defaults = yaml.safe_load((BENCH / "defaults.yaml").read_text())
+    model = {**defaults["model"], **(yaml.safe_load(TINY.read_text()).get("model") or {})}
+    h, f = model["hidden_size"], model["intermediate_size"]
+    per_layer = [(h, h)] * 4 + [(f, h), (f, h), (h, f)]  # q k v o (no GQA), gate up, down
+    return per_layer * model["num_layers"]
+
+
+def _rank() -> int:
+    return yaml.safe_load(TINY.read_text())["rank"]
+
+
+def test_outputs_written(tiny_report):
+    out, report = tiny_report
+    md = (out / "results.md").read_text()
+    for record in report["results"].values():
+        assert f"| {record['label']} |" in md
+    assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["config"]["name"] == "tiny"
+    assert set(report["results"]) | set(report["skipped"]) == set(report["config"]["methods"])
+    assert set(report["skipped"]) <= {"galore"}  # only the optional package may be missing
+
+
+def test_target_shapes_match_config(tiny_report):
+    _, report = tiny_report
+    assert sorted(map(tuple, report["target_shapes"].values())) == sorted(_tiny_shapes())
+    assert report["model"]["target_weights"] == sum(o * i for o, i in _tiny_shapes())
+
+
+def test_exact_trainable_and_gradient_sizes(tiny_report):
+    _, report = tiny_report
+    res, shapes, r = report["results"], _tiny_shapes(), _rank()
+    n = len(shapes)
+    expected = {
+        "full": sum(o * i for o, i in shapes),
+        "locked_right": sum(o * r for o, _ in shapes),
+        "locked_two_sided": n * r * r,
+        "lora": sum(r * (o + i) for o, i in shapes),
+        "projected_right": sum(o * i for o, i in shapes),
+    }
+    for method, count in expected.items():
+        assert res[method]["trainable_params"] == count, method
+        assert res[method]["grad_bytes"] == 4 * count, method  # float32 gradients of exactly these tensors
+    # the projected optimizers train the full weights but work in r-dimensional coordinates
+    assert res["projected_right"]["adam_coords"] == sum(o * r for o, _ in shapes)
+    if "galore" in res:
+        assert res["galore"]["grad_bytes"] == 4 * expected["full"]
+        assert res["galore"]["adam_coords"] == sum(r * max(o, i) for o, i in shapes)
+
+
+def test_exact_optimizer_state_bytes(tiny_report):
+    _, report = tiny_report
+    res, shapes, r = report["results"], _tiny_shapes(), _rank()
+    n = len(shapes)
+    # AdamW: two float32 moments per weight + one float32 step tensor per param
+    assert res["full"]["optimizer_state_bytes"] == 2 * 4 * sum(o * i for o, i in shapes) + 4 * n
+    assert res["locked_right"]["optimizer_state_bytes"] == 2 * 4 * sum(o * r for o, _ in shapes) + 4 * n
+    assert res["locked_two_sided"]["optimizer_state_bytes"] == 2 * 4 * n * r * r + 4 * n
+    assert res["lora"]["optimizer_state_bytes"] == 2 * 4 * sum(r * (o + i) for o, i in shapes) + 4 * 2 * n
+    # projected: moments out x r plus the basis V (in x r) held in the optimizer
+    assert res["projected_right"]["moment_bytes"] == 2 * 4 * sum(o * r for o, _ in shapes)
+    assert res["projected_right"]["optimizer_basis_bytes"] == 4 * sum(i * r for _, i in shapes)
+    assert res["projected_right"]["optimizer_state_bytes"] == (
+        2 * 4 * sum(o * r for o, _ in shapes) + 4 * sum(i * r for _, i in shapes) + 4 * n
+    )
+    if "galore" in res:  # projects the smaller side; its projector matrix is r x min(out, in)
+        assert res["galore"]["moment_bytes"] == 2 * 4 * sum(r * max(o, i) for o, i in shapes)
+        assert res["galore"]["optimizer_basis_bytes"] == 4 * sum(r * min(o, i) for o, i in shapes)
+
+
+def test_bases_and_parameter_bytes(tiny_report):
+    _, report = tiny_report
+    res, shapes, r = report["results"], _tiny_shapes(), _rank()
+    full_params = res["full"]["param_bytes"]
+    for method in ("projected_right", "galore"):
+        if method in res:
+            assert res[method]["param_bytes"] == full_params  # same model, nothing added
+    # adapters add their coefficients as parameters and their frozen bases as buffers
+    assert res["locked_right"]["param_bytes"] == full_params + 4 * sum(o * r for o, _ in shapes)
+    assert res["locked_right"]["adapter_buffer_bytes"] == 4 * sum(i * r for _, i in shapes)  # V only
+    assert res["locked_two_sided"]["param_bytes"] == full_params + 4 * len(shapes) * r * r
+    assert res["locked_two_sided"]["adapter_buffer_bytes"] == 4 * sum((o + i) * r for o, i in shapes)  # U and V
+    assert res["lora"]["param_bytes"] == full_params + 4 * sum(r * (o + i) for o, i in shapes)
+    assert res["full"]["basis_bytes"] == 0 and res["lora"]["basis_bytes"] == 0
+    for record in res.values():
+        assert record["training_state_bytes"] == (
+            record["param_bytes"]
+            + record["grad_bytes"]
+            + record["optimizer_state_bytes"]
+            + record["adapter_buffer_bytes"]
+        )
+
+
+def test_ratios_to_full(tiny_report):
+    _, report = tiny_report
+    res = report["results"]
+    assert all(v == 1.0 for k, v in res["full"]["ratios_to_full"].items() if v is not None)
+    for method in (*LOCKED, "lora"):
+        q = res[method]["ratios_to_full"]
+        for key in (
+            "trainable_params",
+            "grad_bytes",
+            "optimizer_state_bytes",
+            "train_overhead_bytes",
+            "training_state_bytes",
+        ):
+            assert q[key] < 1, (method, key)
+    for method in ("projected_right", "galore"):
+        if method in res:
+            q = res[method]["ratios_to_full"]
+            assert q["grad_bytes"] == 1.0 and q["trainable_params"] == 1.0
+            assert q["optimizer_state_bytes"] < 0.2 and q["training_state_bytes"] < 1
+    # two-sided trains r x r per matrix: far fewer coordinates than right-sided
+    assert res["locked_two_sided"]["trainable_params"] < res["locked_right"]["trainable_params"]
+    expected = res["locked_right"]["optimizer_state_bytes"] / res["full"]["optimizer_state_bytes"]
+    assert res["locked_right"]["ratios_to_full"]["optimizer_state_bytes"] == pytest.approx(expected)
+
+
+def test_same_student_same_batch_and_steps_move(tiny_report):
+    _, report = tiny_report
+    res = report["results"]
+    first = res["full"]["losses"][0]
+    steps = report["config"]["steps"]
+    for method, record in res.items():
+        # adapters start at ΔW = 0, so every method sees the same loss before its first update
+        assert record["losses"][0] == pytest.approx(first, rel=1e-5, abs=1e-6), method
+        assert len(record["losses"]) == steps["warmup"] + steps["timed"]
+        assert record["losses"][-1] != record["losses"][0], method  # the optimizer changed the model
+        assert len(record["step_s"]) == steps["timed"] and record["mean_step_s"] > 0
+        if record["peak_rss_delta_bytes"] is not None:
+            assert record["peak_rss_delta_bytes"] > 0
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import memory_speed
+    finally:
+        sys.path.remove(str(BENCH))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch:\n  batch_sise: 4\n")
+    with pytest.raises(ValueError, match="batch.batch_sise"):
+        memory_speed.load_config(bad)
+    bad.write_text("methods: [full, adafactor]\n")
+    with pytest.raises(ValueError, match="adafactor"):
+        memory_speed.load_config(bad)
+    assert memory_speed.load_config(TINY)["rank"] == _rank()
