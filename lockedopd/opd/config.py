@@ -121,6 +121,8 @@ class LockConfig:
         min_warmup_steps / max_warmup_steps: bounds on the warmup.
         at_step: force the lock after this many steps (skips the stability test).
         basis_path: lock at step 0 from a saved ``basis.safetensors``.
+        lr_scale: learning-rate multiplier of the coefficient optimizer: ``"auto"`` (per matrix, keeps the W-space
+            step of projected full AdamW; see ``LockController._lr_scales``) or a number (1 = plain AdamW).
     """
 
     enabled: bool = False
@@ -134,6 +136,7 @@ class LockConfig:
     max_warmup_steps: int | None = None
     at_step: int | None = None
     basis_path: str | None = None
+    lr_scale: float | str = "auto"
 
 
 @dataclass
@@ -236,6 +239,12 @@ class OPDConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {value}.")
+        if self.lock.lr_scale != "auto" and (
+            isinstance(self.lock.lr_scale, bool)
+            or not isinstance(self.lock.lr_scale, (int, float))
+            or self.lock.lr_scale <= 0
+        ):
+            raise ValueError(f"config: lock.lr_scale must be 'auto' or a number > 0, got {self.lock.lr_scale!r}.")
         if self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}.")
         if not 0.0 < self.objective.token_keep_fraction <= 1.0:

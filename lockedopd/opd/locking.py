@@ -46,6 +46,7 @@ class LockController:
         self.phase_stats: dict[str, dict[str, int]] = {}
         self.events: list[dict[str, Any]] = []
         self.track_origin = 0
+        self.lr_scales: list[float] | None = None
         self.monitor = None
         self._watch: dict[str, Any] | None = None
         if trainer.config.monitor.enabled:
@@ -182,6 +183,7 @@ class LockController:
         from lockedopd.optim import LockedAdamW
 
         c = trainer.config
+        self.lr_scales = self._lr_scales(warmup_optimizer, full_params, bases)
         trainer.optimizer = LockedAdamW.from_warmup(
             self.coefficients(),
             warmup_optimizer,
@@ -192,6 +194,11 @@ class LockController:
             betas=(c.adam_beta1, c.adam_beta2),
             eps=c.adam_eps,
         )
+        # one param group per locked matrix, so each gets its own learning-rate scale (state is keyed by param)
+        base_group = {k: v for k, v in trainer.optimizer.param_groups[0].items() if k != "params"}
+        trainer.optimizer.param_groups = [
+            {**base_group, "params": [p]} for group in trainer.optimizer.param_groups for p in group["params"]
+        ]
         warmup_optimizer.state.clear()
         for p in full_params.values():
             p.grad = None
@@ -218,6 +225,45 @@ class LockController:
         trainer.model = self.peft_model
         trainer.phase = "locked"
         self.tracker = None
+
+    def _lr_scales(self, warmup_optimizer, full_params: dict, bases: dict) -> list[float]:
+        """Learning-rate multiplier per locked matrix (sorted by name), from ``lock.lr_scale``.
+
+        Adam moves every coordinate it trains by about lr per step. Full AdamW moves the out×in entries of W, and
+        the share f of that step inside the subspace is what carries the locked run; coefficient AdamW moves only
+        the out×r (or r×r) coefficients, so its W-space step is smaller by about √(f·numel(W)/numel(coef)).
+        ``auto`` sets each matrix's scale to that ratio, with f measured from the warmup AdamW state at the lock
+        (f = ‖P(u)‖²/‖u‖², u = m̂/(√v̂+ε) the warmup's normalised step), so the locked run keeps the step size of
+        projected full AdamW. A number uses that scale everywhere; 1 is plain AdamW on the coefficients.
+        """
+        if self.config.lr_scale != "auto":
+            return [float(self.config.lr_scale)] * len(bases)
+        group = warmup_optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        scales = []
+        for name in sorted(bases):
+            U, V = bases[name]
+            state = warmup_optimizer.state.get(full_params[name], {})
+            if not state:
+                scales.append(1.0)
+                continue
+            t = float(state["step"])
+            m_hat = state["exp_avg"].double() / (1 - beta1**t)
+            v_hat = state["exp_avg_sq"].double() / (1 - beta2**t)
+            u = m_hat / (v_hat.sqrt() + eps)
+            projected = u @ V.double()
+            if self.config.mode == "two_sided":
+                projected = U.double().T @ projected
+            share = float(projected.square().sum() / u.square().sum().clamp_min(1e-300))
+            out_dim, in_dim = u.shape
+            coef_numel = projected.numel()
+            scales.append(max(1.0, (share * out_dim * in_dim / coef_numel) ** 0.5))
+        return scales
+
+    def lr_multipliers(self) -> list[float] | None:
+        """Per-param-group learning-rate multipliers of the locked optimizer (None outside the locked phase)."""
+        return self.lr_scales if self.trainer.phase == "locked" else None
 
     def unlock(self, step: int, relock: bool) -> None:
         """Fold the adapter into the weights and return to full-parameter training.
@@ -273,6 +319,7 @@ class LockController:
         trainer_state["lock_reason"] = self.lock_reason
         trainer_state["lock_events"] = self.events
         trainer_state["track_origin"] = self.track_origin
+        trainer_state["lr_scales"] = self.lr_scales
         if self.monitor is not None:
             trainer_state["monitor"] = self.monitor.state_dict()
         if self.trainer.phase == "locked":
@@ -322,13 +369,14 @@ class LockController:
                 p.copy_(saved[name])
         c = trainer.config
         trainer.optimizer = LockedAdamW(
-            list(coefficients.values()),
+            [{"params": [p]} for p in coefficients.values()],
             lr=trainer.lr_at(trainer.step),
             betas=(c.adam_beta1, c.adam_beta2),
             eps=c.adam_eps,
         )
         trainer.optimizer.load_state_dict(states["optimizer"])
         self._restore_common(trainer_state)
+        self.lr_scales = [float(x) for x in trainer_state["lr_scales"]]
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's effective weights under plain module names (W_lock + ΔW for locked modules)."""
@@ -363,6 +411,7 @@ class LockController:
             "lock_step": self.lock_step,
             "lock_reason": self.lock_reason,
             "lock_events": list(self.events),
+            "lr_scale_median": None if not self.lr_scales else sorted(self.lr_scales)[len(self.lr_scales) // 2],
             "phases": dict(self.phase_stats),
         }
         if self.monitor is not None:

@@ -232,8 +232,9 @@ class OPDTrainer:
         params = self.trainable_parameters()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30))
         lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        multipliers = self.lock.lr_multipliers() if self.lock is not None else None
+        for index, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = lr * (multipliers[index] if multipliers else 1.0)
         if self.lock is not None:
             self.lock.before_optimizer_step(step)
         self.optimizer.step()
