@@ -198,3 +198,15 @@ def test_cli_distill_and_error_exit(tmp_path, capsys):
     assert main(["distill", str(TINY_CONFIG), "bogus_key=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'bogus_key'" in err and "Traceback" not in err
+
+
+def test_run_comparison_plot(reference_run, tmp_path):
+    from lockedopd.opd.plots import plot_run_comparison
+
+    out, _ = reference_run
+    png = plot_run_comparison([out], ["tiny"], tmp_path / "cmp.png")
+    assert png.stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="lockedopd run directory"):
+        plot_run_comparison([tmp_path / "nothing"], ["x"], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="labels"):
+        plot_run_comparison([out], [], tmp_path / "y.png")

@@ -35,3 +35,37 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, lo
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_run_comparison(run_dirs: Sequence[str | Path], labels: Sequence[str], path: str | Path) -> Path:
+    """Held-out reverse KL of several runs over steps, in one panel, with each run's lock step marked."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(run_dirs) != len(labels):
+        raise ValueError(f"plot_run_comparison: {len(run_dirs)} run directories but {len(labels)} labels.")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for run_dir, label in zip(run_dirs, labels):
+        metrics = Path(run_dir) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise FileNotFoundError(f"{metrics} does not exist; is {run_dir} a lockedopd run directory?")
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        evals = [r for r in records if "eval_reverse_kl" in r]
+        (line,) = ax.plot([r["step"] for r in evals], [r["eval_reverse_kl"] for r in evals], marker="o", label=label)
+        lock = next((r["step"] for r in records if r.get("locked_now")), None)
+        if lock is not None:
+            ax.axvline(lock, color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out reverse KL (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
