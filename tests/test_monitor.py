@@ -51,6 +51,24 @@ def test_monitor_cosines_and_drift_patience():
     assert monitor.summary()["captured_energy_mean"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="capture_threshold"):
         TrajectoryMonitor(capture_threshold=2.0)
+    with pytest.raises(ValueError, match="capture_threshold"):
+        TrajectoryMonitor(capture_threshold="sometimes")
+
+
+def test_auto_threshold_is_relative_to_the_random_baseline():
+    monitor = TrajectoryMonitor(every=1, capture_threshold="auto", patience=1)
+    assert monitor.threshold_for(0.025) == pytest.approx(0.125)
+    assert monitor.threshold_for(0.5) == 1.0
+    V = _orthonormal(64, 2, 0)  # random baseline 2/64, threshold 5 x 2/64 = 0.15625
+    grad = torch.randn(4, 2, dtype=torch.float64) @ V.T
+    off = torch.randn(4, 64, dtype=torch.float64)
+    off = off - off @ V @ V.T
+    for share, drift in ((0.2, False), (0.1, True)):
+        mixed = grad / grad.norm() * share**0.5 + off / off.norm() * (1 - share) ** 0.5
+        check = monitor.measure(1, {"w": mixed}, {"w": mixed}, {"w": (None, V)})
+        assert check["threshold"] == pytest.approx(5 * 2 / 64)
+        assert check["captured_energy"] == pytest.approx(share)
+        assert check["drift"] is drift
 
 
 def test_locked_run_writes_trajectory_report(tmp_path):

@@ -47,7 +47,7 @@ def compare_with_reference(run_dir: Path, summary: dict[str, Any], reference_dir
 def write_trajectory_report(run_dir: Path, summary: dict[str, Any], monitor, config) -> dict[str, Any]:
     """Write ``trajectory.json`` (and ``trajectory.png`` when the monitor made checks); returns the report.
 
-    Verdict: ``"matches"`` when the locked subspace kept at least ``monitor.capture_threshold`` of the gradient
+    Verdict: ``"matches"`` when the locked subspace kept at least the monitor's capture threshold of the gradient
     energy on average with no drift, and (with a reference run) the run reached at least
     :data:`GAIN_SHARE_FOR_MATCH` of the reference's KL reduction; otherwise ``"drifted"``.
     """
@@ -67,7 +67,9 @@ def write_trajectory_report(run_dir: Path, summary: dict[str, Any], monitor, con
     if config.reference_run:
         report.update(compare_with_reference(run_dir, summary, Path(config.reference_run), config.lock.rank))
     capture = report["captured_energy_mean"]
-    ok = capture is not None and capture >= config.monitor.capture_threshold and not report["drift_events"]
+    threshold = monitor_summary.get("threshold")
+    report["capture_threshold"] = threshold
+    ok = capture is not None and threshold is not None and capture >= threshold and not report["drift_events"]
     if "kl_gain_share" in report:
         ok = ok and report["kl_gain_share"] >= GAIN_SHARE_FOR_MATCH
     report["verdict"] = "matches" if ok else "drifted"
