@@ -104,6 +104,10 @@ def plot_monitor(report: dict[str, Any], path: Path) -> Path:
     ax.plot(steps, [c["captured_energy"] for c in checks], marker="o", label="captured gradient energy")
     ax.plot(steps, [c["cosine_to_adam"] for c in checks], marker="s", label="cos(locked step, AdamW step)")
     ax.plot(steps, [c["cosine_to_gradient"] for c in checks], marker="^", label="cos(locked step, −G)")
+    if report.get("captured_energy_random_baseline") is not None:
+        ax.axhline(report["captured_energy_random_baseline"], color="grey", linestyle=":", label="random subspace")
+    if report.get("capture_threshold") is not None:
+        ax.axhline(report["capture_threshold"], color="tab:red", linestyle="--", linewidth=1, label="drift threshold")
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("step")
     ax.set_title(f"locked run vs unconstrained OPD — verdict: {report['verdict']}", fontsize=10)
