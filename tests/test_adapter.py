@@ -335,3 +335,26 @@ def test_save_load_fresh_process_merge_and_export_lora(tmp_path):
         for kind in ("loaded", "merged", "lora"):
             err = (fresh[f"{kind}_{mode}"] - ref).abs().max().item()
             assert err < 1e-5, (mode, kind, err)
+
+
+def test_without_target_modules_the_basis_file_decides(tmp_path):
+    import peft
+
+    from lockedopd.adapter import SubspaceLockedConfig
+    from lockedopd.models import build_tiny_llama
+    from lockedopd.subspace import save_basis
+
+    model = build_tiny_llama(50, num_layers=2, hidden_size=32, intermediate_size=64)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    bases = {}
+    for i, name in enumerate(names):
+        out_f, in_f = model.get_submodule(name).weight.shape
+        g = torch.Generator().manual_seed(i)
+        bases[name] = (
+            torch.linalg.qr(torch.randn(out_f, 3, generator=g))[0],
+            torch.linalg.qr(torch.randn(in_f, 3, generator=g))[0],
+        )
+    save_basis(tmp_path / "basis.safetensors", bases, {"step": 1})
+    wrapped = peft.get_peft_model(model, SubspaceLockedConfig(r=3, basis_path=str(tmp_path / "basis.safetensors")))
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert trainable == 3 * (32 + 32 + 64)  # out x r for q_proj (32), down_proj (32), up_proj (64)

@@ -58,6 +58,26 @@ class SubspaceLockedModel(BaseTuner):
     tuner_layer_cls = SubspaceLockedLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def _prepare_adapter_config(self, peft_config: SubspaceLockedConfig, model_config: dict) -> SubspaceLockedConfig:
+        """Without ``target_modules``, target exactly the modules the basis file has bases for.
+
+        (PEFT's usual fallback, a per-architecture default list, would silently lock fewer modules than the
+        basis describes.)
+        """
+        if peft_config.target_modules is None and peft_config.basis_path:
+            from pathlib import Path
+
+            from safetensors import safe_open
+
+            path = Path(peft_config.basis_path)
+            if path.is_file():
+                with safe_open(str(path), framework="pt") as handle:
+                    names = {key.rsplit(".", 1)[0] for key in handle.keys() if key.endswith((".U", ".V"))}
+                if names:
+                    peft_config.target_modules = names
+                    return peft_config
+        return super()._prepare_adapter_config(peft_config, model_config)
+
     def _check_new_adapter_config(self, config: SubspaceLockedConfig) -> None:
         """Reject a new adapter whose ``save_basis`` differs from the existing adapters'."""
         super()._check_new_adapter_config(config)
