@@ -272,21 +272,7 @@ def exact_top_mask(scores: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def exact_bottom_mask(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     """Bool mask of exactly ``round(α·n)`` smallest entries; ties broken by index."""
-    flat = scores.reshape(-1)
-    n = flat.numel()
-    m = _n_select(n, alpha)
-    mask = torch.zeros(n, dtype=torch.bool)
-    if m == 0:
-        return mask.reshape(scores.shape)
-    if m == n:
-        return mask.fill_(True).reshape(scores.shape)
-    thr = torch.kthvalue(flat, m).values  # the m-th smallest value
-    mask = flat < thr
-    need = m - int(mask.sum())
-    if need > 0:
-        ties = torch.nonzero(flat == thr, as_tuple=False).reshape(-1)[:need]
-        mask[ties] = True
-    return mask.reshape(scores.shape)
+    return exact_top_mask(-scores, alpha)
 
 
 def principal_mask(
