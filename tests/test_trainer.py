@@ -141,20 +141,16 @@ def test_unconstrained_run_has_no_lock(tmp_path):
     assert {r["phase"] for r in read_metrics(tmp_path)} == {"full"}
 
 
-def test_vocabulary_mismatch_is_rejected_before_writing(tmp_path):
-    from lockedopd.models import build_tiny_llama, build_tiny_tokenizer
-    from lockedopd.teachers import HFTeacher
+def test_vocabulary_mismatch_is_rejected_before_writing(tmp_path, tiny_tokenizer):
+    from lockedopd.models import build_tiny_llama
 
-    config = tiny_config(tmp_path / "run")
-    tokenizer = build_tiny_tokenizer()
-    student = build_tiny_llama(len(tokenizer), tokenizer=tokenizer)
-    from lockedopd.opd.builders import check_vocabularies
-
-    teacher = HFTeacher(build_tiny_llama(len(tokenizer) + 7))
+    other = build_tiny_llama(len(tiny_tokenizer) + 7, num_layers=1)  # a teacher with a different vocabulary
+    other.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    config = tiny_config(tmp_path / "run", f"teacher.model.source={tmp_path / 'teacher'}")
     with pytest.raises(ValueError, match=r"teacher vocabulary size \(110\) differs from the student's \(103\)"):
-        check_vocabularies(student, tokenizer, teacher)
+        OPDTrainer.from_config(config).train()
     assert not (tmp_path / "run").exists()
-    del config
 
 
 def test_missing_and_empty_prompt_files(tmp_path):
