@@ -14,12 +14,14 @@ Nothing here imports vLLM.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from lockedopd.teachers.base import TeacherScores
+from lockedopd.teachers.base import TeacherScores, validate_score_request
 
 #: One prompt position: token id -> (log-prob, rank or None). Rank 1 is the most likely token.
 PositionLogprobs = Mapping[int, tuple[float, int | None]]
@@ -113,3 +115,40 @@ def scores_from_prompt_logprobs(
             topk_ids[i, :clen] = torch.tensor(row_ids, dtype=torch.long)
             topk_lp[i, :clen] = torch.tensor(row_topk, dtype=torch.float32)
     return TeacherScores(token_lp, mask, topk_ids, topk_lp, None)
+
+
+class PromptLogprobScorer(abc.ABC):
+    """The scoring flow shared by the vLLM scorers: check the request, fetch prompt log-probs, lay them out.
+
+    Subclasses set ``vocab_size``, ``max_length`` and ``top_k_max`` and implement :meth:`_fetch_prompt_logprobs`.
+    """
+
+    vocab_size: int
+    max_length: int | None
+    top_k_max: int
+
+    @abc.abstractmethod
+    def _fetch_prompt_logprobs(
+        self, sequences: list[list[int]], top_k: int
+    ) -> list[Sequence[PositionLogprobs | None]]:
+        """Per sequence, one entry per token (``None`` at position 0) mapping token id -> (logprob, rank)."""
+
+    def score(
+        self,
+        sequences: Sequence[Sequence[int]],
+        prompt_lengths: Sequence[int],
+        top_k: int = 0,
+        full_logprobs: bool = False,
+    ) -> TeacherScores:
+        """Score completions; see :class:`lockedopd.teachers.TeacherScorer` for the alignment contract."""
+        who = type(self).__name__
+        reject_full_logprobs(full_logprobs, who)
+        completion_lengths = validate_score_request(sequences, prompt_lengths, self.vocab_size, self.max_length)
+        check_top_k(top_k, self.top_k_max, self.vocab_size, who)
+        todo = [i for i, clen in enumerate(completion_lengths) if clen > 0]
+        per_sequence: list[Any] = [None] * len(sequences)
+        if todo:
+            fetched = self._fetch_prompt_logprobs([[int(t) for t in sequences[i]] for i in todo], top_k)
+            for i, positions in zip(todo, fetched):
+                per_sequence[i] = positions
+        return scores_from_prompt_logprobs(per_sequence, sequences, prompt_lengths, completion_lengths, top_k, who=who)

@@ -13,18 +13,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lockedopd.teachers._vllm_common import (
     VLLM_INSTALL_HINT,
     PositionLogprobs,
-    check_top_k,
-    reject_full_logprobs,
-    scores_from_prompt_logprobs,
+    PromptLogprobScorer,
 )
-from lockedopd.teachers.base import TeacherScores, validate_score_request
 
 #: Environment defaults that make a single-process CPU engine start in seconds; only set when unset.
 CPU_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -82,7 +79,7 @@ def _position_dicts(prompt_logprobs: Any) -> list[PositionLogprobs | None]:
     ]
 
 
-class VLLMTeacher:
+class VLLMTeacher(PromptLogprobScorer):
     """Scores student completions with an in-process vLLM engine (top-k log-probs only).
 
     Every sequence is sent as a token-id prompt with ``max_tokens=1`` and ``prompt_logprobs=top_k``; the whole
@@ -162,27 +159,11 @@ class VLLMTeacher:
                 "log-probs; use the default 'raw_logprobs'."
             )
 
-    def score(
-        self,
-        sequences: Sequence[Sequence[int]],
-        prompt_lengths: Sequence[int],
-        top_k: int = 0,
-        full_logprobs: bool = False,
-    ) -> TeacherScores:
-        """Score completions; see :class:`lockedopd.teachers.TeacherScorer` for the alignment contract."""
-        reject_full_logprobs(full_logprobs, type(self).__name__)
-        completion_lengths = validate_score_request(sequences, prompt_lengths, self.vocab_size, self.max_length)
-        check_top_k(top_k, self.top_k_max, self.vocab_size, type(self).__name__)
-        todo = [i for i, clen in enumerate(completion_lengths) if clen > 0]
-        per_sequence: list[Any] = [None] * len(sequences)
-        if todo:
-            params = self._vllm.SamplingParams(
-                max_tokens=1, prompt_logprobs=top_k, temperature=0.0, detokenize=False, flat_logprobs=True
-            )
-            prompts = [self._vllm.TokensPrompt(prompt_token_ids=[int(t) for t in sequences[i]]) for i in todo]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            for i, out in zip(todo, outputs):
-                per_sequence[i] = _position_dicts(out.prompt_logprobs)
-        return scores_from_prompt_logprobs(
-            per_sequence, sequences, prompt_lengths, completion_lengths, top_k, who=type(self).__name__
+    def _fetch_prompt_logprobs(self, sequences: list[list[int]], top_k: int) -> list:
+        """All sequences in one ``LLM.generate`` call with ``max_tokens=1, prompt_logprobs=top_k``."""
+        params = self._vllm.SamplingParams(
+            max_tokens=1, prompt_logprobs=top_k, temperature=0.0, detokenize=False, flat_logprobs=True
         )
+        prompts = [self._vllm.TokensPrompt(prompt_token_ids=seq) for seq in sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [_position_dicts(out.prompt_logprobs) for out in outputs]

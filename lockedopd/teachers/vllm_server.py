@@ -27,11 +27,8 @@ from typing import Any
 
 from lockedopd.teachers._vllm_common import (
     PositionLogprobs,
-    check_top_k,
-    reject_full_logprobs,
-    scores_from_prompt_logprobs,
+    PromptLogprobScorer,
 )
-from lockedopd.teachers.base import TeacherScores, validate_score_request
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +86,7 @@ def parse_prompt_logprobs(raw: Sequence[dict[str, Any] | None] | None) -> list[P
     return out
 
 
-class VLLMServerTeacher:
+class VLLMServerTeacher(PromptLogprobScorer):
     """Scores student completions with a running vLLM OpenAI-compatible server (top-k log-probs only).
 
     Args:
@@ -270,36 +267,16 @@ class VLLMServerTeacher:
             )
 
     # ------------------------------------------------------------------ scoring
-    def score(
-        self,
-        sequences: Sequence[Sequence[int]],
-        prompt_lengths: Sequence[int],
-        top_k: int = 0,
-        full_logprobs: bool = False,
-    ) -> TeacherScores:
-        """Score completions; see :class:`lockedopd.teachers.TeacherScorer` for the alignment contract."""
-        reject_full_logprobs(full_logprobs, type(self).__name__)
-        completion_lengths = validate_score_request(sequences, prompt_lengths, self.vocab_size, self.max_length)
-        check_top_k(top_k, self.top_k_max, self.vocab_size, type(self).__name__)
-        todo = [i for i, clen in enumerate(completion_lengths) if clen > 0]
-        chunks = [todo[s : s + self.max_seqs_per_request] for s in range(0, len(todo), self.max_seqs_per_request)]
-        per_sequence: list[Any] = [None] * len(sequences)
-        if chunks:
-
-            def run(chunk: list[int]):
-                return self._completions([[int(t) for t in sequences[i]] for i in chunk], top_k)
-
-            if len(chunks) == 1:
-                results = [run(chunks[0])]
-            else:
-                with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
-                    results = list(pool.map(run, chunks))
-            for chunk, result in zip(chunks, results):
-                for i, positions in zip(chunk, result):
-                    per_sequence[i] = positions
-        return scores_from_prompt_logprobs(
-            per_sequence, sequences, prompt_lengths, completion_lengths, top_k, who=type(self).__name__
-        )
+    def _fetch_prompt_logprobs(self, sequences: list[list[int]], top_k: int) -> list:
+        """``max_seqs_per_request`` sequences per POST, up to ``concurrency`` requests in flight."""
+        step = self.max_seqs_per_request
+        chunks = [sequences[s : s + step] for s in range(0, len(sequences), step)]
+        if len(chunks) == 1:
+            results = [self._completions(chunks[0], top_k)]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
+                results = list(pool.map(lambda chunk: self._completions(chunk, top_k), chunks))
+        return [positions for result in results for positions in result]
 
 
 def _port_of(url: str) -> int:
