@@ -76,13 +76,14 @@ class HFTeacher:
                 ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
                 attn[j, : len(seq)] = 1
             logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
-            logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1).cpu()
             for j, i in enumerate(rows):
                 plen, clen = prompt_lengths[i], completion_lengths[i]
                 if clen == 0:
                     continue
                 # position p predicts token p + 1, so completion token j comes from position plen - 1 + j
-                pred = logprobs[j, plen - 1 : plen - 1 + clen]
+                # only completion positions are read: normalise those, not the prompt's
+                pred = torch.log_softmax(logits[j, plen - 1 : plen - 1 + clen].float() / self.temperature, dim=-1)
+                pred = pred.cpu()
                 targets = ids[j, plen : plen + clen]
                 token_lp[i, :clen] = pred.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 mask[i, :clen] = True
