@@ -2,8 +2,8 @@
 
 Run from the vLLM environment (the HF and server rows also work without the engine):
 
-    .venv-vllm/bin/python benchmarks/teacher_throughput.py                # SmolLM2 if available, else tiny
-    .venv-vllm/bin/python benchmarks/teacher_throughput.py --model tiny --num-seqs 32
+    .venv/bin/python benchmarks/teacher_throughput.py                # SmolLM2 if available, else tiny
+    .venv/bin/python benchmarks/teacher_throughput.py --model tiny --num-seqs 32
 
 Writes ``teacher_throughput.json`` and ``teacher_throughput.md`` to ``--out-dir`` (default
 ``runs/bench/teacher_throughput``) and prints the markdown table. Tokens/s counts every token the teacher

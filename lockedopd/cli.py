@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from lockedopd.teachers.vllm_server import VLLMServerError
+
 
 def _add_distill_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -94,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = getattr(args, "handler", None) or args.func
         return int(handler(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ImportError, VLLMServerError) as exc:
         print(f"lockedopd {args.command}: error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):  # e.g. where a stopped run's last checkpoint is
+            print(f"lockedopd {args.command}: {note}", file=sys.stderr)
         return 2
 
 

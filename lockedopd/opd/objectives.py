@@ -78,25 +78,47 @@ def forward_kl_loss(student_logprobs, teacher_logprobs, mask, weights=None) -> t
 
 
 def topk_reverse_kl_per_token(
-    student_logprobs: torch.Tensor, teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor
+    student_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    tail: bool = True,
 ) -> torch.Tensor:
-    """Reverse KL restricted to the teacher's top-k support, both distributions renormalised on it.
+    """Reverse KL on the teacher's top-k support, from what a remote teacher (vLLM) returns.
 
     Args:
         student_logprobs: ``(B, T, V)`` full student log-probs.
-        teacher_topk_ids: ``(B, T, k)`` ids of the teacher's top-k tokens.
+        teacher_topk_ids: ``(B, T, k)`` ids of the teacher's top-k tokens (distinct within a position).
         teacher_topk_logprobs: ``(B, T, k)`` their teacher log-probs.
+        tail: ``True`` compares the k tokens plus one "tail" bucket holding all other tokens' mass
+            (1 − Σ top-k probabilities, for each model): the KL of the coarse-grained distributions, a lower bound on
+            the exact reverse KL that also penalises student mass outside the teacher's top-k. ``False``
+            renormalises both distributions on the k ids, which leaves that outside mass unconstrained.
     Returns:
-        ``(B, T)`` KL(π̃_S ‖ π̃_T) with π̃ the renormalised distributions over the k ids; exact when k = V.
+        ``(B, T)`` per-token KL; both variants are exact when k = V.
     """
-    s = torch.log_softmax(student_logprobs.gather(-1, teacher_topk_ids), dim=-1)
-    t = torch.log_softmax(teacher_topk_logprobs, dim=-1)
-    return (s.exp() * (s - t)).sum(-1)
+    student_k = student_logprobs.gather(-1, teacher_topk_ids)
+    if not tail:
+        s = torch.log_softmax(student_k, dim=-1)
+        t = torch.log_softmax(teacher_topk_logprobs, dim=-1)
+        return (s.exp() * (s - t)).sum(-1)
+    kl = (student_k.exp() * (student_k - teacher_topk_logprobs)).sum(-1)
+    s_tail = _log_tail_mass(student_k)
+    t_tail = _log_tail_mass(teacher_topk_logprobs)
+    return kl + s_tail.exp() * (s_tail - t_tail)
 
 
-def topk_reverse_kl_loss(student_logprobs, teacher_topk_ids, teacher_topk_logprobs, mask, weights=None):
+def _log_tail_mass(topk_logprobs: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
+    """log(1 − Σ exp(topk_logprobs)) over the last dim, floored so a (numerically) full top-k stays finite."""
+    covered = torch.logsumexp(topk_logprobs, dim=-1)
+    # log(1 - e^c) = log(-expm1(c)); c ≤ 0 up to rounding, and the floor keeps padded or full rows finite.
+    return torch.log((-torch.expm1(covered.clamp(max=0.0))).clamp_min(floor))
+
+
+def topk_reverse_kl_loss(
+    student_logprobs, teacher_topk_ids, teacher_topk_logprobs, mask, weights=None, tail: bool = True
+) -> torch.Tensor:
     """Mean of :func:`topk_reverse_kl_per_token` over masked tokens."""
-    per_token = topk_reverse_kl_per_token(student_logprobs, teacher_topk_ids, teacher_topk_logprobs)
+    per_token = topk_reverse_kl_per_token(student_logprobs, teacher_topk_ids, teacher_topk_logprobs, tail)
     return masked_mean(per_token, mask, weights)
 
 

@@ -81,6 +81,8 @@ class OPDTrainer:
         tokenizer: the student's tokenizer (shared with the teacher).
         teacher: any :class:`lockedopd.teachers.TeacherScorer`.
         train_prompts / eval_prompts: prompt records.
+        eval_teacher: scores held-out evaluation instead of ``teacher`` (e.g. an in-process copy for the exact
+            full-vocabulary KL while a vLLM teacher scores training); ``None`` = ``teacher``.
 
     Use :meth:`from_config` to build everything from a config, then :meth:`train`.
     """
@@ -93,6 +95,7 @@ class OPDTrainer:
         teacher: TeacherScorer,
         train_prompts: Sequence[PromptRecord],
         eval_prompts: Sequence[PromptRecord],
+        eval_teacher: TeacherScorer | None = None,
     ) -> None:
         if not train_prompts:
             raise ValueError("OPDTrainer: the training prompt set is empty; give data.train_path with prompts.")
@@ -101,6 +104,7 @@ class OPDTrainer:
         self.base_model = student
         self.tokenizer = tokenizer
         self.teacher = teacher
+        self.eval_teacher = eval_teacher if eval_teacher is not None else teacher
         self.train_prompts = list(train_prompts)
         self.eval_prompts = list(eval_prompts)
         self.run_dir = Path(config.output_dir)
@@ -130,7 +134,15 @@ class OPDTrainer:
 
         torch.manual_seed(config.seed)
         inputs = build_run_inputs(config)
-        return cls(config, inputs.student, inputs.tokenizer, inputs.teacher, inputs.train_prompts, inputs.eval_prompts)
+        return cls(
+            config,
+            inputs.student,
+            inputs.tokenizer,
+            inputs.teacher,
+            inputs.train_prompts,
+            inputs.eval_prompts,
+            eval_teacher=inputs.eval_teacher,
+        )
 
     def target_parameters(self) -> dict[str, nn.Parameter]:
         """Weights of the student's target Linear modules, keyed by module name."""
@@ -258,7 +270,7 @@ class OPDTrainer:
         c = self.config
         return evaluate_reverse_kl(
             self.model,
-            self.teacher,
+            self.eval_teacher,
             self.eval_ids,
             self.pad_token_id,
             self.eos_token_id,
@@ -272,7 +284,7 @@ class OPDTrainer:
     def _exact_eval(self) -> bool:
         from lockedopd.teachers.hf import HFTeacher
 
-        return isinstance(self.teacher, HFTeacher)
+        return isinstance(self.eval_teacher, HFTeacher)
 
     def train(self) -> dict[str, Any]:
         """Run (or resume) training to ``max_steps``; returns a summary (also written to ``summary.json``)."""
@@ -307,6 +319,9 @@ class OPDTrainer:
                     progress.set_postfix(
                         phase=self.phase, kl=f"{record['reverse_kl']:.3f}", loss=f"{record['loss']:.3f}"
                     )
+        except Exception as exc:
+            self._add_resume_note(exc)
+            raise
         finally:
             if progress is not None:
                 progress.close()
@@ -318,6 +333,18 @@ class OPDTrainer:
         if self.lock is not None:
             self.lock.finish(summary)
         return summary
+
+    def _add_resume_note(self, exc: BaseException) -> None:
+        """Tell whoever sees ``exc`` where the run stopped and how to continue from its last checkpoint."""
+        saved = list_checkpoints(self.run_dir)
+        where = f"the last complete checkpoint, {saved[-1][1]}, is intact" if saved else "no checkpoint was written"
+        note = (
+            f"training stopped during step {self.step + 1} of {self.config.max_steps}; {where}: fix the cause and "
+            "rerun the same command with resume=true to continue from it."
+        )
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(note)
+        logger.error(note)
 
     def _summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         evals = [r for r in records if "eval_reverse_kl" in r]

