@@ -1,4 +1,8 @@
-"""Teacher-scoring throughput: HF in-process vs vLLM engine vs vLLM OpenAI server, same sequences, one run.
+"""Teacher-scoring throughput: HF in-process vs vLLM engines vs vLLM OpenAI server, same sequences, one run.
+
+Backends: ``hf`` (transformers), ``hidden`` (vLLM pooling engine returning hidden states, the output layer run
+here: exact full-vocabulary log-probs), ``engine`` (vLLM prompt log-probs: top-k only), ``server`` (the same
+over HTTP).
 
 Run from the vLLM environment (the HF and server rows also work without the engine):
 
@@ -41,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--hf-batch-size", type=int, default=8)
-    p.add_argument("--backends", default="hf,engine,server", help="comma list of hf, engine, server")
+    p.add_argument("--backends", default="hf,hidden,engine,server", help="comma list of hf, hidden, engine, server")
     p.add_argument("--server-wait-s", type=float, default=600)
     p.add_argument("--out-dir", default="runs/bench/teacher_throughput")
     return p.parse_args()
@@ -191,6 +195,16 @@ def main() -> None:
         teacher = HFTeacher(model, batch_size=args.hf_batch_size)
         seconds, scores = time_teacher(teacher, seqs, plens, args.top_k, args.repeats)
         record("hf (transformers, fp32)", seconds, scores, None, f"batch_size={args.hf_batch_size}")
+
+    if "hidden" in backends:
+        from lockedopd.teachers.vllm_hidden import VLLMHiddenStateTeacher
+
+        start = time.perf_counter()
+        hidden = VLLMHiddenStateTeacher(model_dir, max_model_len=max_model_len)
+        startup = time.perf_counter() - start
+        seconds, scores = time_teacher(hidden, seqs, plens, args.top_k, args.repeats)
+        record("vllm hidden states (in-process, fp32)", seconds, scores, startup, "exact full vocabulary")
+        del hidden
 
     if "engine" in backends:
         from lockedopd.teachers.vllm_engine import VLLMTeacher

@@ -21,7 +21,10 @@ def test_kls_are_zero_when_student_equals_teacher():
     for beta in (0.0, 0.3, 1.0):
         assert obj.generalized_jsd_loss(lp, lp, mask, beta).item() == pytest.approx(0.0, abs=1e-12)
     ids = lp.topk(4, -1).indices
-    assert obj.topk_reverse_kl_loss(lp, ids, lp.gather(-1, ids), mask).item() == pytest.approx(0.0, abs=1e-12)
+    for tail in ("bucket", "renormalize"):
+        assert obj.topk_reverse_kl_loss(lp, ids, lp.gather(-1, ids), mask, tail=tail).item() == pytest.approx(
+            0.0, abs=1e-12
+        )
     adv = obj.opd_advantages(lp[..., 0], lp[..., 0])
     assert torch.count_nonzero(adv) == 0
 
@@ -50,11 +53,11 @@ def test_topk_reverse_kl_renormalises_on_teacher_support():
     t = _logp([[[0.6, 0.2, 0.2]]])
     ids = torch.tensor([[[0, 1]]])
     mask = torch.ones(1, 1, dtype=torch.bool)
-    got = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask, tail=False).item()
+    got = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask, tail="renormalize").item()
     # renormalised: student (0.5, 0.5), teacher (0.75, 0.25)
     assert got == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25), rel=1e-12)
     full_ids = torch.tensor([[[0, 1, 2]]])
-    for tail in (False, True):
+    for tail in ("renormalize", "bucket"):
         assert obj.topk_reverse_kl_loss(s, full_ids, t, mask, tail=tail).item() == pytest.approx(
             obj.reverse_kl_loss(s, t, mask).item(), rel=1e-9
         )
@@ -65,7 +68,7 @@ def test_topk_reverse_kl_tail_bucket_values_and_bound():
     t = _logp([[[0.6, 0.3, 0.1]]])
     ids = torch.tensor([[[0, 1]]])
     mask = torch.ones(1, 1, dtype=torch.bool)
-    got = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask).item()
+    got = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask, tail="bucket").item()
     # buckets: student (0.4, 0.4 | 0.2), teacher (0.6, 0.3 | 0.1)
     expected = 0.4 * math.log(0.4 / 0.6) + 0.4 * math.log(0.4 / 0.3) + 0.2 * math.log(0.2 / 0.1)
     assert got == pytest.approx(expected, rel=1e-12)
@@ -84,8 +87,8 @@ def test_topk_reverse_kl_tail_penalises_student_mass_outside_the_teacher_top_k()
     s = _logp([[[0.05, 0.045, 0.905]]])  # same shape on the top-2, but most mass on a token the teacher rejects
     ids = torch.tensor([[[0, 1]]])
     mask = torch.ones(1, 1, dtype=torch.bool)
-    renormalised = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask, tail=False).item()
-    with_tail = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask).item()
+    renormalised = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask, tail="renormalize").item()
+    with_tail = obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask, tail="bucket").item()
     assert renormalised == pytest.approx(0.0, abs=1e-12)
     assert with_tail == pytest.approx(
         0.05 * math.log(0.1) + 0.045 * math.log(0.1) + 0.905 * math.log(0.905 / 0.05), rel=1e-12
@@ -98,7 +101,7 @@ def test_topk_reverse_kl_is_finite_on_padded_positions():
     ids = torch.tensor([[[2, 4, 1], [0, 0, 0]]])
     t_lp = torch.tensor([[[-0.5, -1.5, -2.5], [0.0, 0.0, 0.0]]])
     mask = torch.tensor([[True, False]])
-    loss = obj.topk_reverse_kl_loss(s, ids, t_lp, mask)
+    loss = obj.topk_reverse_kl_loss(s, ids, t_lp, mask, tail="bucket")
     loss.backward()
     assert torch.isfinite(loss) and bool(torch.isfinite(s.grad).all())
     assert loss.item() == pytest.approx(obj.topk_reverse_kl_per_token(s, ids, t_lp)[0, 0].item(), rel=1e-6)
@@ -177,3 +180,34 @@ def test_exact_reverse_kl_gradient_matches_finite_difference():
         bumped[0, 0, i] += eps
         numeric = (obj.reverse_kl_loss(torch.log_softmax(bumped, -1), t, mask) - loss.detach()) / eps
         assert logits.grad[0, 0, i].item() == pytest.approx(numeric.item(), abs=1e-5)
+
+
+def test_topk_sampled_tail_is_unbiased_in_value_and_gradient():
+    # enumerate every token y the student could sample, weighted by π_S(y): the expectation must be the exact
+    # reverse KL and its exact gradient, although only the top-k and the sampled token's teacher log-prob are used
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 1, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.log_softmax(torch.randn(1, 1, 9, generator=gen, dtype=torch.float64) * 2, -1)
+    ids = t.topk(3, -1).indices
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    s = torch.log_softmax(logits, -1)
+    exact = obj.reverse_kl_loss(s, t, mask)
+    (exact_grad,) = torch.autograd.grad(exact, logits)
+    probs = s.exp().detach()[0, 0]
+    value, grad = 0.0, torch.zeros_like(logits)
+    for y in range(9):
+        s = torch.log_softmax(logits, -1)
+        sampled = torch.tensor([[y]])
+        est = obj.topk_reverse_kl_loss(
+            s, ids, t.gather(-1, ids), mask, tail="sampled", sampled_ids=sampled, teacher_token_logprobs=t[..., y]
+        )
+        (g,) = torch.autograd.grad(est, logits)
+        value += probs[y].item() * est.item()
+        grad += probs[y] * g
+        if y in ids[0, 0].tolist():  # a top-k sample adds no tail term: the value is the top-k part alone
+            head = (s.exp() * (s - t)).gather(-1, ids).sum().item()
+            assert est.item() == pytest.approx(head, rel=1e-12)
+    assert value == pytest.approx(exact.item(), rel=1e-10)
+    assert torch.allclose(grad, exact_grad, atol=1e-12, rtol=1e-9)
+    with pytest.raises(ValueError, match="sampled_ids"):
+        obj.topk_reverse_kl_loss(s, ids, t.gather(-1, ids), mask, tail="sampled")

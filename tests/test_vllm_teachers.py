@@ -8,6 +8,7 @@ reason elsewhere. The rest run everywhere: the HTTP client is checked against a 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -263,6 +264,100 @@ def test_engine_parity_smollm2():
     ref = HFTeacher(model).score(seqs, plens, top_k=20)
     got = teacher.score(seqs, plens, top_k=20)
     assert_parity(ref, got, top_k=20, tol=2e-4)
+
+
+# --------------------------------------------------------------------------- vLLM hidden states (exact)
+
+
+def test_output_layer_is_read_from_the_directory_and_bad_directories_are_named(tiny, tiny_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from lockedopd.teachers.vllm_hidden import load_output_layer
+
+    model, _ = tiny
+    assert torch.equal(load_output_layer(tiny_dir), model.get_output_embeddings().weight.detach().float())
+    config = json.loads((tiny_dir / "config.json").read_text())
+    embed = model.get_input_embeddings().weight.detach().contiguous()
+
+    def variant(name, cfg, tensors):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(cfg))
+        if tensors is not None:
+            save_file(tensors, str(path / "model.safetensors"))
+        return path
+
+    tied = variant("tied", {**config, "tie_word_embeddings": True}, {"model.embed_tokens.weight": embed})
+    assert torch.equal(load_output_layer(tied), embed.float())
+    untied = variant("untied", {**config, "tie_word_embeddings": False}, {"model.embed_tokens.weight": embed})
+    with pytest.raises(ValueError, match="no lm_head.weight"):
+        load_output_layer(untied)
+    capped = variant("capped", {**config, "final_logit_softcapping": 30.0}, {"lm_head.weight": embed})
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        load_output_layer(capped)
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_output_layer(variant("empty", config, None))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_output_layer(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def tiny_hidden_engine(tiny_dir):
+    pytest.importorskip("vllm", reason=NO_VLLM_REASON)
+    from lockedopd.teachers.vllm_hidden import VLLMHiddenStateTeacher
+
+    return VLLMHiddenStateTeacher(str(tiny_dir))
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_hidden_state_engine_full_vocabulary_parity(tiny, tiny_hidden_engine):
+    model, tok = tiny
+    teacher = tiny_hidden_engine
+    assert teacher.returns_full_logprobs and teacher.vocab_size == len(tok) and teacher.max_length == CONTEXT
+    seqs, plens = ragged_batch(len(tok), lengths=(10, 21, CONTEXT, 33, 2, 5), prompt_lengths=(4, 9, 5, 1, 1, 5))
+    ref = HFTeacher(model).score(seqs, plens, top_k=8, full_logprobs=True)
+    got = teacher.score(seqs, plens, top_k=8, full_logprobs=True)
+    assert torch.equal(got.mask, ref.mask) and got.full_logprobs.shape == ref.full_logprobs.shape
+    assert (got.full_logprobs - ref.full_logprobs)[ref.mask].abs().max().item() < TOL
+    assert (got.token_logprobs - ref.token_logprobs).abs().max().item() < TOL
+    assert (got.topk_logprobs - ref.topk_logprobs)[ref.mask].abs().max().item() < TOL
+    # temperature divides the logits before the log-softmax, as in HFTeacher
+    from lockedopd.teachers.vllm_hidden import VLLMHiddenStateTeacher
+
+    warm = VLLMHiddenStateTeacher(llm=teacher.llm, model=teacher.model_name, temperature=2.0)
+    hot = HFTeacher(model, temperature=2.0).score(seqs, plens)
+    assert (warm.score(seqs, plens).token_logprobs - hot.token_logprobs).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="longer than the teacher's context"):
+        teacher.score([[1] * (CONTEXT + 1)], [1])
+    with pytest.raises(ValueError, match="vocabulary"):
+        teacher.score([[1, len(tok) + 3]], [1])
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.real_model
+def test_hidden_state_engine_parity_smollm2():
+    pytest.importorskip("vllm", reason=NO_VLLM_REASON)
+    from lockedopd.models import default_cache_dir, load_smollm2
+    from lockedopd.teachers.vllm_hidden import VLLMHiddenStateTeacher
+
+    try:
+        model, tok = load_smollm2()
+    except (FileNotFoundError, ImportError, ValueError) as exc:
+        pytest.skip(f"SmolLM2 unavailable: {exc}")
+    teacher = VLLMHiddenStateTeacher(str(default_cache_dir() / "smollm2-135m-instruct"), max_model_len=256)
+    texts = ["What is 12 + 30? The answer is 42.", "Write a haiku about the sea.\nWaves fold into foam", "Hi there"]
+    seqs = [tok.encode(t) for t in texts]
+    plens = [4, 6, 1]
+    ref = HFTeacher(model).score(seqs, plens, top_k=20, full_logprobs=True)
+    got = teacher.score(seqs, plens, top_k=20, full_logprobs=True)
+    assert (got.token_logprobs - ref.token_logprobs).abs().max().item() < 2e-4
+    # the full distribution: every log-prob that carries probability mass (> 1e-6) agrees to 2e-4
+    live = (ref.full_logprobs > math.log(1e-6)) & ref.mask.unsqueeze(-1)
+    assert (got.full_logprobs - ref.full_logprobs)[live].abs().max().item() < 2e-4
+    kl = (got.full_logprobs.exp() * (got.full_logprobs - ref.full_logprobs)).sum(-1)[ref.mask]
+    assert kl.abs().max().item() < 1e-5
 
 
 # --------------------------------------------------------------------------- vLLM server

@@ -60,7 +60,10 @@ def fake_server():
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        (["objective.name=reverse_kl"], "objective reverse_kl needs full-vocabulary log-probs"),
+        (
+            ["objective.name=reverse_kl", "teacher.vllm_scoring=prompt_logprobs"],
+            "objective reverse_kl needs full-vocabulary log-probs",
+        ),
         (TOPK, "the teacher is built in code"),
     ],
 )
@@ -90,10 +93,19 @@ def test_auto_backend_without_vllm_installed_says_how_to_get_it(tmp_path, monkey
     assert resolve_teacher_backend(config, lines.append) == "vllm" and not lines
 
 
-@pytest.mark.parametrize("backend", ["vllm", "vllm_server"])
-def test_full_vocabulary_objective_with_a_vllm_teacher_is_refused_before_anything_runs(tmp_path, backend):
-    with pytest.raises(ValueError, match="objective.name=topk_reverse_kl or pg, or teacher.backend=hf"):
-        load_config(TINY_CONFIG, [f"output_dir={tmp_path}", f"teacher.backend={backend}", "objective.name=jsd"])
+@pytest.mark.parametrize(
+    "teacher", [["teacher.backend=vllm", "teacher.vllm_scoring=prompt_logprobs"], ["teacher.backend=vllm_server"]]
+)
+def test_full_vocabulary_needs_are_refused_for_top_k_teachers_before_anything_runs(tmp_path, teacher):
+    with pytest.raises(ValueError, match="use objective.name=topk_reverse_kl or pg, teacher.backend=hf"):
+        load_config(TINY_CONFIG, [f"output_dir={tmp_path}", *teacher, "objective.name=jsd"])
+    with pytest.raises(ValueError, match="teacher.temperature=2.0 needs the teacher's logits"):
+        load_config(TINY_CONFIG, [f"output_dir={tmp_path}", *teacher, *TOPK, "teacher.temperature=2.0"])
+    # the hidden-state engine returns the whole distribution: every objective and temperature is allowed
+    config = load_config(
+        TINY_CONFIG, [f"output_dir={tmp_path}", "teacher.backend=vllm", "objective.name=jsd", "teacher.temperature=2"]
+    )
+    assert config.teacher.returns_full_logprobs()
 
 
 # --------------------------------------------------------------------------- a run scored by a vLLM server
@@ -214,22 +226,33 @@ def test_cli_reports_a_server_that_is_down_in_one_line_per_fact(tmp_path, capsys
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason=NO_VLLM_REASON)
-def test_engine_run_follows_the_hf_run(tmp_path):
+@pytest.mark.parametrize(
+    ("scoring", "objective", "teacher_class"),
+    [
+        ("hidden_states", ["objective.name=reverse_kl"], "VLLMHiddenStateTeacher"),  # exact, full vocabulary
+        ("prompt_logprobs", TOPK, "VLLMTeacher"),
+    ],
+)
+def test_engine_run_follows_the_hf_run(tmp_path, scoring, objective, teacher_class):
     from tests.test_vllm_teachers import tiny_pair
 
     model, tokenizer = tiny_pair()  # head_dim 32: vLLM's CPU attention rejects the default tiny model's 8
     teacher_dir = tmp_path / "teacher"
     model.save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
-    common = [f"teacher.model.source={teacher_dir}", "lock.enabled=false", "max_steps=3", "eval_steps=3"]
-    config = tiny_config(tmp_path / "engine", "teacher.backend=auto", *common)
+    common = [f"teacher.model.source={teacher_dir}", "lock.enabled=false", "max_steps=3", "eval_steps=3", *objective]
+    config = tiny_config(tmp_path / "engine", "teacher.backend=auto", f"teacher.vllm_scoring={scoring}", *common)
     assert resolve_teacher_backend(config) == "vllm"
     engine = OPDTrainer.from_config(config)
-    assert type(engine.teacher).__name__ == "VLLMTeacher"
+    assert type(engine.teacher).__name__ == teacher_class
     engine.train()
     OPDTrainer.from_config(tiny_config(tmp_path / "hf", "teacher.backend=hf", *common)).train()
     a, b = read_metrics(tmp_path / "hf"), read_metrics(tmp_path / "engine")
+    assert len(a) == len(b) == 4
     for ra, rb in zip(a, b):
-        if "loss" in ra:
-            assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3, abs=1e-4)
-            assert rb["reverse_kl"] == pytest.approx(ra["reverse_kl"], rel=1e-3, abs=1e-4)
+        keys = ["loss", "reverse_kl", "exact_reverse_kl", "eval_sampled_reverse_kl"]
+        for key in keys + (["eval_reverse_kl"] if scoring == "hidden_states" else []):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-4), (ra["step"], key)
+    # the hidden-state engine gives the exact held-out KL by itself; the top-k engine the sampled estimate
+    assert b[-1]["eval_kl_exact"] is (scoring == "hidden_states")

@@ -72,16 +72,16 @@ def build_model(spec: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
 def resolve_teacher_backend(config: OPDConfig, notify: Callable[[str], None] | None = None) -> str:
     """The backend ``teacher.backend`` stands for: ``"auto"`` becomes ``"vllm"`` or, with a notice, ``"hf"``.
 
-    ``auto`` picks the vLLM engine when vLLM imports, the teacher is a model directory vLLM can load and the
-    objective needs only top-k log-probs; otherwise it falls back to the in-process HF teacher and calls
-    ``notify`` (default: print to stderr) with one line saying why.
+    ``auto`` picks the vLLM engine when vLLM imports and the teacher is a model directory vLLM can load (and, with
+    ``vllm_scoring=prompt_logprobs``, the objective needs only top-k log-probs); otherwise it falls back to the
+    in-process HF teacher and calls ``notify`` (default: print to stderr) with one line saying why.
     """
     backend = config.teacher.backend
     if backend != "auto":
         return backend
     notify = notify or (lambda line: print(line, file=sys.stderr, flush=True))
-    if config.objective.name in FULL_VOCAB_OBJECTIVES:
-        reason = f"objective {config.objective.name} needs full-vocabulary log-probs, which vLLM does not return"
+    if config.objective.name in FULL_VOCAB_OBJECTIVES and config.teacher.vllm_scoring == "prompt_logprobs":
+        reason = f"objective {config.objective.name} needs full-vocabulary log-probs, which vLLM prompt log-probs lack"
     elif config.teacher.model.source == "tiny" or config.teacher.model.drop_every or config.teacher.model.keep_layers:
         reason = "the teacher is built in code (tiny or pruned), and vLLM loads a model directory"
     else:
@@ -116,6 +116,10 @@ def build_teacher(config: OPDConfig, tokenizer, backend: str | None = None) -> T
 
         model, _ = build_model(spec.model, tokenizer if spec.model.source == "tiny" else None)
         return HFTeacher(model, batch_size=spec.batch_size, temperature=spec.temperature)
+    if backend == "vllm" and spec.vllm_scoring == "hidden_states":
+        from lockedopd.teachers import VLLMHiddenStateTeacher
+
+        return VLLMHiddenStateTeacher(_teacher_dir(config), temperature=spec.temperature)
     if backend == "vllm":
         from lockedopd.teachers import VLLMTeacher
 

@@ -49,9 +49,12 @@ class TeacherConfig:
     """The teacher and how it is scored.
 
     Attributes:
-        backend: ``"hf"`` (in-process transformers), ``"vllm"`` (vLLM engine), ``"vllm_server"`` (a running
-            vLLM OpenAI server) or ``"auto"``: the vLLM engine where vLLM imports and the objective needs only
-            top-k log-probs, else ``"hf"`` with a one-line notice saying why.
+        backend: ``"hf"`` (in-process transformers), ``"vllm"`` (in-process vLLM engine), ``"vllm_server"`` (a
+            running vLLM OpenAI server: sampled-token and top-k log-probs only) or ``"auto"``: the vLLM engine
+            where vLLM imports and can load the teacher, else ``"hf"`` with a one-line notice saying why.
+        vllm_scoring: how the ``vllm`` engine scores: ``"hidden_states"`` (vLLM runs the network and returns
+            hidden states, the teacher's output layer runs here: exact full-vocabulary log-probs, every
+            objective) or ``"prompt_logprobs"`` (vLLM's prompt log-probs: sampled token and top-k only).
         eval_backend: who scores held-out evaluation: ``null`` = the training teacher, ``"hf"`` = an in-process
             copy of the teacher, which gives the exact full-vocabulary KL when training scores with vLLM (costs a
             second copy of the teacher in memory).
@@ -62,11 +65,18 @@ class TeacherConfig:
     """
 
     backend: str = "hf"
+    vllm_scoring: str = "hidden_states"
     eval_backend: str | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=4, seed=1))
     batch_size: int = 8
     temperature: float = 1.0
     server_url: str = "http://127.0.0.1:8000"
+
+    def returns_full_logprobs(self) -> bool:
+        """Whether this teacher can return full-vocabulary log-probs (``auto`` can: it falls back to ``hf``)."""
+        if self.backend == "vllm_server":
+            return False
+        return not (self.backend == "vllm" and self.vllm_scoring == "prompt_logprobs")
 
 
 @dataclass
@@ -87,9 +97,10 @@ class ObjectiveConfig:
         name: ``"pg"`` (the paper's sampled-token reverse-KL advantage, policy gradient), ``"reverse_kl"``
             (exact full-vocabulary), ``"topk_reverse_kl"``, ``"forward_kl"``, ``"jsd"``.
         top_k: teacher top-k for ``topk_reverse_kl`` (and what scorers return).
-        topk_tail: ``topk_reverse_kl`` compares the top-k tokens plus one bucket for all other tokens (a lower
-            bound on the exact KL that also penalises the student's mass outside the teacher's top-k);
-            ``false`` renormalises both models on the k tokens instead.
+        topk_tail: how ``topk_reverse_kl`` treats the tokens outside the teacher's top-k: ``"sampled"`` (exact on
+            the top-k plus an unbiased estimate of the rest from the sampled token, whose teacher log-prob every
+            scorer returns), ``"bucket"`` (all other tokens as one bucket: a lower bound on the exact KL) or
+            ``"renormalize"`` (both models renormalised on the top-k; the student's outside mass is unconstrained).
         beta: JSD β (0 = forward KL, 1 = reverse KL).
         token_keep_fraction: keep only this fraction of completion tokens in the loss.
         token_keep_mode: ``"top"`` (highest per-token KL) or ``"random"``.
@@ -99,7 +110,7 @@ class ObjectiveConfig:
 
     name: str = "pg"
     top_k: int = 20
-    topk_tail: bool = True
+    topk_tail: str = "sampled"
     beta: float = 0.5
     token_keep_fraction: float = 1.0
     token_keep_mode: str = "top"
@@ -232,8 +243,10 @@ class OPDConfig:
             "lr_scheduler": (self.lr_scheduler, ("constant", "linear", "cosine")),
             "objective.name": (self.objective.name, ("pg", "reverse_kl", "topk_reverse_kl", "forward_kl", "jsd")),
             "objective.token_keep_mode": (self.objective.token_keep_mode, ("top", "random")),
+            "objective.topk_tail": (self.objective.topk_tail, ("sampled", "bucket", "renormalize")),
             "teacher.backend": (self.teacher.backend, ("hf", "vllm", "vllm_server", "auto")),
             "teacher.eval_backend": (self.teacher.eval_backend, (None, "hf")),
+            "teacher.vllm_scoring": (self.teacher.vllm_scoring, ("hidden_states", "prompt_logprobs")),
             "lock.mode": (self.lock.mode, ("right", "two_sided")),
             "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
             "student.dtype": (self.student.dtype, ("float32", "bfloat16")),
@@ -267,11 +280,17 @@ class OPDConfig:
             raise ValueError(f"config: lock.lr_scale must be 'auto' or a number > 0, got {self.lock.lr_scale!r}.")
         if self.lr <= 0:
             raise ValueError(f"config: lr must be > 0, got {self.lr}.")
-        if self.teacher.backend in ("vllm", "vllm_server") and self.objective.name in FULL_VOCAB_OBJECTIVES:
+        if self.teacher.temperature != 1.0 and not self.teacher.returns_full_logprobs():
+            raise ValueError(
+                f"config: teacher.temperature={self.teacher.temperature} needs the teacher's logits, which vLLM "
+                "prompt log-probs do not expose; use teacher.backend=hf, or vllm with vllm_scoring=hidden_states."
+            )
+        if self.objective.name in FULL_VOCAB_OBJECTIVES and not self.teacher.returns_full_logprobs():
             raise ValueError(
                 f"config: objective.name={self.objective.name!r} needs the teacher's full-vocabulary log-probs, which "
-                f"a vLLM teacher (teacher.backend={self.teacher.backend}) does not return; use "
-                "objective.name=topk_reverse_kl or pg, or teacher.backend=hf."
+                f"teacher.backend={self.teacher.backend} with vllm_scoring={self.teacher.vllm_scoring} does not "
+                "return; use objective.name=topk_reverse_kl or pg, teacher.backend=hf, or teacher.backend=vllm with "
+                "vllm_scoring=hidden_states."
             )
         if not 0.0 < self.objective.token_keep_fraction <= 1.0:
             raise ValueError(

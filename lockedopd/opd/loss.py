@@ -106,6 +106,8 @@ def compute_opd_loss(
                 scores.topk_logprobs.to(student_logprobs.device),
                 keep,
                 tail=config.topk_tail,
+                sampled_ids=completion_ids.to(student_logprobs.device),
+                teacher_token_logprobs=teacher_tok,
             )
         else:
             raise ValueError(f"unknown objective {name!r}.")

@@ -77,30 +77,36 @@ def forward_kl_loss(student_logprobs, teacher_logprobs, mask, weights=None) -> t
     return masked_mean(forward_kl_per_token(student_logprobs, teacher_logprobs), mask, weights)
 
 
+TOPK_TAILS = ("sampled", "bucket", "renormalize")
+
+
 def topk_reverse_kl_per_token(
     student_logprobs: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
-    tail: bool = True,
+    tail: str = "bucket",
 ) -> torch.Tensor:
-    """Reverse KL on the teacher's top-k support, from what a remote teacher (vLLM) returns.
+    """Deterministic reverse KL on the teacher's top-k support (what a remote teacher such as vLLM returns).
 
     Args:
         student_logprobs: ``(B, T, V)`` full student log-probs.
         teacher_topk_ids: ``(B, T, k)`` ids of the teacher's top-k tokens (distinct within a position).
         teacher_topk_logprobs: ``(B, T, k)`` their teacher log-probs.
-        tail: ``True`` compares the k tokens plus one "tail" bucket holding all other tokens' mass
-            (1 − Σ top-k probabilities, for each model): the KL of the coarse-grained distributions, a lower bound on
-            the exact reverse KL that also penalises student mass outside the teacher's top-k. ``False``
-            renormalises both distributions on the k ids, which leaves that outside mass unconstrained.
+        tail: ``"bucket"`` compares the k tokens plus one bucket holding all other tokens' mass (1 − Σ top-k
+            probabilities, for each model): the KL of the coarse-grained distributions, a lower bound on the exact
+            reverse KL. ``"renormalize"`` renormalises both models on the k ids, which leaves the student's mass
+            outside them unconstrained. (``"sampled"``, the unbiased variant, needs the sampled tokens: see
+            :func:`topk_sampled_tail_reverse_kl`.)
     Returns:
-        ``(B, T)`` per-token KL; both variants are exact when k = V.
+        ``(B, T)`` per-token KL; exact when k = V.
     """
     student_k = student_logprobs.gather(-1, teacher_topk_ids)
-    if not tail:
+    if tail == "renormalize":
         s = torch.log_softmax(student_k, dim=-1)
         t = torch.log_softmax(teacher_topk_logprobs, dim=-1)
         return (s.exp() * (s - t)).sum(-1)
+    if tail != "bucket":
+        raise ValueError(f"topk_reverse_kl_per_token: tail must be 'bucket' or 'renormalize', got {tail!r}.")
     kl = (student_k.exp() * (student_k - teacher_topk_logprobs)).sum(-1)
     s_tail = _log_tail_mass(student_k)
     t_tail = _log_tail_mass(teacher_topk_logprobs)
@@ -114,11 +120,61 @@ def _log_tail_mass(topk_logprobs: torch.Tensor, floor: float = 1e-12) -> torch.T
     return torch.log((-torch.expm1(covered.clamp(max=0.0))).clamp_min(floor))
 
 
-def topk_reverse_kl_loss(
-    student_logprobs, teacher_topk_ids, teacher_topk_logprobs, mask, weights=None, tail: bool = True
+def topk_sampled_tail_reverse_kl(
+    student_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    sampled_ids: torch.Tensor,
+    teacher_token_logprobs: torch.Tensor,
 ) -> torch.Tensor:
-    """Mean of :func:`topk_reverse_kl_per_token` over masked tokens."""
-    per_token = topk_reverse_kl_per_token(student_logprobs, teacher_topk_ids, teacher_topk_logprobs, tail)
+    """Unbiased per-token reverse KL from a top-k teacher: exact on the top-k, sampled on the tail.
+
+    KL(π_S ‖ π_T) = Σ_{v∈K} π_S(v)·log(π_S(v)/π_T(v)) + Σ_{v∉K} π_S(v)·log(π_S(v)/π_T(v)). The first sum is
+    computed exactly from the teacher's top-k K; the second is estimated by 1[y∉K]·log(π_S(y)/π_T(y)) with y the
+    token the student sampled there (y ~ π_S, and every scorer returns π_T(y)). The returned ``(B, T)`` tensor has
+    that estimate as its value and, in expectation over y, the exact KL's gradient: the top-k sum and the student's
+    tail mass are differentiated directly, the tail estimate as a score-function term
+    1[y∉K]·sg(log π_S(y) − log π_T(y))·∇log π_S(y).
+
+    Args:
+        student_logprobs: ``(B, T, V)`` full student log-probs (with grad).
+        teacher_topk_ids / teacher_topk_logprobs: ``(B, T, k)`` the teacher's top-k ids and log-probs.
+        sampled_ids: ``(B, T)`` the tokens the student sampled.
+        teacher_token_logprobs: ``(B, T)`` the teacher's log-probs of those tokens.
+    """
+    student_k = student_logprobs.gather(-1, teacher_topk_ids)
+    head = (student_k.exp() * (student_k - teacher_topk_logprobs)).sum(-1)
+    student_tail_mass = 1.0 - student_k.exp().sum(-1)
+    student_y = student_logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+    in_tail = ~(teacher_topk_ids == sampled_ids.unsqueeze(-1)).any(-1)
+    tail_sample = in_tail.to(student_y.dtype) * (student_y - teacher_token_logprobs).detach()
+    estimate = head + tail_sample
+    surrogate = head + student_tail_mass + tail_sample * student_y
+    # value of the estimate, gradient of the surrogate
+    return estimate.detach() + (surrogate - surrogate.detach())
+
+
+def topk_reverse_kl_loss(
+    student_logprobs,
+    teacher_topk_ids,
+    teacher_topk_logprobs,
+    mask,
+    weights=None,
+    tail: str = "bucket",
+    sampled_ids: torch.Tensor | None = None,
+    teacher_token_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean top-k reverse KL over masked tokens; ``tail="sampled"`` also needs the sampled tokens and their
+    teacher log-probs (:func:`topk_sampled_tail_reverse_kl`), the other tails use :func:`topk_reverse_kl_per_token`.
+    """
+    if tail == "sampled":
+        if sampled_ids is None or teacher_token_logprobs is None:
+            raise ValueError("topk_reverse_kl_loss: tail='sampled' needs sampled_ids and teacher_token_logprobs.")
+        per_token = topk_sampled_tail_reverse_kl(
+            student_logprobs, teacher_topk_ids, teacher_topk_logprobs, sampled_ids, teacher_token_logprobs
+        )
+    else:
+        per_token = topk_reverse_kl_per_token(student_logprobs, teacher_topk_ids, teacher_topk_logprobs, tail)
     return masked_mean(per_token, mask, weights)
 
 

@@ -282,9 +282,7 @@ class OPDTrainer:
         )
 
     def _exact_eval(self) -> bool:
-        from lockedopd.teachers.hf import HFTeacher
-
-        return isinstance(self.eval_teacher, HFTeacher)
+        return bool(getattr(self.eval_teacher, "returns_full_logprobs", False))
 
     def train(self) -> dict[str, Any]:
         """Run (or resume) training to ``max_steps``; returns a summary (also written to ``summary.json``)."""

@@ -6,6 +6,7 @@ The vLLM modules import without vLLM installed; they import it when a scorer is 
 from lockedopd.teachers.base import TeacherScorer, TeacherScores
 from lockedopd.teachers.hf import HFTeacher
 from lockedopd.teachers.vllm_engine import VLLMTeacher
+from lockedopd.teachers.vllm_hidden import VLLMHiddenStateTeacher
 from lockedopd.teachers.vllm_server import VLLMServerError, VLLMServerTeacher, VLLMServerUnavailable
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "VLLMServerError",
     "VLLMServerTeacher",
     "VLLMServerUnavailable",
+    "VLLMHiddenStateTeacher",
     "VLLMTeacher",
 ]

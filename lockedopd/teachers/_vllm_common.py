@@ -125,6 +125,7 @@ class PromptLogprobScorer(abc.ABC):
     vocab_size: int
     max_length: int | None
     top_k_max: int
+    returns_full_logprobs = False
 
     @abc.abstractmethod
     def _fetch_prompt_logprobs(

@@ -52,8 +52,11 @@ class TeacherScores:
 class TeacherScorer(Protocol):
     """Anything that can score student completions with a teacher model.
 
-    Implementations: :class:`lockedopd.teachers.HFTeacher` (in-process transformers model); the vLLM
-    engine and server scorers follow the same contract.
+    Implementations: :class:`lockedopd.teachers.HFTeacher` (in-process transformers model),
+    :class:`~lockedopd.teachers.VLLMHiddenStateTeacher` (vLLM runs the network, exact full vocabulary),
+    :class:`~lockedopd.teachers.VLLMTeacher` and :class:`~lockedopd.teachers.VLLMServerTeacher` (vLLM prompt
+    log-probs: sampled token and top-k only). A scorer may set ``returns_full_logprobs = True`` to say it honours
+    ``full_logprobs=True``.
     """
 
     vocab_size: int
@@ -74,6 +77,41 @@ class TeacherScorer(Protocol):
             full_logprobs: also return full-vocabulary log-probs (in-process teachers only).
         """
         ...
+
+
+class CompletionScoreWriter:
+    """Lays per-sequence completion log-probs out as :class:`TeacherScores` (right-padded, masked).
+
+    In-process scorers compute, for each sequence, the ``(clen, V)`` log-probs at its completion positions and
+    :meth:`add` them; :meth:`result` returns the batch in the protocol's layout.
+    """
+
+    def __init__(self, completion_lengths: Sequence[int], vocab_size: int, top_k: int, full_logprobs: bool) -> None:
+        batch, width = len(completion_lengths), max(completion_lengths)
+        self.top_k = top_k
+        self.token_logprobs = torch.zeros(batch, width)
+        self.mask = torch.zeros(batch, width, dtype=torch.bool)
+        self.topk_ids = torch.zeros(batch, width, top_k, dtype=torch.long) if top_k else None
+        self.topk_logprobs = torch.zeros(batch, width, top_k) if top_k else None
+        self.full = torch.zeros(batch, width, vocab_size) if full_logprobs else None
+
+    def add(self, row: int, logprobs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Row ``row``: ``logprobs`` ``(clen, V)`` predicting the completion tokens ``targets`` ``(clen,)``."""
+        clen = targets.shape[0]
+        if clen == 0:
+            return
+        logprobs = logprobs.float().cpu()
+        self.token_logprobs[row, :clen] = logprobs.gather(-1, targets.cpu().unsqueeze(-1)).squeeze(-1)
+        self.mask[row, :clen] = True
+        if self.top_k:
+            values, indices = logprobs.topk(self.top_k, dim=-1)
+            self.topk_logprobs[row, :clen], self.topk_ids[row, :clen] = values, indices
+        if self.full is not None:
+            self.full[row, :clen] = logprobs
+
+    def result(self) -> TeacherScores:
+        """The collected batch."""
+        return TeacherScores(self.token_logprobs, self.mask, self.topk_ids, self.topk_logprobs, self.full)
 
 
 def validate_score_request(

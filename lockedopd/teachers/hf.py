@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lockedopd.teachers.base import TeacherScores, validate_score_request
+from lockedopd.teachers.base import CompletionScoreWriter, TeacherScores, validate_score_request
 
 
 class HFTeacher:
@@ -19,6 +19,8 @@ class HFTeacher:
         dtype: cast the model to this dtype for scoring (log-probs are returned in float32).
         temperature: teacher logits are divided by it before the log-softmax.
     """
+
+    returns_full_logprobs = True
 
     def __init__(
         self,
@@ -59,13 +61,8 @@ class HFTeacher:
         completion_lengths = validate_score_request(sequences, prompt_lengths, self.vocab_size, self.max_length)
         if top_k < 0 or top_k > self.vocab_size:
             raise ValueError(f"HFTeacher.score: top_k must be in [0, {self.vocab_size}], got {top_k}.")
-        batch, max_completion = len(sequences), max(completion_lengths)
-        token_lp = torch.zeros(batch, max_completion)
-        mask = torch.zeros(batch, max_completion, dtype=torch.bool)
-        topk_ids = torch.zeros(batch, max_completion, top_k, dtype=torch.long) if top_k else None
-        topk_lp = torch.zeros(batch, max_completion, top_k) if top_k else None
-        full = torch.zeros(batch, max_completion, self.vocab_size) if full_logprobs else None
-
+        batch = len(sequences)
+        out = CompletionScoreWriter(completion_lengths, self.vocab_size, top_k, full_logprobs)
         for start in range(0, batch, self.batch_size):
             rows = range(start, min(start + self.batch_size, batch))
             chunk = [list(sequences[i]) for i in rows]
@@ -83,13 +80,5 @@ class HFTeacher:
                 # position p predicts token p + 1, so completion token j comes from position plen - 1 + j
                 # only completion positions are read: normalise those, not the prompt's
                 pred = torch.log_softmax(logits[j, plen - 1 : plen - 1 + clen].float() / self.temperature, dim=-1)
-                pred = pred.cpu()
-                targets = ids[j, plen : plen + clen]
-                token_lp[i, :clen] = pred.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                mask[i, :clen] = True
-                if top_k:
-                    values, indices = pred.topk(top_k, dim=-1)
-                    topk_lp[i, :clen], topk_ids[i, :clen] = values, indices
-                if full is not None:
-                    full[i, :clen] = pred
-        return TeacherScores(token_lp, mask, topk_ids, topk_lp, full)
+                out.add(i, pred, ids[j, plen : plen + clen])
+        return out.result()

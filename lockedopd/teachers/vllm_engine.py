@@ -65,6 +65,16 @@ def _temporary_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _forget_cached_vllm_env() -> None:
+    """Make vLLM read os.environ again: a running engine freezes its environment cache for the whole process."""
+    try:
+        from vllm import envs
+    except ImportError:  # pragma: no cover - depends on the vLLM version
+        return
+    if hasattr(envs, "disable_envs_cache"):
+        envs.disable_envs_cache()
+
+
 def _position_dicts(prompt_logprobs: Any) -> list[PositionLogprobs | None]:
     """vLLM prompt log-probs (``list[dict[int, Logprob] | None]`` or ``FlatLogprobs``) → plain dicts."""
     if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs: flat lists + per-position ranges
@@ -139,6 +149,7 @@ class VLLMTeacher(PromptLogprobScorer):
                     # one token vLLM samples, which is never fed back, so RoPE never sees position `context`
                     env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
             kwargs.update(engine_kwargs)
+            _forget_cached_vllm_env()
             with _temporary_env(env):
                 llm = vllm.LLM(**kwargs)
         self.llm = llm
