@@ -130,7 +130,7 @@ def test_server_run_follows_the_hf_run(tmp_path, fake_server):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
     assert b[-1]["eval_kl_exact"] is True
     assert served["final_reverse_kl"] == pytest.approx(hf["final_reverse_kl"], rel=1e-4)
-    assert served["final_reverse_kl"] < served["initial_reverse_kl"] - 0.05  # the run did learn
+    assert served["final_reverse_kl"] < served["initial_reverse_kl"] - 0.02  # the run did learn
     assert any(path == "/v1/completions" for path, _ in fake_server.requests)
 
 

@@ -81,8 +81,14 @@ class TeacherConfig:
 
 @dataclass
 class RolloutConfig:
-    """Student sampling. ``max_prompt_tokens`` truncates prompts from the left."""
+    """Student sampling. ``max_prompt_tokens`` truncates prompts from the left.
 
+    ``backend``: ``"hf"`` (transformers ``generate`` on the trained student) or ``"vllm"`` (an in-process vLLM
+    engine kept in step after every optimizer step: full weights while training all parameters, the locked
+    adapter as a LoRA after the lock; see :mod:`lockedopd.opd.vllm_rollout`).
+    """
+
+    backend: str = "hf"
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
@@ -246,6 +252,7 @@ class OPDConfig:
             "objective.topk_tail": (self.objective.topk_tail, ("sampled", "bucket", "renormalize")),
             "teacher.backend": (self.teacher.backend, ("hf", "vllm", "vllm_server", "auto")),
             "teacher.eval_backend": (self.teacher.eval_backend, (None, "hf")),
+            "rollout.backend": (self.rollout.backend, ("hf", "vllm")),
             "teacher.vllm_scoring": (self.teacher.vllm_scoring, ("hidden_states", "prompt_logprobs")),
             "lock.mode": (self.lock.mode, ("right", "two_sided")),
             "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),

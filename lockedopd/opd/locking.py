@@ -378,14 +378,19 @@ class LockController:
         self._restore_common(trainer_state)
         self.lr_scales = [float(x) for x in trainer_state["lr_scales"]]
 
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen base weights W_lock under plain module names (the adapter's coefficients left out)."""
+        inner = self.peft_model.base_model.model
+        return {
+            key.replace(".base_layer.", "."): value
+            for key, value in inner.state_dict().items()
+            if ".locked_" not in key
+        }
+
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's effective weights under plain module names (W_lock + ΔW for locked modules)."""
         inner = self.peft_model.base_model.model
-        merged = {}
-        for key, value in inner.state_dict().items():
-            if ".locked_" in key:
-                continue
-            merged[key.replace(".base_layer.", ".")] = value
+        merged = self.base_state_dict()
         with torch.no_grad():
             for name in self.bases:
                 layer = inner.get_submodule(name)

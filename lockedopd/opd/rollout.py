@@ -147,6 +147,51 @@ def generate_rollout(
     )
 
 
+def rollout_from_completions(
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    completion_logprobs: Sequence[Sequence[float]] | None,
+    pad_token_id: int,
+    eos_token_id: int | Sequence[int] | None,
+) -> Rollout:
+    """Lay out completions sampled elsewhere (e.g. by vLLM) exactly as :func:`generate_rollout` does.
+
+    Args:
+        prompt_ids: B prompts (token ids).
+        completions: B sampled completions (token ids, EOS included where sampling stopped on it).
+        completion_logprobs: per-token log-probs of the sampled tokens under the sampler, or ``None`` (zeros).
+        pad_token_id / eos_token_id: the tokenizer's special ids.
+    """
+    if len(prompt_ids) != len(completions) or not prompt_ids:
+        raise ValueError(f"rollout_from_completions: {len(prompt_ids)} prompts but {len(completions)} completions.")
+    width = max(len(p) for p in prompt_ids)
+    span = max(1, max(len(c) for c in completions))
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    completion_ids = torch.full((batch, span), pad_token_id, dtype=torch.long)
+    logprobs = torch.zeros(batch, span)
+    for i, (prompt, completion) in enumerate(zip(prompt_ids, completions)):
+        input_ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        attention_mask[i, width - len(prompt) :] = 1
+        if completion:
+            completion_ids[i, : len(completion)] = torch.tensor(list(completion), dtype=torch.long)
+            if completion_logprobs is not None:
+                logprobs[i, : len(completion)] = torch.tensor(list(completion_logprobs[i]), dtype=torch.float32)
+    lengths = torch.tensor([len(c) for c in completions])
+    completion_mask = _completion_mask(completion_ids, eos_token_id) & (torch.arange(span) < lengths.unsqueeze(-1))
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad_token_id)
+    return Rollout(
+        input_ids=torch.cat([input_ids, completion_ids], dim=1),
+        attention_mask=torch.cat([attention_mask, completion_mask.long()], dim=1),
+        prompt_width=width,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        prompt_lengths=[len(p) for p in prompt_ids],
+        logprobs=logprobs * completion_mask,
+    )
+
+
 def _completion_mask(completion_ids: torch.Tensor, eos_token_id) -> torch.Tensor:
     """True up to and including the first EOS of each row."""
     if eos_token_id is None:

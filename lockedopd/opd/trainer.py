@@ -118,6 +118,8 @@ class OPDTrainer:
         self.request = teacher_request(config.objective)
         self.phase = "warmup" if config.lock.enabled else "full"
         self.lock = None
+        self.sampler = None  # vLLM student sampler (rollout.backend=vllm), started by train()
+        self._sampler_base = None  # which base weights the sampler holds: (phase, lock step)
         self.step = 0
         self._freeze_all_but_targets()
         self.optimizer = self._full_optimizer()
@@ -204,16 +206,27 @@ class OPDTrainer:
             seed = step_seed(c.seed, step, micro)
             prompt_ids, records = self._sample_prompts(step, micro)
             t0 = time.perf_counter()
-            rollout = generate_rollout(
-                self.model,
-                prompt_ids,
-                self.pad_token_id,
-                self.eos_token_id,
-                c.rollout.max_new_tokens,
-                c.rollout.temperature,
-                c.rollout.top_p,
-                seed=seed,
-            )
+            if self.sampler is not None:
+                rollout = self.sampler.generate(
+                    prompt_ids,
+                    self.pad_token_id,
+                    self.eos_token_id,
+                    c.rollout.max_new_tokens,
+                    c.rollout.temperature,
+                    c.rollout.top_p,
+                    seed=seed,
+                )
+            else:
+                rollout = generate_rollout(
+                    self.model,
+                    prompt_ids,
+                    self.pad_token_id,
+                    self.eos_token_id,
+                    c.rollout.max_new_tokens,
+                    c.rollout.temperature,
+                    c.rollout.top_p,
+                    seed=seed,
+                )
             t1 = time.perf_counter()
             scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
             t2 = time.perf_counter()
@@ -279,6 +292,7 @@ class OPDTrainer:
             seed=step_seed(c.seed + EVAL_SEED_OFFSET, 0),
             temperature=c.rollout.temperature,
             exact=self._exact_eval(),
+            sampler=self.sampler,
         )
 
     def _exact_eval(self) -> bool:
@@ -291,6 +305,8 @@ class OPDTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", _yaml_dump(config_to_dict(c)))
         log = MetricsLog(self.run_dir / "metrics.jsonl", None if resume_from is None else self.step)
+        if c.rollout.backend == "vllm" and self.sampler is None:
+            self._start_sampler()
         if resume_from is None:
             if self.lock is not None:
                 self.lock.start()
@@ -305,6 +321,8 @@ class OPDTrainer:
                 self.step += 1
                 if self.lock is not None:
                     record.update(self.lock.after_optimizer_step(self.step))
+                if self.sampler is not None:
+                    record["sync_s"] = round(self._sync_sampler(), 4)
                 is_last = self.step == c.max_steps
                 due = is_last or (c.eval_steps and self.step % c.eval_steps == 0) or record.get("locked_now")
                 if self.eval_ids and due:
@@ -331,6 +349,48 @@ class OPDTrainer:
         if self.lock is not None:
             self.lock.finish(summary)
         return summary
+
+    # --------------------------------------------------------------------------------------- vLLM rollouts
+    def _start_sampler(self) -> None:
+        """Start the vLLM student sampler from the current (possibly resumed) student."""
+        from lockedopd.opd.locking import ADAPTER_NAME
+        from lockedopd.opd.vllm_rollout import VLLMStudentSampler
+
+        c = self.config
+        locked = self.lock is not None and self.phase == "locked"
+        weights = self.lock.base_state_dict() if locked else self.effective_state_dict()
+        context = getattr(self.base_model.config, "max_position_embeddings", None)
+        self.sampler = VLLMStudentSampler(
+            self.base_model.config,
+            weights,
+            self.tokenizer,
+            self.run_dir / "vllm_student",
+            lora_rank=c.lock.rank,
+            max_model_len=context,
+        )
+        self._sampler_base = self._base_key()
+        if locked:
+            self.sampler.sync_adapter(self.model, ADAPTER_NAME)
+
+    def _base_key(self) -> tuple:
+        return (self.phase, getattr(self.lock, "lock_step", None))
+
+    def _sync_sampler(self) -> float:
+        """Bring the vLLM sampler up to date after an optimizer step; returns the seconds it took.
+
+        Full-parameter phases copy all weights; the locked phase copies the base once (at the lock) and after that
+        only the adapter, as a LoRA.
+        """
+        from lockedopd.opd.locking import ADAPTER_NAME
+
+        if self.lock is None or self.phase != "locked":
+            self._sampler_base = self._base_key()
+            return self.sampler.sync_weights(self.effective_state_dict())
+        seconds = 0.0
+        if self._sampler_base != self._base_key():
+            seconds += self.sampler.sync_weights(self.lock.base_state_dict())
+            self._sampler_base = self._base_key()
+        return seconds + self.sampler.sync_adapter(self.model, ADAPTER_NAME)
 
     def _add_resume_note(self, exc: BaseException) -> None:
         """Tell whoever sees ``exc`` where the run stopped and how to continue from its last checkpoint."""
