@@ -177,12 +177,14 @@ def test_fake_server_request_errors(tiny):
         assert empty.mask.tolist() == [[False, False], [True, True]]
 
 
-@pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is missing")
-def test_engine_without_vllm_says_how_to_install():
+def test_engine_without_vllm_says_how_to_install(monkeypatch):
     from lockedopd.teachers.vllm_engine import VLLMTeacher
+    from lockedopd.teachers.vllm_hidden import VLLMHiddenStateTeacher
 
-    with pytest.raises(ImportError, match="make install"):
-        VLLMTeacher("/nonexistent")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, installed or not
+    for scorer in (VLLMTeacher, VLLMHiddenStateTeacher):
+        with pytest.raises(ImportError, match="make install"):
+            scorer("/nonexistent")
 
 
 # --------------------------------------------------------------------------- vLLM engine
