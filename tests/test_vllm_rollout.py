@@ -127,19 +127,26 @@ def vllm_rollout_config(out, *overrides):
 
 @needs_vllm
 @pytest.mark.vllm
-def test_run_with_vllm_rollouts_syncs_every_step_and_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("locked_sync", ["lora", "full"])
+def test_run_with_vllm_rollouts_syncs_every_step_and_resumes_to_the_same_result(tmp_path, locked_sync):
     class Killed(Exception):
         pass
 
-    summary = OPDTrainer.from_config(vllm_rollout_config(tmp_path / "full")).train()
+    summary = OPDTrainer.from_config(
+        vllm_rollout_config(tmp_path / "full", f"rollout.vllm_locked_sync={locked_sync}")
+    ).train()
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "sync_s" in r]
     assert len(steps) == 6 and all(r["sync_s"] >= 0 for r in steps)
     assert [r["phase"] for r in steps] == ["warmup"] * 4 + ["locked"] * 2  # locked after step 4
     assert summary["final_reverse_kl"] < summary["initial_reverse_kl"]
     assert (tmp_path / "full" / "vllm_student" / "student" / "model.safetensors").is_file()
+    adapters = sorted(p.name for p in (tmp_path / "full" / "vllm_student").glob("lora-*"))
+    assert adapters == (["lora-000003"] if locked_sync == "lora" else [])  # one per sync from step 4 on, newest kept
 
-    trainer = OPDTrainer.from_config(vllm_rollout_config(tmp_path / "resumed"))
+    trainer = OPDTrainer.from_config(
+        vllm_rollout_config(tmp_path / "resumed", f"rollout.vllm_locked_sync={locked_sync}")
+    )
     original = trainer.training_step
 
     def training_step(step):
@@ -150,7 +157,9 @@ def test_run_with_vllm_rollouts_syncs_every_step_and_resumes_to_the_same_result(
     trainer.training_step = training_step
     with pytest.raises(Killed):
         trainer.train()
-    OPDTrainer.from_config(vllm_rollout_config(tmp_path / "resumed", "resume=true")).train()
+    OPDTrainer.from_config(
+        vllm_rollout_config(tmp_path / "resumed", f"rollout.vllm_locked_sync={locked_sync}", "resume=true")
+    ).train()
     a = load_file(str(list_checkpoints(tmp_path / "full")[-1][1] / "model.safetensors"))
     b = load_file(str(list_checkpoints(tmp_path / "resumed")[-1][1] / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

@@ -357,7 +357,7 @@ class OPDTrainer:
         from lockedopd.opd.vllm_rollout import VLLMStudentSampler
 
         c = self.config
-        locked = self.lock is not None and self.phase == "locked"
+        locked = self.lock is not None and self.phase == "locked" and c.rollout.vllm_locked_sync == "lora"
         weights = self.lock.base_state_dict() if locked else self.effective_state_dict()
         context = getattr(self.base_model.config, "max_position_embeddings", None)
         self.sampler = VLLMStudentSampler(
@@ -379,11 +379,11 @@ class OPDTrainer:
         """Bring the vLLM sampler up to date after an optimizer step; returns the seconds it took.
 
         Full-parameter phases copy all weights; the locked phase copies the base once (at the lock) and after that
-        only the adapter, as a LoRA.
+        only the adapter, as a LoRA (``rollout.vllm_locked_sync=full``: the merged weights, every step).
         """
         from lockedopd.opd.locking import ADAPTER_NAME
 
-        if self.lock is None or self.phase != "locked":
+        if self.lock is None or self.phase != "locked" or self.config.rollout.vllm_locked_sync == "full":
             self._sampler_base = self._base_key()
             return self.sampler.sync_weights(self.effective_state_dict())
         seconds = 0.0
