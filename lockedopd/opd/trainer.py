@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -206,27 +207,16 @@ class OPDTrainer:
             seed = step_seed(c.seed, step, micro)
             prompt_ids, records = self._sample_prompts(step, micro)
             t0 = time.perf_counter()
-            if self.sampler is not None:
-                rollout = self.sampler.generate(
-                    prompt_ids,
-                    self.pad_token_id,
-                    self.eos_token_id,
-                    c.rollout.max_new_tokens,
-                    c.rollout.temperature,
-                    c.rollout.top_p,
-                    seed=seed,
-                )
-            else:
-                rollout = generate_rollout(
-                    self.model,
-                    prompt_ids,
-                    self.pad_token_id,
-                    self.eos_token_id,
-                    c.rollout.max_new_tokens,
-                    c.rollout.temperature,
-                    c.rollout.top_p,
-                    seed=seed,
-                )
+            sample = self.sampler.generate if self.sampler is not None else partial(generate_rollout, self.model)
+            rollout = sample(
+                prompt_ids,
+                self.pad_token_id,
+                self.eos_token_id,
+                c.rollout.max_new_tokens,
+                c.rollout.temperature,
+                c.rollout.top_p,
+                seed=seed,
+            )
             t1 = time.perf_counter()
             scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
             t2 = time.perf_counter()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lockedopd.opd.rollout import Rollout, rollout_from_completions
-from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS, import_vllm
+from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS, FAST_START_ENGINE_ARGS, import_vllm
 
 #: LoRA ranks vLLM accepts for ``max_lora_rank``.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -77,9 +77,7 @@ class VLLMStudentSampler:
             "enable_lora": True,
             "max_lora_rank": supported[0],
             "max_loras": 1,
-            "enforce_eager": True,
-            "distributed_executor_backend": "uni",
-            "seed": 0,
+            **FAST_START_ENGINE_ARGS,
         }
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from lockedopd.teachers.base import CompletionScoreWriter, TeacherScores, validate_score_request
-from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS, import_vllm
+from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS, FAST_START_ENGINE_ARGS, import_vllm
 
 #: config.json keys that change logits after the output layer; such models cannot be scored from hidden states.
 LOGIT_POSTPROCESSING_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -108,9 +108,7 @@ class VLLMHiddenStateTeacher:
                 "convert": "embed",
                 "pooler_config": PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False),
                 "dtype": dtype,
-                "enforce_eager": True,
-                "distributed_executor_backend": "uni",
-                "seed": 0,
+                **FAST_START_ENGINE_ARGS,
             }
             if max_model_len is not None:
                 kwargs["max_model_len"] = max_model_len
