@@ -42,7 +42,7 @@ test-fast: $(STAMP)
 
 # Only the vLLM tests (they also run in `make test` whenever vLLM imports, and skip with a reason otherwise).
 test-vllm: $(STAMP)
-	$(BIN)/python -m pytest -q tests/test_vllm_teachers.py tests/test_vllm_training.py
+	$(BIN)/python -m pytest -q tests/test_vllm_teachers.py tests/test_vllm_training.py tests/test_vllm_rollout.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check lockedopd tests recipes benchmarks
