@@ -99,6 +99,8 @@ class VLLMHiddenStateTeacher:
             os.environ.setdefault(key, value)
         vllm = import_vllm()
         self._tokens_prompt = vllm.TokensPrompt
+        # read the output layer before starting an engine, so a directory that cannot work fails fast
+        output_weight = load_output_layer(model) if model is not None else None
         if llm is None:
             from vllm.config import PoolerConfig
 
@@ -120,7 +122,7 @@ class VLLMHiddenStateTeacher:
         self.vocab_size = int(model_config.get_vocab_size())
         self.max_length = int(model_config.max_model_len)
         self.temperature = temperature
-        self.output_weight = load_output_layer(model if model is not None else self.model_name)
+        self.output_weight = output_weight if output_weight is not None else load_output_layer(self.model_name)
         if self.output_weight.shape[0] != self.vocab_size:
             raise ValueError(
                 f"VLLMHiddenStateTeacher: the output layer has {self.output_weight.shape[0]} rows but the model's "
