@@ -23,11 +23,9 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -106,54 +104,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: str, port: int, max_model_len: int, top_k: int, wait_s: float, log_path: Path):
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_dir,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--max-logprobs",
-        str(max(top_k, 1)),
-        "--enforce-eager",
-        "--max-model-len",
-        str(max_model_len),
-    ]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    start, deadline = time.monotonic(), time.monotonic() + wait_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server exited with {proc.returncode}; see {log_path}")
-        try:
-            with opener.open(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                return proc, log, time.monotonic() - start
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.terminate()
-            raise RuntimeError(f"vLLM server not ready after {wait_s}s; see {log_path}")
-        time.sleep(1)
-
-
-def stop_server(proc, log) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
-
-
 def main() -> None:
     args = parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -216,11 +166,16 @@ def main() -> None:
         record("vllm engine (in-process, fp32)", seconds, scores, startup, "one LLM.generate per batch")
 
     if "server" in backends:
-        from lockedopd.teachers.vllm_server import VLLMServerTeacher
+        from lockedopd.teachers.vllm_server import VLLMServerTeacher, launch_server, stop_server
 
         port = free_port()
-        proc, log, startup = start_server(
-            model_dir, port, max_model_len, args.top_k, args.server_wait_s, out_dir / "server.log"
+        proc, log, startup = launch_server(
+            model_dir,
+            port,
+            out_dir / "server.log",
+            max_logprobs=args.top_k,
+            max_model_len=max_model_len,
+            wait_s=args.server_wait_s,
         )
         try:
             client = VLLMServerTeacher(

@@ -11,10 +11,8 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -26,7 +24,9 @@ from lockedopd.teachers.vllm_server import (
     VLLMServerError,
     VLLMServerTeacher,
     VLLMServerUnavailable,
+    launch_server,
     parse_prompt_logprobs,
+    stop_server,
 )
 from tests.fake_vllm import FakeVLLM, free_port
 
@@ -369,52 +369,19 @@ def test_hidden_state_engine_parity_smollm2():
 def tiny_server(tiny_dir):
     pytest.importorskip("vllm", reason=NO_VLLM_REASON)
     port = free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_LONG_MAX_MODEL_LEN="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
+    proc, log, _ = launch_server(
         str(tiny_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--max-logprobs",
-        "8",
-        "--enforce-eager",
-        "--max-model-len",
-        str(CONTEXT + 1),  # +1: room for the sampled token
-    ]
-    log = open(tiny_dir / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+        port,
+        tiny_dir / "server.log",
+        max_logprobs=8,
+        max_model_len=CONTEXT + 1,  # +1: room for the sampled token
+        env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"},
+        wait_s=float(os.environ.get("LOCKEDOPD_VLLM_SERVER_WAIT_S", 400)),
+    )
     try:
-        deadline = time.monotonic() + float(os.environ.get("LOCKEDOPD_VLLM_SERVER_WAIT_S", 400))
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited with {proc.returncode}; see {tiny_dir / 'server.log'}")
-            try:
-                with opener.open(url + "/v1/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server not ready in time; see {tiny_dir / 'server.log'}")
-            time.sleep(1)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_server(proc, log)
 
 
 @needs_vllm

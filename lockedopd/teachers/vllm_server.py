@@ -18,6 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shlex
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -52,12 +56,66 @@ class _HTTPStatusError(Exception):
         self.status, self.body = status, body
 
 
+def server_args(
+    model_dir: str, port: int = 8000, max_logprobs: int = 20, max_model_len: int | None = None, dtype: str = "float32"
+) -> list[str]:
+    """Python arguments that start a vLLM OpenAI server this client can score against (loopback only)."""
+    args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1"]
+    args += ["--port", str(port), "--dtype", dtype, "--max-logprobs", str(max(max_logprobs, 1)), "--enforce-eager"]
+    if max_model_len is not None:
+        args += ["--max-model-len", str(max_model_len)]
+    return args
+
+
 def start_command(model_dir: str = "DIR", port: int = 8000) -> str:
     """The shell command that starts a matching vLLM server (for error messages and docs)."""
-    return (
-        f"VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m vllm.entrypoints.openai.api_server --model {model_dir} "
-        f"--host 127.0.0.1 --port {port} --dtype float32 --max-logprobs 20 --enforce-eager"
-    )
+    return "VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python " + shlex.join(server_args(model_dir, port))
+
+
+def launch_server(
+    model_dir: str,
+    port: int,
+    log_path: str | os.PathLike,
+    max_logprobs: int = 20,
+    max_model_len: int | None = None,
+    env: dict[str, str] | None = None,
+    wait_s: float = 600.0,
+) -> tuple[subprocess.Popen, Any, float]:
+    """Start a local vLLM server (this interpreter, output to ``log_path``) and wait until it answers.
+
+    Returns ``(process, log file, seconds to ready)``; stop it with :func:`stop_server`. Raises ``RuntimeError``
+    naming the log if the server exits or does not answer ``/v1/models`` within ``wait_s``.
+    """
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, **(env or {})}
+    log = open(log_path, "w")
+    args = server_args(model_dir, port, max_logprobs, max_model_len)
+    proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            log.close()
+            raise RuntimeError(f"vLLM server exited with {proc.returncode}; see {log_path}")
+        try:
+            with opener.open(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                return proc, log, time.monotonic() - started
+        except OSError:
+            pass
+        if time.monotonic() - started > wait_s:
+            stop_server(proc, log)
+            raise RuntimeError(f"vLLM server not ready after {wait_s:.0f} s; see {log_path}")
+        time.sleep(1)
+
+
+def stop_server(proc: subprocess.Popen, log: Any) -> None:
+    """Terminate a server from :func:`launch_server` (kill after 30 s) and close its log."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
 
 
 def parse_prompt_logprobs(raw: Sequence[dict[str, Any] | None] | None) -> list[PositionLogprobs | None] | None:
