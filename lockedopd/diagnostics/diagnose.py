@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lockedopd.plotting import save_figure
+
 from . import geometry as G
 from .checkpoint_reader import CheckpointReader
 
@@ -414,9 +416,4 @@ def plot_diagnostics(result: dict, png_path: str | os.PathLike) -> Path:
     if s.get("bf16_sparsity") is not None:
         title += f" — sparsity {100 * s['bf16_sparsity']:.1f}%"
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(png_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, png_path)

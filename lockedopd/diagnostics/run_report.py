@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lockedopd.checkpoint import atomic_write_text, list_checkpoints
+from lockedopd.plotting import save_figure
 
 GAIN_SHARE_FOR_MATCH = 0.8
 
@@ -113,7 +114,4 @@ def plot_monitor(report: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"locked run vs unconstrained OPD — verdict: {report['verdict']}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lockedopd.plotting import save_figure
+
 from . import geometry as G
 from .checkpoint_reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
 from .diagnose import natural_key
@@ -277,9 +279,4 @@ def plot_trajectory(result: dict, png_path: str | os.PathLike) -> Path:
         axes[1, 1].axhline(ref["mean"], color="tab:red", ls="--", label=f"vs reference final: {ref['mean']:.3f}")
         axes[1, 1].legend()
     fig.suptitle("Update trajectory")
-    fig.tight_layout()
-    out = Path(png_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, png_path)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lockedopd.plotting import save_figure
+
 
 def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, lock_step: int | None = None) -> Path:
     """Three panels over steps: training loss, training reverse KL (sampled), held-out reverse KL."""
@@ -30,11 +32,7 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, lo
         if lock_step is not None:
             ax.axvline(lock_step, color="tab:red", linestyle="--", linewidth=1, label=f"lock @ {lock_step}")
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_run_comparison(run_dirs: Sequence[str | Path], labels: Sequence[str], path: str | Path) -> Path:
@@ -63,9 +61,4 @@ def plot_run_comparison(run_dirs: Sequence[str | Path], labels: Sequence[str], p
     ax.set_ylabel("held-out reverse KL (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
