@@ -41,6 +41,8 @@ import torch
 import yaml
 from torch import nn
 
+from lockedopd.params import freeze_all_but, select_target_linears
+
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULTS = BENCH_DIR / "defaults.yaml"
 METHODS = ("full", "locked_right", "locked_two_sided", "lora", "projected_right", "galore")
@@ -197,14 +199,6 @@ def build_student(config: dict) -> nn.Module:
     return model.float()
 
 
-def target_modules(model: nn.Module, suffixes: list[str]) -> dict[str, nn.Linear]:
-    """Target Linear modules by name (the same selection as ``OPDTrainer.target_parameters``)."""
-    targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in suffixes}
-    if not targets:
-        raise ValueError(f"no Linear module matches target_modules={suffixes}.")
-    return targets
-
-
 @dataclass
 class SyntheticBatch:
     """A fixed OPD micro-batch: a rollout layout plus the teacher's full-vocabulary log-probs."""
@@ -277,12 +271,7 @@ def load_galore_adamw():
 
 
 def _full_params(model: nn.Module, targets: dict[str, nn.Linear]) -> list[nn.Parameter]:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [m.weight for m in targets.values()]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    return freeze_all_but(model, [m.weight for m in targets.values()])
 
 
 def setup_method(method: str, model: nn.Module, config: dict, workdir: Path) -> Setup:
@@ -292,7 +281,7 @@ def setup_method(method: str, model: nn.Module, config: dict, workdir: Path) -> 
     from lockedopd.optim import LockedAdamW
 
     r, lr = config["rank"], config["lr"]
-    targets = target_modules(model, config["target_modules"])
+    targets = select_target_linears(model, config["target_modules"])
     g = torch.Generator().manual_seed(config["seed"] + 2)
     if method == "full":
         return Setup(model, torch.optim.AdamW(_full_params(model, targets), lr=lr, foreach=False))
@@ -375,7 +364,7 @@ def measure_method(method: str, config: dict) -> dict[str, Any]:
     torch.manual_seed(config["seed"])
     model = build_student(config)
     model.train()
-    shapes = {n: list(m.weight.shape) for n, m in target_modules(model, config["target_modules"]).items()}
+    shapes = {n: list(m.weight.shape) for n, m in select_target_linears(model, config["target_modules"]).items()}
     batch = synthetic_batch(config, model.get_output_embeddings().weight.shape[0])
     with tempfile.TemporaryDirectory(prefix="lockedopd-bench-") as workdir:
         setup = setup_method(method, model, config, Path(workdir))

@@ -10,19 +10,30 @@ from lockedopd.diagnostics.monitor import TrajectoryMonitor
 from lockedopd.integrations import SubspaceLockCallback, locked_peft_config
 from lockedopd.opd import OPDConfig, OPDTrainer, load_config
 from lockedopd.optim import LockedAdamW
-from lockedopd.subspace import SubspaceTracker, load_basis, save_basis, subspace_similarity
+from lockedopd.subspace import (
+    LockPolicy,
+    SubspaceBasis,
+    SubspaceTracker,
+    TrackerSettings,
+    load_basis,
+    save_basis,
+    subspace_similarity,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LockPolicy",
     "LockedAdamW",
     "OPDConfig",
     "OPDTrainer",
     "SubspaceLockedConfig",
     "SubspaceLockedLayer",
     "SubspaceLockedModel",
+    "SubspaceBasis",
     "SubspaceLockCallback",
     "SubspaceTracker",
+    "TrackerSettings",
     "TrajectoryMonitor",
     "export_lora",
     "load_basis",

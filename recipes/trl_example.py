@@ -6,9 +6,10 @@ Runs on CPU in well under a minute with tiny random Llamas and a character token
 
 Run 1 trains all student weights on-policy against the teacher with a ``SubspaceLockCallback``; once the top-r
 subspace of ``ΔW = W_t - W_0`` is stable (or at ``--warmup-steps``) it writes ``basis.safetensors`` and stops.
-Run 2 continues from the warmed-up weights with ``peft_config=locked_peft_config(basis)``: only the r-dimensional
-coefficients train.  Swap in real models (same vocabulary for student and teacher) and a real prompt dataset for
-actual use.
+Run 2 continues from the warmed-up weights in the locked phase (``lock.locked_phase``): the subspace-locked PEFT
+adapter, and LockedAdamW over the r-dimensional coefficients with the warmup's moments and per-matrix learning-rate
+scales, as ``lockedopd distill`` does.  Swap in real models (same vocabulary for student and teacher) and a real
+prompt dataset for actual use.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     from trl import DistillationConfig, DistillationTrainer
 
     import lockedopd  # noqa: F401  (registers the SUBSPACE_LOCKED PEFT method)
-    from lockedopd.integrations.trl import SubspaceLockCallback, locked_peft_config
+    from lockedopd.integrations.trl import SubspaceLockCallback
     from lockedopd.models import build_tiny_llama, build_tiny_tokenizer
 
     warnings.filterwarnings("ignore", module="trl")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- run 1: full-parameter warmup; the callback writes the basis and stops the run when the subspace locks
     lock = SubspaceLockCallback(rank=opts.rank, check_every=2, patience=2, threshold=0.9,
-                                max_warmup_steps=opts.warmup_steps)  # fmt: skip
+                                max_warmup_steps=opts.warmup_steps, mode=opts.mode)  # fmt: skip
     warmup = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -76,19 +77,20 @@ def main(argv: list[str] | None = None) -> dict:
     warmup.train()
     print(f"warmup: locked at step {lock.locked_step} ({lock.lock_reason}); basis -> {lock.basis_path}")
 
-    # ---- run 2: the locked phase on the warmed-up model; only the subspace coefficients train
-    peft_config = locked_peft_config(lock.basis_path, mode=opts.mode)
+    # ---- run 2: the locked phase on the warmed-up model; only the subspace coefficients train, with LockedAdamW
+    # continuing the warmup optimizer (moments and per-matrix lr scales from the files written at the lock)
+    phase = lock.locked_phase(warmup.model, lr=3e-3)
     locked = DistillationTrainer(
-        model=warmup.model,
+        model=phase.model,
+        optimizers=(phase.optimizer, None),
         teacher_model=teacher,
         args=config(out / "locked", max_steps=opts.locked_steps),
         train_dataset=prompts,
         processing_class=tokenizer,
-        peft_config=peft_config,
     )
     n_train = sum(p.numel() for p in locked.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in locked.model.parameters())
-    print(f"locked phase: training {n_train:,} of {n_total:,} parameters (rank {peft_config.r}, {opts.mode})")
+    print(f"locked phase: training {n_train:,} of {n_total:,} parameters (rank {opts.rank}, {opts.mode})")
     locked.train()
     locked.save_model(str(out / "locked" / "adapter"))  # a PEFT adapter; the bases travel inside it
     print(f"adapter saved to {out / 'locked' / 'adapter'}")

@@ -312,3 +312,79 @@ def test_locked_peft_config_checks_rank(tmp_path, tokenizer):
         locked_peft_config(tmp_path / "basis.safetensors", r=4)
     with pytest.raises(ValueError, match="at_step"):
         SubspaceLockCallback(at_step=0)
+
+
+def test_trl_locked_phase_uses_locked_adamw_with_opd_trainers_lr_scale(tmp_path, tokenizer):
+    """The TRL two-run path locks as OPDTrainer does: LockedAdamW, the warmup's moments, the same per-matrix lr
+    scales (one function computes them for both loops); and it lowers held-out KL clearly more than the plain
+    AdamW the trainer would build from ``peft_config``."""
+    import copy
+
+    from trl import DistillationConfig, DistillationTrainer
+
+    from lockedopd.opd.evaluation import evaluate_reverse_kl
+    from lockedopd.opd.rollout import encode_prompts
+    from lockedopd.optim import LockedAdamW, WarmupCarry
+    from lockedopd.teachers import HFTeacher
+
+    def tiny(seed):
+        return build_tiny_llama(
+            len(tokenizer), num_layers=2, hidden_size=32, intermediate_size=64, seed=seed, init_std=0.2,
+            tokenizer=tokenizer,
+        )  # fmt: skip
+
+    prompts = datasets.Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(10) for b in range(10)]})
+    teacher = tiny(1)
+    scorer = HFTeacher(teacher)
+    eval_ids = encode_prompts(tokenizer, [f"{a}*{b}=" for a in range(4) for b in range(4)], False, 32)
+
+    def held_out_kl(model):
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        return evaluate_reverse_kl(model, scorer, eval_ids, pad, eos, 10, 16, seed=5).reverse_kl
+
+    def trainer(model, out, steps, **kwargs):
+        args = DistillationConfig(
+            **{**_common_args(tmp_path / out, steps), "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+               "logging_steps": 100},
+            max_completion_length=10, beta=1.0, lr_scheduler_type="constant",
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return DistillationTrainer(
+                model=model, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer,
+                **kwargs,
+            )  # fmt: skip
+
+    lock = SubspaceLockCallback(rank=4, check_every=2, at_step=6)
+    warmup = trainer(tiny(0), "warmup", 14, callbacks=[lock])
+    warmup.train()
+    assert lock.locked_step == 6 and lock.lock_reason == "at_step"
+    warmed = copy.deepcopy(warmup.model)
+    kl_lock = held_out_kl(warmed)
+
+    phase = lock.locked_phase(copy.deepcopy(warmed), lr=3e-3)
+    assert isinstance(phase.optimizer, LockedAdamW)
+    # the scales are the ones OPDTrainer computes from its warmup optimizer (WarmupCarry.from_optimizer)
+    warm_opt = getattr(warmup.optimizer, "optimizer", warmup.optimizer)
+    full = {name: warmup.model.get_submodule(name).weight for name in phase.bases}
+    expected = WarmupCarry.from_optimizer(warm_opt, full, phase.bases)
+    scales = phase.lr_scales()
+    assert scales.keys() == expected.lr_scales.keys() and len(scales) == 14
+    for name, scale in scales.items():
+        assert scale == pytest.approx(expected.lr_scales[name], rel=1e-12)
+    assert min(scales.values()) > 1.2  # a real rescaling, not the identity
+    for group in phase.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(3e-3 * group["lr_scale"])
+    name = "model.layers.0.self_attn.q_proj"
+    coef = phase.coefficients()[name]
+    torch.testing.assert_close(phase.optimizer.state[coef]["exp_avg"], expected.exp_avg[name].to(coef.dtype))
+
+    trainer(phase.model, "locked", 8, optimizers=(phase.optimizer, None)).train()
+    gain_locked = kl_lock - held_out_kl(phase.model)
+    plain = trainer(copy.deepcopy(warmed), "plain", 8, peft_config=locked_peft_config(lock.basis_path))
+    plain.train()
+    gain_plain = kl_lock - held_out_kl(plain.model)
+    # measured: 0.160 vs 0.079 nats/token; full-parameter continuation 0.327
+    assert gain_locked > 1.5 * gain_plain > 0
+    bases = {n: (b.U, b.V) for n, b in phase.bases.items()}
+    _assert_locked_training(phase.model, _snapshot(warmed), bases, mode="right")

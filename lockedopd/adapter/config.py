@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
-from .registration import PEFT_TYPE_SUBSPACE_LOCKED
+from ..subspace.basis import LOCK_MODES
+from .peft_type import PEFT_TYPE_SUBSPACE_LOCKED
 
 __all__ = ["MODES", "SubspaceLockedConfig"]
 
-MODES = ("right", "two_sided")
+MODES = LOCK_MODES
 _BIAS_OPTIONS = ("none", "all", "locked_only")
 
 

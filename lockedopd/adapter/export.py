@@ -10,23 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layer import SubspaceLockedLayer
+from .model import locked_layers
 
 __all__ = ["export_lora"]
-
-
-def _locked_layers(peft_model: nn.Module) -> list[tuple[str, SubspaceLockedLayer]]:
-    """``(base-model module name, layer)`` for every subspace-locked layer of ``peft_model``."""
-    from peft.tuners.tuners_utils import BaseTuner
-
-    from .model import _normalize_key
-
-    root = peft_model
-    if isinstance(getattr(root, "base_model", None), BaseTuner):  # PeftModel
-        root = root.base_model
-    if isinstance(root, BaseTuner):
-        root = root.model
-    return [(_normalize_key(n), m) for n, m in root.named_modules() if isinstance(m, SubspaceLockedLayer)]
 
 
 def export_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -69,19 +55,14 @@ def export_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name:
     names: list[str] = []
     ranks: set[int] = set()
     fan_in_fan_out = False
-    for name, layer in _locked_layers(peft_model):
+    for name, layer in locked_layers(peft_model).items():
         if adapter_name not in layer.locked_mode:
             continue
         with torch.no_grad():
-            coeff = layer._coefficients(adapter_name)
-            V = layer.locked_V[adapter_name].to(device=coeff.device, dtype=torch.float32)
-            if layer.locked_mode[adapter_name] == "two_sided":
-                U = layer.locked_U[adapter_name].to(device=coeff.device, dtype=torch.float32)
-                B = U @ coeff.to(torch.float32)
-            else:
-                B = coeff.to(torch.float32)
+            coeff = layer.coefficients(adapter_name)
+            B, A = layer.basis(adapter_name).to(dtype=torch.float32).factors(coeff.to(torch.float32))
         dtype = coeff.dtype
-        tensors[f"base_model.model.{name}.lora_A.weight"] = V.T.to(dtype).cpu().contiguous().clone()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dtype).cpu().contiguous().clone()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dtype).cpu().contiguous().clone()
         names.append(name)
         ranks.add(layer.r[adapter_name])

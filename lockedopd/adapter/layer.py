@@ -6,13 +6,12 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils.other import transpose
 from torch import nn
 
-from .config import MODES
+from ..subspace.basis import LOCK_MODES, SubspaceBasis
 
 __all__ = ["Linear", "SubspaceLockedLayer"]
 
@@ -75,8 +74,8 @@ class SubspaceLockedLayer(BaseTunerLayer):
         """
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"update_layer({adapter_name!r}): r={r!r} must be a positive integer.")
-        if mode not in MODES:
-            raise ValueError(f"update_layer({adapter_name!r}): mode={mode!r} is invalid; allowed: {list(MODES)}.")
+        if mode not in LOCK_MODES:
+            raise ValueError(f"update_layer({adapter_name!r}): mode={mode!r} is invalid; allowed: {list(LOCK_MODES)}.")
         if r > min(self.in_features, self.out_features):
             raise ValueError(
                 f"update_layer({adapter_name!r}): r={r} exceeds min(out_features={self.out_features}, "
@@ -123,9 +122,14 @@ class SubspaceLockedLayer(BaseTunerLayer):
             moved = bases[name][adapter_name]
             bases[name][adapter_name] = tensor.to(moved.device)
 
-    def _coefficients(self, adapter: str) -> torch.Tensor:
-        """The trainable coefficient tensor of ``adapter`` (``A`` or ``C``)."""
+    def coefficients(self, adapter: str) -> torch.Tensor:
+        """The trainable coefficient tensor of ``adapter`` (``A``: out x r, or ``C``: r x r)."""
         return self.locked_C[adapter] if self.locked_mode[adapter] == "two_sided" else self.locked_A[adapter]
+
+    def basis(self, adapter: str) -> SubspaceBasis:
+        """The frozen :class:`~lockedopd.subspace.SubspaceBasis` of ``adapter`` (its algebra lives there)."""
+        U = self.locked_U[adapter] if adapter in self.locked_U else None
+        return SubspaceBasis(self.locked_V[adapter], U, self.locked_mode[adapter])
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Materialise ``ΔW`` (out x in; in x out with ``fan_in_fan_out``) of ``adapter`` in the coefficients' dtype.
@@ -133,29 +137,13 @@ class SubspaceLockedLayer(BaseTunerLayer):
         Args:
             adapter: Name of the adapter.
         """
-        coeff = self._coefficients(adapter)
-        dtype, device = coeff.dtype, coeff.device
-        # half-precision matmuls on CPU are slow and imprecise: compute in float32 and cast back
-        compute_dtype = torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
-        coeff = coeff.to(compute_dtype)
-        V = self.locked_V[adapter].to(device=device, dtype=compute_dtype)
-        if self.locked_mode[adapter] == "two_sided":
-            U = self.locked_U[adapter].to(device=device, dtype=compute_dtype)
-            delta = U @ coeff @ V.T
-        else:
-            delta = coeff @ V.T
-        return transpose(delta, getattr(self, "fan_in_fan_out", False)).to(dtype)
+        delta = self.basis(adapter).delta(self.coefficients(adapter))
+        return transpose(delta, getattr(self, "fan_in_fan_out", False))
 
     def _adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """``x ΔWᵀ`` without materialising ``ΔW``, computed in the coefficients' dtype."""
-        coeff = self._coefficients(adapter)
-        x = self._cast_input_dtype(x, coeff.dtype)
-        V = self.locked_V[adapter].to(device=x.device, dtype=coeff.dtype)
-        h = F.linear(x, V.T)  # x V: (..., r)
-        if self.locked_mode[adapter] == "two_sided":
-            U = self.locked_U[adapter].to(device=x.device, dtype=coeff.dtype)
-            return F.linear(F.linear(h, coeff), U)  # x V Cᵀ Uᵀ
-        return F.linear(h, coeff)  # x V Aᵀ
+        coeff = self.coefficients(adapter)
+        return self.basis(adapter).apply(self._cast_input_dtype(x, coeff.dtype), coeff)
 
 
 class Linear(nn.Module, SubspaceLockedLayer):

@@ -11,16 +11,17 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_feat
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ..subspace.basis_io import check_orthonormal, load_basis
+from ..subspace.basis import check_orthonormal
+from ..subspace.basis_io import load_basis
 from .config import SubspaceLockedConfig
 from .layer import Linear, SubspaceLockedLayer
 
-__all__ = ["SubspaceLockedModel"]
+__all__ = ["SubspaceLockedModel", "base_module_name", "locked_coefficients", "locked_layers"]
 
 _Bases = dict[str, tuple[torch.Tensor | None, torch.Tensor]]
 
 
-def _normalize_key(name: str) -> str:
+def base_module_name(name: str) -> str:
     """Map a (possibly PEFT-wrapped or compiled) module name to the base model's ``named_modules()`` name."""
     name = name.removeprefix("_orig_mod.").removeprefix("base_model.model.").removeprefix("_orig_mod.")
     return re.sub(r"\.base_layer(?=\.|$)", "", name)
@@ -131,8 +132,8 @@ class SubspaceLockedModel(BaseTuner):
                 "saved with save_basis=True works without one."
             )
         raw, _ = load_basis(config.basis_path, check=False)
-        bases = {_normalize_key(name): pair for name, pair in raw.items()}
-        module_names = {_normalize_key(name) for name, _ in model.named_modules()}
+        bases = {base_module_name(name): pair for name, pair in raw.items()}
+        module_names = {base_module_name(name) for name, _ in model.named_modules()}
         unknown = sorted(set(bases) - module_names)
         if unknown:
             raise ValueError(
@@ -145,7 +146,7 @@ class SubspaceLockedModel(BaseTuner):
                 f"target_modules={config.target_modules!r} matched no nn.Linear module of the model; check the "
                 "names (suffix match for lists, full match for a regex string)."
             )
-        missing = [key for key, _ in targets if _normalize_key(key) not in bases]
+        missing = [key for key, _ in targets if base_module_name(key) not in bases]
         if missing:
             raise ValueError(
                 f"Basis file {config.basis_path!r} has no entry for target module(s) {missing[:5]} "
@@ -153,7 +154,7 @@ class SubspaceLockedModel(BaseTuner):
             )
         result: _Bases = {}
         for key, module in targets:
-            name = _normalize_key(key)
+            name = base_module_name(key)
             U, V = bases[name]
             in_f, out_f = _get_in_out_features(
                 module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
@@ -194,7 +195,7 @@ class SubspaceLockedModel(BaseTuner):
             raise ValueError("current_key must not be None.")
         from transformers.pytorch_utils import Conv1D
 
-        name = _normalize_key(current_key)
+        name = base_module_name(current_key)
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not _is_supported(base):
             raise TypeError(
@@ -266,3 +267,22 @@ class SubspaceLockedModel(BaseTuner):
                     "that has save_basis=False and basis_path set to its basis file."
                 )
         return remapped
+
+
+def locked_coefficients(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The trainable coefficients of every subspace-locked layer of ``model`` (a PeftModel, the tuner or the model
+    inside), keyed by the base model's module name and sorted by it."""
+    found = {
+        base_module_name(name): module.coefficients(adapter_name)
+        for name, module in model.named_modules()
+        if isinstance(module, SubspaceLockedLayer) and adapter_name in module.locked_mode
+    }
+    if not found:
+        raise ValueError(f"no subspace-locked layer carries adapter {adapter_name!r}; wrap the model first.")
+    return {name: found[name] for name in sorted(found)}
+
+
+def locked_layers(model: nn.Module) -> dict[str, SubspaceLockedLayer]:
+    """Every subspace-locked layer of ``model``, keyed by the base model's module name and sorted by it."""
+    found = {base_module_name(n): m for n, m in model.named_modules() if isinstance(m, SubspaceLockedLayer)}
+    return {name: found[name] for name in sorted(found)}

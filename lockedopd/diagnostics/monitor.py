@@ -21,26 +21,15 @@ two-sided). Capture below the threshold for ``patience`` checks in a row is a *d
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from lockedopd.subspace.basis import SubspaceBasis
+
 logger = logging.getLogger(__name__)
 AUTO_THRESHOLD_FACTOR = 5.0
-
-
-def project(grad: torch.Tensor, V: torch.Tensor, U: torch.Tensor | None = None) -> torch.Tensor:
-    """P(G) = G·V·Vᵀ, or U·Uᵀ·G·V·Vᵀ when ``U`` is given: ``(out, in)`` → ``(out, in)``."""
-    projected = grad @ V @ V.T
-    if U is not None:
-        projected = U @ (U.T @ projected)
-    return projected
-
-
-def captured_energy(grad: torch.Tensor, V: torch.Tensor, U: torch.Tensor | None = None) -> tuple[float, float]:
-    """``(‖P(G)‖², ‖G‖²)`` in float64."""
-    g = grad.double()
-    return float(project(g, V.double(), None if U is None else U.double()).square().sum()), float(g.square().sum())
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -94,7 +83,7 @@ class TrajectoryMonitor:
         step: int,
         grads: dict[str, torch.Tensor],
         locked_steps: dict[str, torch.Tensor],
-        bases: dict[str, tuple[torch.Tensor | None, torch.Tensor]],
+        bases: Mapping[str, SubspaceBasis | tuple[torch.Tensor | None, torch.Tensor]],
     ) -> dict:
         """Record one check.
 
@@ -102,7 +91,7 @@ class TrajectoryMonitor:
             step: the optimizer step (1-based).
             grads: module name → unconstrained gradient G of its weight (out × in).
             locked_steps: module name → the weight change the locked optimizer just made (out × in).
-            bases: module name → (U or None, V).
+            bases: module name → its :class:`SubspaceBasis` (or a ``(U or None, V)`` pair).
         Returns:
             the check's summary (also appended to ``history``): ``captured_energy`` (energy-weighted over
             matrices), ``captured_energy_min``, ``cosine_to_adam`` and ``cosine_to_gradient`` (means over
@@ -111,15 +100,13 @@ class TrajectoryMonitor:
         inside = total = 0.0
         per_matrix = {}
         for name, grad in grads.items():
-            U, V = bases[name]
-            e_in, e_all = captured_energy(grad, V, U)
+            basis = SubspaceBasis.coerce(bases[name])
+            e_in, e_all = basis.captured_energy(grad)
             inside, total = inside + e_in, total + e_all
             step_w = locked_steps[name]
             adam_step = -grad.double() / (grad.double().abs() + self.eps)
-            out_dim, in_dim = grad.shape
-            rank = V.shape[1]
             per_matrix[name] = {
-                "random_baseline": rank / in_dim if U is None else rank * rank / (in_dim * out_dim),
+                "random_baseline": basis.random_baseline(grad.shape[0]),
                 "captured_energy": e_in / e_all if e_all > 0 else None,
                 "cosine_to_adam": _cosine(step_w, adam_step),
                 "cosine_to_gradient": _cosine(step_w, -grad),

@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from lockedopd.subspace.basis import LOCK_MODES
+from lockedopd.subspace.policy import TrackerSettings
+
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -146,29 +149,26 @@ class DataConfig:
 
 
 @dataclass
-class LockConfig:
+class LockConfig(TrackerSettings):
     """Warmup → lock. ``enabled: false`` runs plain full-parameter OPD.
 
+    The stability test's settings (``rank``, ``threshold``, ``patience``, ``check_every``, ``min_fraction``,
+    ``min_warmup_steps``, ``max_warmup_steps``, ``sketch_size``, ``co_sketch_size``) are those of
+    :class:`lockedopd.subspace.TrackerSettings`, which this class extends; the TRL callback takes the same ones.
+
     Attributes:
-        rank: subspace rank r per matrix.
+        enabled: lock after a warmup (false = full-parameter OPD throughout).
         mode: ``"right"`` (ΔW = A·Vᵀ, trains out×r) or ``"two_sided"`` (ΔW = U·C·Vᵀ, trains r×r).
-        threshold / patience / check_every / min_fraction: stability test of the tracker.
-        min_warmup_steps / max_warmup_steps: bounds on the warmup.
-        at_step: force the lock after this many steps (skips the stability test).
+        at_step: lock exactly after this many steps (never earlier; the stability test and ``max_warmup_steps``
+            then do not decide; see :class:`lockedopd.subspace.LockPolicy`).
         basis_path: lock at step 0 from a saved ``basis.safetensors``.
         lr_scale: learning-rate multiplier of the coefficient optimizer: ``"auto"`` (per matrix, keeps the W-space
-            step of projected full AdamW; see ``LockController._lr_scales``) or a number (1 = plain AdamW).
+            step of projected full AdamW; see :func:`lockedopd.optim.lr_scale_from_adam_state`) or a number
+            (1 = plain AdamW).
     """
 
     enabled: bool = False
-    rank: int = 16
     mode: str = "right"
-    threshold: float = 0.9
-    patience: int = 2
-    check_every: int = 2
-    min_fraction: float = 0.9
-    min_warmup_steps: int = 2
-    max_warmup_steps: int | None = None
     at_step: int | None = None
     basis_path: str | None = None
     lr_scale: float | str = "auto"
@@ -259,7 +259,7 @@ class OPDConfig:
             "rollout.backend": (self.rollout.backend, ("hf", "vllm")),
             "rollout.vllm_locked_sync": (self.rollout.vllm_locked_sync, ("lora", "full")),
             "teacher.vllm_scoring": (self.teacher.vllm_scoring, ("hidden_states", "prompt_logprobs")),
-            "lock.mode": (self.lock.mode, ("right", "two_sided")),
+            "lock.mode": (self.lock.mode, LOCK_MODES),
             "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
             "student.dtype": (self.student.dtype, ("float32", "bfloat16")),
             "teacher.model.dtype": (self.teacher.model.dtype, ("float32", "bfloat16")),

@@ -25,6 +25,14 @@ from lockedopd.opd.evaluation import EvalResult, evaluate_reverse_kl
 from lockedopd.opd.loss import compute_opd_loss, teacher_request
 from lockedopd.opd.rollout import encode_prompts, generate_rollout, student_completion_logprobs
 from lockedopd.opd.schedule import lr_at_step
+from lockedopd.params import (
+    build_adamw,
+    freeze_all_but,
+    optimizer_state_bytes,
+    select_target_linears,
+    trainable_parameters,
+)
+from lockedopd.phases import ADAPTER_NAME
 from lockedopd.rewards import resolve_reward_fn
 from lockedopd.teachers.base import TeacherScorer
 
@@ -35,16 +43,6 @@ EVAL_SEED_OFFSET = 1_000_003
 def step_seed(seed: int, step: int, micro: int = 0) -> int:
     """The seed of one micro-batch: a pure function of (run seed, step), so a resumed run draws the same."""
     return (seed * 1_000_033 + step * 7_919 + micro * 104_729) % (2**31 - 1)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by an optimizer's state tensors (moments, bases)."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                total += value.numel() * value.element_size()
-    return total
 
 
 class MetricsLog:
@@ -122,12 +120,18 @@ class OPDTrainer:
         self.sampler = None  # vLLM student sampler (rollout.backend=vllm), started by train()
         self._sampler_base = None  # which base weights the sampler holds: (phase, lock step)
         self.step = 0
-        self._freeze_all_but_targets()
-        self.optimizer = self._full_optimizer()
+        targets = self.target_parameters()
+        self.optimizer = build_adamw(
+            freeze_all_but(student, targets.values()),
+            config.lr,
+            (config.adam_beta1, config.adam_beta2),
+            config.adam_eps,
+            config.weight_decay,
+        )
         if config.lock.enabled:
             from lockedopd.opd.locking import LockController
 
-            self.lock = LockController(self)
+            self.lock = LockController(config, self.run_dir, student, list(targets), self.lr_at)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @classmethod
@@ -149,38 +153,17 @@ class OPDTrainer:
 
     def target_parameters(self) -> dict[str, nn.Parameter]:
         """Weights of the student's target Linear modules, keyed by module name."""
-        targets = {}
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, nn.Linear) and name.split(".")[-1] in self.config.target_modules:
-                targets[name] = module.weight
-        if not targets:
-            raise ValueError(
-                f"no Linear module of the student matches target_modules={self.config.target_modules}; "
-                "name module suffixes such as q_proj or down_proj."
-            )
-        return targets
-
-    def _freeze_all_but_targets(self) -> None:
-        for p in self.base_model.parameters():
-            p.requires_grad_(False)
-        for p in self.target_parameters().values():
-            p.requires_grad_(True)
-
-    def _full_optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
-        params = list(self.target_parameters().values())
-        return torch.optim.AdamW(
-            params,
-            lr=c.lr,
-            betas=(c.adam_beta1, c.adam_beta2),
-            eps=c.adam_eps,
-            weight_decay=c.weight_decay,
-            foreach=False,
-        )
+        linears = select_target_linears(self.base_model, self.config.target_modules)
+        return {name: module.weight for name, module in linears.items()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the current phase trains."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+        return trainable_parameters(self.optimizer)
+
+    def apply_phase_change(self, change) -> None:
+        """Switch to the model, optimizer and phase a lock, unlock or relock hands over (a ``PhaseChange``)."""
+        self.model, self.base_model = change.model, change.base_model
+        self.optimizer, self.phase = change.optimizer, change.phase
 
     # ---------------------------------------------------------------------------------------------- training
     def lr_at(self, step: int) -> float:
@@ -247,9 +230,8 @@ class OPDTrainer:
         params = self.trainable_parameters()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30))
         lr = self.lr_at(step)
-        multipliers = self.lock.lr_multipliers() if self.lock is not None else None
-        for index, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = lr * (multipliers[index] if multipliers else 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # the locked optimizer keeps one scale per matrix
         if self.lock is not None:
             self.lock.before_optimizer_step(step)
         self.optimizer.step()
@@ -299,7 +281,9 @@ class OPDTrainer:
             self._start_sampler()
         if resume_from is None:
             if self.lock is not None:
-                self.lock.start()
+                change = self.lock.start(self.base_model, self.optimizer)
+                if change is not None:
+                    self.apply_phase_change(change)
             initial = self.evaluate() if self.eval_ids else None
             if initial is not None:
                 log.write({"step": 0, "phase": self.phase, **initial.as_dict()})
@@ -310,7 +294,10 @@ class OPDTrainer:
                 record = self.training_step(self.step)
                 self.step += 1
                 if self.lock is not None:
-                    record.update(self.lock.after_optimizer_step(self.step))
+                    extra, change = self.lock.after_step(self.step, self.phase, self.base_model, self.optimizer)
+                    record.update(extra)
+                    if change is not None:
+                        self.apply_phase_change(change)
                 if self.sampler is not None:
                     record["sync_s"] = round(self._sync_sampler(), 4)
                 is_last = self.step == c.max_steps
@@ -343,12 +330,11 @@ class OPDTrainer:
     # --------------------------------------------------------------------------------------- vLLM rollouts
     def _start_sampler(self) -> None:
         """Start the vLLM student sampler from the current (possibly resumed) student."""
-        from lockedopd.opd.locking import ADAPTER_NAME
         from lockedopd.opd.vllm_rollout import VLLMStudentSampler
 
         c = self.config
         locked = self.lock is not None and self.phase == "locked" and c.rollout.vllm_locked_sync == "lora"
-        weights = self.lock.base_state_dict() if locked else self.effective_state_dict()
+        weights = self.lock.locked.base_state_dict() if locked else self.effective_state_dict()
         context = getattr(self.base_model.config, "max_position_embeddings", None)
         self.sampler = VLLMStudentSampler(
             self.base_model.config,
@@ -371,14 +357,12 @@ class OPDTrainer:
         Full-parameter phases copy all weights; the locked phase copies the base once (at the lock) and after that
         only the adapter, as a LoRA (``rollout.vllm_locked_sync=full``: the merged weights, every step).
         """
-        from lockedopd.opd.locking import ADAPTER_NAME
-
         if self.lock is None or self.phase != "locked" or self.config.rollout.vllm_locked_sync == "full":
             self._sampler_base = self._base_key()
             return self.sampler.sync_weights(self.effective_state_dict())
         seconds = 0.0
         if self._sampler_base != self._base_key():
-            seconds += self.sampler.sync_weights(self.lock.base_state_dict())
+            seconds += self.sampler.sync_weights(self.lock.locked.base_state_dict())
             self._sampler_base = self._base_key()
         return seconds + self.sampler.sync_adapter(self.model, ADAPTER_NAME)
 
@@ -418,13 +402,13 @@ class OPDTrainer:
         }
         trainer_state = {"step": self.step, "phase": self.phase}
         if self.lock is not None:
-            self.lock.add_to_checkpoint(tensors, states, trainer_state)
+            self.lock.checkpoint_state(tensors, states, trainer_state)
         return save_checkpoint(self.run_dir, self.step, tensors, states, trainer_state)
 
     def effective_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights as a plain model's state dict (adapter deltas merged in when locked)."""
         if self.lock is not None and self.phase == "locked":
-            return self.lock.merged_state_dict()
+            return self.lock.locked.merged_state_dict()
         return {k: v for k, v in self.base_model.state_dict().items()}
 
     def _resume_point(self) -> int | None:
@@ -445,7 +429,7 @@ class OPDTrainer:
         self.step = int(trainer_state["step"])
         phase = trainer_state.get("phase", "full")
         if phase == "locked":
-            self.lock.restore_locked(tensors, states, trainer_state)
+            self.apply_phase_change(self.lock.restore_locked(self.base_model, tensors, states, trainer_state))
         else:
             missing, unexpected = self.base_model.load_state_dict(tensors["model"], strict=False)
             missing = [m for m in missing if not _is_tied_duplicate(self.base_model, m)]
@@ -456,7 +440,7 @@ class OPDTrainer:
                 )
             self.optimizer.load_state_dict(states["optimizer"])
             if self.lock is not None:
-                self.lock.restore_warmup(tensors, states, trainer_state)
+                self.lock.restore_unlocked(self.base_model, states, trainer_state)
         rng = states["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate((rng["pyv"], tuple(rng["python"]), None))

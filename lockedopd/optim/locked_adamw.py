@@ -22,33 +22,16 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ..subspace.basis import LOCK_MODES, SubspaceBasis, change_moment_basis, check_lock_mode, check_orthonormal
+from .carry import WarmupCarry
+
 __all__ = ["LockedAdamW", "change_moment_basis", "project_adam_moments"]
 
-PROJECTIONS = ("right", "two_sided")
-_GROUP_KEYS = frozenset({"params", "lr", "betas", "eps", "weight_decay", "projection", "basis", "param_names"})
+PROJECTIONS = LOCK_MODES
+_GROUP_KEYS = frozenset(
+    {"params", "lr", "lr_scale", "betas", "eps", "weight_decay", "projection", "basis", "param_names"}
+)
 _MOMENT_POLICIES = ("project", "reset")
-_ORTHO_ATOL = 1e-4
-
-
-def change_moment_basis(
-    exp_avg: Tensor, exp_avg_sq: Tensor, left: Tensor | None = None, right: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Carry Adam moments of g into the coordinates g' = left·g·right (None = identity).
-
-    The first moment is linear in g, so m' = left·m·right is exact.  The second moment uses the diagonal
-    approximation (gradient coordinates uncorrelated): E[(L·g·R)_ij²] = Σ_kl L_ik²·E[g_kl²]·R_lj², so
-    v' = (L∘L)·v·(R∘R).  It is exact when L and R select coordinates (columns of an identity matrix).
-    Computed in the promoted dtype of the inputs (at least float32).
-    """
-    dtype = torch.promote_types(torch.promote_types(exp_avg.dtype, exp_avg_sq.dtype), torch.float32)
-    m, v = exp_avg.to(dtype), exp_avg_sq.to(dtype)
-    if left is not None:
-        left = left.to(device=m.device, dtype=dtype)
-        m, v = left @ m, (left * left) @ v
-    if right is not None:
-        right = right.to(device=m.device, dtype=dtype)
-        m, v = m @ right, v @ (right * right)
-    return m, v
 
 
 def project_adam_moments(
@@ -56,10 +39,10 @@ def project_adam_moments(
 ) -> tuple[Tensor, Tensor]:
     """Project full-weight Adam moments (out x in) onto a basis: right m_A = m_W·V, v_A = v_W·(V∘V);
     two_sided (U given) m_C = Uᵀ·m_W·V, v_C = (U∘U)ᵀ·v_W·(V∘V).  With ΔW = s·A·Vᵀ the coefficient gradient is
-    s·G·V, hence the factors s and s² (`grad_scale` = s).  See `change_moment_basis` for the v approximation.
+    s·G·V, hence the factors s and s² (`grad_scale` = s).  See `SubspaceBasis.reduce_moments`.
     """
-    m, v = change_moment_basis(exp_avg, exp_avg_sq, left=None if U is None else U.mT, right=V)
-    return m * grad_scale, v * (grad_scale * grad_scale)
+    basis = SubspaceBasis(V, U, "right" if U is None else "two_sided")
+    return basis.reduce_moments(exp_avg, exp_avg_sq, grad_scale)
 
 
 def _check_number(name: str, value, low: float, high: float | None = None, high_open: bool = True) -> None:
@@ -102,15 +85,12 @@ def _parse_basis(entry) -> tuple[Tensor | None, Tensor | None]:
     raise ValueError(f"a basis entry must be None, V, (U, V) or {{'V': V, 'U': U}}; got {type(entry).__name__}")
 
 
-def _check_orthonormal(what: str, m: Tensor, dim: int) -> None:
+def _check_basis_matrix(what: str, m: Tensor, dim: int) -> None:
     if not isinstance(m, Tensor) or m.dim() != 2 or not m.dtype.is_floating_point:
         raise ValueError(f"{what} must be a 2-D floating tensor")
     if m.shape[0] != dim or not 1 <= m.shape[1] <= dim:
         raise ValueError(f"{what} has shape {tuple(m.shape)}; expected ({dim}, r) with 1 <= r <= {dim}")
-    m64 = m.detach().to(torch.float64)
-    dev = (m64.mT @ m64 - torch.eye(m.shape[1], dtype=torch.float64, device=m.device)).abs().max()
-    if not float(dev) <= _ORTHO_ATOL:
-        raise ValueError(f"{what} does not have orthonormal columns (max |MᵀM - I| = {float(dev):.3g})")
+    check_orthonormal(what, m)
 
 
 class LockedAdamW(torch.optim.Optimizer):
@@ -196,12 +176,12 @@ class LockedAdamW(torch.optim.Optimizer):
         if V is not None:
             if param.dim() != 2:
                 raise ValueError(f"only 2-D params can have a basis, got shape {tuple(param.shape)}")
-            _check_orthonormal("V", V, param.shape[1])
+            _check_basis_matrix("V", V, param.shape[1])
             new_v = V.detach().to(device=param.device, dtype=cdt).clone()
             if projection == "two_sided":
                 if U is None:
                     raise ValueError("projection 'two_sided' needs U as well as V")
-                _check_orthonormal("U", U, param.shape[0])
+                _check_basis_matrix("U", U, param.shape[0])
                 new_u = U.detach().to(device=param.device, dtype=cdt).clone()
             elif projection != "right":
                 raise ValueError(f"unknown projection {projection!r}")
@@ -279,28 +259,18 @@ class LockedAdamW(torch.optim.Optimizer):
         p.addcdiv_(exp_avg, denom, value=-step_size)
 
     def _projected_step(self, p: Tensor, state: dict, group: dict, projection: str) -> None:
+        basis = SubspaceBasis(state["V"], state.get("U"), projection)
         V = state["V"]
-        U = state.get("U")
-        if projection == "two_sided":
-            if U is None:
-                raise ValueError("param has a basis without U but its group uses projection 'two_sided'")
-            lift = lambda low: U @ low @ V.mT  # noqa: E731
-            reduce = lambda full: U.mT @ full @ V  # noqa: E731
-        elif projection == "right":
-            lift = lambda low: low @ V.mT  # noqa: E731
-            reduce = lambda full: full @ V  # noqa: E731
-        else:
-            raise ValueError(f"unknown projection {projection!r}")
-        grad_low = reduce(p.grad.to(V.dtype))
+        grad_low = basis.reduce(p.grad.to(V.dtype))
         if group["weight_decay"] != 0:
             # W - a·P(W) written as (1 - a)·W + a·(W - P(W)): the same value, and with a full basis (P = id) the
             # residual is exactly 0, so the result is bit-identical to AdamW's W·(1 - a)
             decay = group["lr"] * group["weight_decay"]
-            outside = (p.to(V.dtype) - lift(reduce(p.to(V.dtype)))).to(p.dtype)
+            outside = (p.to(V.dtype) - basis.project(p.to(V.dtype))).to(p.dtype)
             p.mul_(1 - decay).add_(outside, alpha=decay)
         exp_avg, denom, step_size = self._adam(state, grad_low, group)
         # (-step_size·m)/denom: the evaluation order of torch's addcdiv, so a full basis reproduces AdamW bitwise
-        p.add_(lift(exp_avg.mul(-step_size).div_(denom)).to(p.dtype))
+        p.add_(basis.lift(exp_avg.mul(-step_size).div_(denom)).to(p.dtype))
 
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict) -> None:
@@ -320,12 +290,56 @@ class LockedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ warmup continuation
     @classmethod
     @torch.no_grad()
+    def from_carry(
+        cls,
+        coefficients: Mapping[str, Tensor],
+        carry: WarmupCarry,
+        mode: str = "right",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> LockedAdamW:
+        """Coefficient-mode optimizer that continues the warmup from a :class:`WarmupCarry`.
+
+        One param group per module (in the order of ``coefficients``), each with ``lr_scale`` = the carry's scale
+        and ``lr`` = ``lr · lr_scale``, so both a loop that sets ``group["lr"] = lr_t · group["lr_scale"]`` every
+        step and a scheduler that multiplies each group's initial lr keep the scale. Each coefficient tensor starts
+        from the carried step count and moments (a fresh state where the carry has none).
+        """
+        check_lock_mode(mode)
+        unknown = sorted(set(carry.lr_scales) - set(coefficients))
+        if unknown:
+            raise ValueError(f"the warmup carry names modules without coefficients: {unknown[:5]}")
+        groups = []
+        for name, coef in coefficients.items():
+            scale = float(carry.lr_scales.get(name, 1.0))
+            groups.append({"params": [coef], "lr": lr * scale, "lr_scale": scale, "param_names": [name]})
+        opt = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, projection=mode)
+        for name, coef in coefficients.items():
+            if name not in carry.steps:
+                continue
+            m, v = carry.exp_avg[name], carry.exp_avg_sq[name]
+            if tuple(m.shape) != tuple(coef.shape):
+                raise ValueError(
+                    f"{name}: carried moments have shape {tuple(m.shape)} but the coefficients {tuple(coef.shape)}; "
+                    "the carry was taken for another mode or rank."
+                )
+            opt.state[coef] = {
+                "step": torch.tensor(carry.steps[name], dtype=torch.float32),
+                "exp_avg": m.to(device=coef.device, dtype=coef.dtype).contiguous(),
+                "exp_avg_sq": v.to(device=coef.device, dtype=coef.dtype).contiguous(),
+            }
+        return opt
+
+    @classmethod
+    @torch.no_grad()
     def from_warmup(
         cls,
         coefficients: Mapping[str, Tensor],
         warmup_optimizer: torch.optim.Optimizer,
         full_params: Mapping[str, Tensor],
-        bases: Mapping[str, tuple[Tensor, Tensor]],
+        bases: Mapping[str, SubspaceBasis | tuple[Tensor, Tensor]],
         mode: str = "right",
         lr: float | None = None,
         betas: tuple[float, float] | None = None,
@@ -338,16 +352,16 @@ class LockedAdamW(torch.optim.Optimizer):
 
         For each module name: ``coefficients[name]`` is the trainable A (out x r, mode "right": ΔW = s·A·Vᵀ) or
         C (r x r, mode "two_sided": ΔW = s·U·C·Vᵀ), ``full_params[name]`` the weight W the warmup optimizer
-        trained, ``bases[name]`` its (U, V), s = `grad_scale`.  The new state gets the warmup's step count and
-        m_A = s·m_W·V, v_A = s²·v_W·(V∘V) (right) or m_C = s·Uᵀ·m_W·V, v_C = s²·(U∘U)ᵀ·v_W·(V∘V) (two_sided);
-        see `project_adam_moments`.  W whose warmup state is empty give a fresh state.  `extra_params`
-        (biases, norms, ... that stay fully trainable) keep their warmup state as is.  lr, betas and eps default
-        to the warmup group's values (which must then agree across groups); weight_decay defaults to 0 because
-        decay on coefficients shrinks ΔW, not W.  Adam's step is invariant to s: to keep ΔW's step size, pass
-        lr = warmup lr / s.
+        trained, ``bases[name]`` its :class:`SubspaceBasis` (or (U, V)), s = `grad_scale`.  The new state gets the
+        warmup's step count and m_A = s·m_W·V, v_A = s²·v_W·(V∘V) (right) or m_C = s·Uᵀ·m_W·V,
+        v_C = s²·(U∘U)ᵀ·v_W·(V∘V) (two_sided); see `SubspaceBasis.reduce_moments`.  W whose warmup state is empty
+        give a fresh state.  `extra_params` (biases, norms, ... that stay fully trainable) keep their warmup state as
+        is.  lr, betas and eps default to the warmup group's values (which must then agree across groups);
+        weight_decay defaults to 0 because decay on coefficients shrinks ΔW, not W.  Adam's step is invariant to s:
+        to keep ΔW's step size, pass lr = warmup lr / s.  (For a per-matrix lr scale, use
+        :meth:`from_carry` with a :class:`WarmupCarry`.)
         """
-        if mode not in PROJECTIONS:
-            raise ValueError(f"mode must be one of {PROJECTIONS}, got {mode!r}")
+        check_lock_mode(mode, "mode")
         _check_number("grad_scale", grad_scale, 0.0)
         if set(coefficients) != set(bases):
             raise ValueError(
@@ -358,8 +372,6 @@ class LockedAdamW(torch.optim.Optimizer):
             raise ValueError(f"full_params lacks modules {missing[:5]}")
         groups_of = {}
         for group in warmup_optimizer.param_groups:
-            if group.get("amsgrad", False):
-                raise ValueError("warmup optimizers with amsgrad=True are not supported")
             for p in group["params"]:
                 groups_of[id(p)] = group
         extra_params = list(extra_params)
@@ -376,32 +388,25 @@ class LockedAdamW(torch.optim.Optimizer):
             if len(values) != 1:
                 raise ValueError(f"warmup param groups disagree on {key} ({sorted(values)}); pass {key}= explicitly")
             hparams[key] = values.pop()
-        coef_list = list(coefficients.values())
-        opt = cls(coef_list + extra_params, weight_decay=weight_decay, projection=mode, **hparams)
+        locked = {}
         for name, coef in coefficients.items():
-            U, V = bases[name]
+            basis = SubspaceBasis.coerce(bases[name], mode)
             W = full_params[name]
             out_f, in_f = W.shape
-            if tuple(V.shape[:1]) != (in_f,) or (mode == "two_sided" and tuple(U.shape[:1]) != (out_f,)):
-                raise ValueError(f"{name}: basis shapes U {tuple(U.shape)}, V {tuple(V.shape)} do not fit W {W.shape}")
-            expected = (out_f, V.shape[1]) if mode == "right" else (U.shape[1], V.shape[1])
+            if basis.in_features != in_f or (basis.two_sided and basis.U.shape[0] != out_f):
+                raise ValueError(
+                    f"{name}: basis shapes U {_shape_of(basis.U)}, V {tuple(basis.V.shape)} do not fit W {W.shape}"
+                )
+            expected = basis.coefficient_shape(out_f)
             if tuple(coef.shape) != expected:
                 raise ValueError(f"{name}: coefficient shape {tuple(coef.shape)} != expected {expected} ({mode})")
-            ws = warmup_optimizer.state.get(W, {})
-            if not ws:
-                continue
-            if "V" in ws:
-                raise ValueError(f"{name}: the warmup optimizer already projected this weight; nothing to transfer")
-            if "exp_avg" not in ws or "exp_avg_sq" not in ws or "step" not in ws:
-                raise ValueError(f"{name}: warmup state has keys {sorted(ws)}; need step/exp_avg/exp_avg_sq (AdamW)")
-            m, v = project_adam_moments(
-                ws["exp_avg"], ws["exp_avg_sq"], V, U if mode == "two_sided" else None, grad_scale
-            )
-            opt.state[coef] = {
-                "step": torch.tensor(float(ws["step"]), dtype=torch.float32),
-                "exp_avg": m.to(device=coef.device, dtype=coef.dtype).contiguous(),
-                "exp_avg_sq": v.to(device=coef.device, dtype=coef.dtype).contiguous(),
-            }
+            locked[name] = basis
+        carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, locked, lr_scale=1.0, grad_scale=grad_scale)
+        opt = cls(list(coefficients.values()) + extra_params, weight_decay=weight_decay, projection=mode, **hparams)
+        template = cls.from_carry(coefficients, carry, mode=mode, **hparams)
+        for coef in coefficients.values():
+            if coef in template.state:
+                opt.state[coef] = template.state[coef]
         for p in extra_params:
             ws = warmup_optimizer.state.get(p, {})
             if ws:
@@ -411,6 +416,10 @@ class LockedAdamW(torch.optim.Optimizer):
                     "exp_avg_sq": ws["exp_avg_sq"].detach().clone(),
                 }
         return opt
+
+
+def _shape_of(t: Tensor | None) -> tuple | None:
+    return None if t is None else tuple(t.shape)
 
 
 def _product(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -1,6 +1,8 @@
 """Subspace tracking during warmup: sketches of ΔW, top-r bases, stability detection, basis files."""
 
-from .basis_io import check_orthonormal, load_basis, save_basis
+from .basis import LOCK_MODES, SubspaceBasis, check_lock_mode, check_orthonormal
+from .basis_io import load_basis, save_basis
+from .policy import LockDecision, LockPolicy, TrackerSettings
 from .sketch import (
     LowRankFactors,
     default_sketch_sizes,
@@ -13,8 +15,14 @@ from .sketch import (
 from .tracker import SubspaceTracker
 
 __all__ = [
+    "LOCK_MODES",
+    "SubspaceBasis",
+    "check_lock_mode",
+    "LockDecision",
+    "LockPolicy",
     "LowRankFactors",
     "SubspaceTracker",
+    "TrackerSettings",
     "check_orthonormal",
     "default_sketch_sizes",
     "draw_test_matrices",

@@ -34,17 +34,19 @@ def check_orthonormal(name: str, M: Tensor, atol: float = 1e-4) -> None:
         M: A 2-D tensor of shape ``(n, r)`` with ``r <= n``.
         atol: Largest allowed absolute deviation of any entry of ``MᵀM`` from the identity.
     """
-    if M.ndim != 2:
-        raise ValueError(f"Basis matrix {name!r} must be 2-D (n x r), got shape {tuple(M.shape)}.")
+    if not isinstance(M, Tensor) or M.ndim != 2 or not M.dtype.is_floating_point:
+        shape = tuple(M.shape) if isinstance(M, Tensor) else type(M).__name__
+        raise ValueError(f"Basis matrix {name!r} must be a 2-D floating tensor (n x r), got {shape}.")
     n, r = M.shape
     if r > n:
         raise ValueError(
             f"Basis matrix {name!r} has shape {tuple(M.shape)}: r={r} columns cannot be orthonormal in dimension "
             f"{n}. Use r <= {n}."
         )
-    M64 = M.detach().to(device="cpu", dtype=torch.float64)
+    M64 = M.detach().to(dtype=torch.float64)
     gram = M64.T @ M64
-    deviation = (gram - torch.eye(r, dtype=torch.float64)).abs().max().item() if r > 0 else 0.0
+    eye = torch.eye(r, dtype=torch.float64, device=M64.device)
+    deviation = float((gram - eye).abs().max()) if r > 0 else 0.0
     if not deviation <= atol:  # also catches NaN
         raise ValueError(
             f"Basis matrix {name!r} (shape {tuple(M.shape)}) does not have orthonormal columns: max |MᵀM - I| = "
