@@ -32,6 +32,10 @@ def test_all_shipped_configs_load():
         ("max_steps=ten", "max_steps must be int"),
         ("objective.reward_lambda=0.5", "set objective.reward_fn"),
         ("teacher.backend=openai", "teacher.backend='openai'"),
+        ("lock.at_step=0", "lock.at_step must be >= 1 or null, got 0"),
+        ("lock.max_warmup_steps=0", "lock.max_warmup_steps must be >= 1 or null"),
+        ("lock.threshold=1.5", "lock.threshold must be in (0, 1], got 1.5"),
+        ("lock.mode=left", "lock.mode='left' is not one of ['right', 'two_sided']"),
     ],
 )
 def test_bad_config_values_name_the_key(override, message):

@@ -147,7 +147,7 @@ class SubspaceLockCallback(TrainerCallback):
     See the module docstring for the two-run design. When and why the run locks is decided by
     :class:`~lockedopd.subspace.LockPolicy`, the same policy :class:`lockedopd.OPDTrainer` uses:
 
-    * ``at_step`` is given: exactly after optimizer step ``at_step`` (stability checks still run and are logged);
+    * ``at_step`` is given: exactly after optimizer step ``at_step`` (stability checks are logged until stable);
     * otherwise: when the tracker declares the subspace stable, or reaches ``max_warmup_steps``.
 
     At the lock it writes the basis and, beside it, the warmup carry (the AdamW moments in coefficient space and the

@@ -281,6 +281,12 @@ class OPDConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {value}.")
+        for key, value in (("lock.at_step", self.lock.at_step), ("lock.max_warmup_steps", self.lock.max_warmup_steps)):
+            if value is not None and value < 1:
+                raise ValueError(f"config: {key} must be >= 1 or null, got {value}.")
+        for key, value in (("lock.threshold", self.lock.threshold), ("lock.min_fraction", self.lock.min_fraction)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"config: {key} must be in (0, 1], got {value}.")
         threshold = self.monitor.capture_threshold
         if threshold != "auto" and (isinstance(threshold, (str, bool)) or not 0.0 <= threshold <= 1.0):
             raise ValueError(f"config: monitor.capture_threshold must be 'auto' or in [0, 1], got {threshold!r}.")

@@ -70,7 +70,8 @@ class LockPolicy:
     """Decides when to lock and why, from a :class:`SubspaceTracker` that sketches ΔW during warmup.
 
     * ``at_step`` given: lock exactly after optimizer step ``at_step`` — never earlier, whatever the stability test
-      says (its checks still run and are reported), and ``max_warmup_steps`` does not apply;
+      says (its checks run and are reported until it finds the subspace stable), and ``max_warmup_steps`` does not
+      apply;
     * otherwise: lock when the tracker declares the subspace stable (reason ``"stable"``) or reaches
       ``max_warmup_steps`` (reason ``"max_warmup_steps"``).
 
