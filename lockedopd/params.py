@@ -64,9 +64,13 @@ def trainable_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by an optimizer's state tensors (moments, bases)."""
+    """Bytes held by an optimizer's state tensors (moments, bases), counted in its ``state_dict()``.
+
+    The state dict is what a checkpoint holds, and it turns objects kept in the state (GaLore's projectors) into the
+    tensors they hold, so those count too.
+    """
     total = 0
-    for state in optimizer.state.values():
+    for state in optimizer.state_dict()["state"].values():
         for value in state.values():
             if torch.is_tensor(value):
                 total += value.numel() * value.element_size()

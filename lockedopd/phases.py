@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lockedopd.adapter import SubspaceLockedConfig
-from lockedopd.adapter.model import locked_coefficients, locked_layers
+from lockedopd.adapter.model import base_module_name, locked_coefficients
 from lockedopd.optim import LockedAdamW, WarmupCarry
 from lockedopd.params import build_adamw, freeze_all_but, select_target_linears
 from lockedopd.subspace.basis import SubspaceBasis, check_lock_mode
@@ -38,7 +38,11 @@ __all__ = [
     "LockedPhase",
     "carry_path_for",
     "enter_locked_phase",
+    "LOCKED_KINDS",
+    "enter_lora_phase",
+    "enter_projected_phase",
     "leave_locked_phase",
+    "tuner_layers",
     "load_locked_phase",
     "write_lock_files",
 ]
@@ -72,22 +76,43 @@ def write_lock_files(
     return LockFiles(Path(basis_path), carry_path)
 
 
+LOCKED_KINDS = ("subspace", "lora", "projected_full")
+"""What a locked phase trains: subspace coefficients (lockedopd), a LoRA (baseline), or full weights whose AdamW
+update is projected onto the subspace (upper bound, full memory)."""
+
+
 @dataclass
 class LockedPhase:
-    """A student in its locked phase: the PEFT-wrapped model, its coefficient optimizer and the frozen bases."""
+    """A student in its locked phase: the model it runs, its optimizer, the frozen bases and what kind it is.
+
+    ``kind`` is one of :data:`LOCKED_KINDS`: ``subspace`` (PEFT subspace-locked adapter, :class:`LockedAdamW` on
+    the coefficients), ``lora`` (PEFT LoRA, AdamW; no bases) or ``projected_full`` (plain model, full weights
+    trained by :class:`LockedAdamW` with W-space moments and projected updates).
+    """
 
     model: nn.Module
-    optimizer: LockedAdamW
+    optimizer: torch.optim.Optimizer
     bases: dict[str, SubspaceBasis]
     adapter_name: str = ADAPTER_NAME
+    kind: str = "subspace"
 
     def coefficients(self) -> dict[str, nn.Parameter]:
-        """The trainable coefficients (A: out×r, or C: r×r) of each locked module, sorted by name."""
+        """The trainable coefficients (A: out×r, or C: r×r) of each locked module, sorted by name (subspace only)."""
+        if self.kind != "subspace":
+            raise ValueError(f"a {self.kind} locked phase has no subspace coefficients; use trainable().")
         return locked_coefficients(self.model, self.adapter_name)
 
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """Everything the phase trains, by name: coefficients (module names), LoRA factors or full weights."""
+        if self.kind == "subspace":
+            return self.coefficients()
+        if self.kind == "projected_full":
+            return {name: self.model.get_submodule(name).weight for name in self.bases}
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
     def lr_scales(self) -> dict[str, float]:
-        """Each locked module's learning-rate multiplier (the ``lr_scale`` of its param group)."""
-        names = {id(p): name for name, p in self.coefficients().items()}
+        """Each trained tensor's learning-rate multiplier (the ``lr_scale`` of its param group)."""
+        names = {id(p): name for name, p in self.trainable().items()}
         return {
             names[id(p)]: float(group.get("lr_scale", 1.0))
             for group in self.optimizer.param_groups
@@ -96,22 +121,35 @@ class LockedPhase:
         }
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """The frozen base weights W_lock under plain module names (the adapter's tensors left out)."""
+        """The frozen base weights under plain module names (the adapter's tensors left out)."""
+        if self.kind == "projected_full":
+            return dict(self.model.state_dict())
         inner = self.model.get_base_model()
+        tag = f".{self.adapter_name}"
         return {
             key.replace(".base_layer.", "."): value
             for key, value in inner.state_dict().items()
-            if ".locked_" not in key
+            if f"{tag}." not in key and not key.endswith(tag)
         }
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The student's effective weights under plain module names (W_lock + ΔW for locked modules)."""
+        """The student's effective weights under plain module names (base + ΔW for every adapted module)."""
         merged = self.base_state_dict()
-        for name, layer in locked_layers(self.model).items():
+        if self.kind == "projected_full":
+            return merged
+        for name, layer in tuner_layers(self.model).items():
             key = f"{name}.weight"
             merged[key] = merged[key] + layer.get_delta_weight(self.adapter_name).to(merged[key].dtype)
         return merged
+
+
+def tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every PEFT tuner layer (subspace-locked, LoRA, ...) of ``model`` by base module name, sorted."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = {base_module_name(n): m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    return {name: found[name] for name in sorted(found)}
 
 
 def enter_locked_phase(
@@ -153,6 +191,75 @@ def enter_locked_phase(
         coefficients, carry if carry is not None else WarmupCarry(), mode=mode, lr=lr, betas=betas, eps=eps
     )
     return LockedPhase(peft_model, optimizer, {name: bases[name] for name in sorted(bases)}, adapter_name)
+
+
+def enter_lora_phase(
+    model: nn.Module,
+    target_names: Sequence[str],
+    rank: int,
+    *,
+    lr: float,
+    alpha: float | None = None,
+    lr_scale: float = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    adapter_name: str = ADAPTER_NAME,
+) -> LockedPhase:
+    """The LoRA baseline: PEFT LoRA of ``rank`` on the exact modules ``target_names`` (fresh, B = 0), trained by
+    ``torch.optim.AdamW`` at ``lr · lr_scale`` (one group carrying ``lr_scale``). Nothing carries over from the
+    warmup optimizer: LoRA's factors have no coordinates in common with W's."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=0.0, target_modules=list(target_names)
+    )
+    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    group = {"params": params, "lr": lr * lr_scale, "lr_scale": float(lr_scale)}
+    optimizer = torch.optim.AdamW([group], lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0, foreach=False)
+    return LockedPhase(peft_model, optimizer, {}, adapter_name, kind="lora")
+
+
+@torch.no_grad()
+def enter_projected_phase(
+    model: nn.Module,
+    bases: Mapping[str, SubspaceBasis],
+    warmup_optimizer: torch.optim.Optimizer | None,
+    *,
+    lr: float,
+    lr_scale: float = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> LockedPhase:
+    """The ``projected_full`` upper bound: the locked matrices' full weights keep training with full-size W-space
+    AdamW moments (carried from ``warmup_optimizer`` unchanged) of the projected gradient, and every update is
+    projected onto the subspace (:class:`LockedAdamW` with ``moment_space="weight"``). Full AdamW's memory."""
+    weights = {name: model.get_submodule(name).weight for name in sorted(bases)}
+    freeze_all_but(model, weights.values())
+    groups = [
+        {
+            "params": [w],
+            "basis": [(bases[name].U, bases[name].V)],
+            "projection": bases[name].mode,
+            "moment_space": "weight",
+            "lr": lr * lr_scale,
+            "lr_scale": float(lr_scale),
+            "param_names": [name],
+        }
+        for name, w in weights.items()
+    ]
+    optimizer = LockedAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if warmup_optimizer is not None:
+        for w in weights.values():
+            state = warmup_optimizer.state.get(w, {})
+            if state:
+                optimizer.state[w].update(
+                    step=torch.tensor(float(state["step"]), dtype=torch.float32),
+                    exp_avg=state["exp_avg"].detach().clone(),
+                    exp_avg_sq=state["exp_avg_sq"].detach().clone(),
+                )
+    return LockedPhase(model, optimizer, {name: bases[name] for name in sorted(bases)}, kind="projected_full")
 
 
 def load_locked_phase(

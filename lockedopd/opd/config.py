@@ -165,6 +165,14 @@ class LockConfig(TrackerSettings):
         lr_scale: learning-rate multiplier of the coefficient optimizer: ``"auto"`` (per matrix, keeps the W-space
             step of projected full AdamW; see :func:`lockedopd.optim.lr_scale_from_adam_state`) or a number
             (1 = plain AdamW).
+        adapter: what trains after the lock: ``"subspace"`` (the locked basis, lockedopd's method) or ``"lora"``
+            (PEFT LoRA of rank ``rank`` on the same modules, fresh: a baseline; ``at_step: 0`` = LoRA from step 0).
+        basis_source: ``"tracker"`` (the warmup's top-r subspace) or ``"random"`` (a random orthonormal basis of the
+            same rank: the control that shows the subspace, not the rank, carries the gain).
+        optimizer: ``"coefficients"`` (LockedAdamW on A or C: the small-memory method) or ``"projected_full"`` (the
+            full weights stay trainable; AdamW keeps full W-space moments of the projected gradient and every update
+            is projected onto the subspace: memory-heavy, an upper bound for benchmarks).
+        lora_alpha: LoRA's alpha (``null`` = rank, scaling 1) for ``adapter: lora``.
     """
 
     enabled: bool = False
@@ -172,6 +180,10 @@ class LockConfig(TrackerSettings):
     at_step: int | None = None
     basis_path: str | None = None
     lr_scale: float | str = "auto"
+    adapter: str = "subspace"
+    basis_source: str = "tracker"
+    optimizer: str = "coefficients"
+    lora_alpha: float | None = None
 
 
 @dataclass
@@ -197,6 +209,23 @@ class MonitorConfig:
 
 
 @dataclass
+class GaloreConfig:
+    """GaLore (``optimizer: galore``, the ``galore-torch`` package): a whole-run low-rank-gradient baseline.
+
+    Attributes:
+        rank: rank of the gradient projection (``null`` = ``lock.rank``).
+        update_proj_gap: steps between refreshes of the projection (an SVD of the gradient).
+        scale: GaLore's update scale (its α).
+        proj_type: ``"std"``, ``"left"``, ``"right"`` or ``"reverse_std"`` (which side GaLore projects).
+    """
+
+    rank: int | None = None
+    update_proj_gap: int = 10
+    scale: float = 1.0
+    proj_type: str = "std"
+
+
+@dataclass
 class OPDConfig:
     """Everything an OPD run needs. Load from YAML with :func:`load_config`.
 
@@ -208,6 +237,7 @@ class OPDConfig:
         lr / lr_scheduler / lr_warmup_steps / min_lr_ratio: learning-rate schedule (constant, linear, cosine).
         weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW settings.
         max_grad_norm: gradient clipping (0 disables).
+        optimizer: the full-parameter optimizer: ``"adamw"`` or ``"galore"`` (a baseline; see ``galore``).
         target_modules: student Linear modules trained (all other weights frozen).
         save_steps / eval_steps: checkpoint and held-out eval period (0 disables; the last step always saves).
         resume: continue from the newest complete checkpoint in ``output_dir``.
@@ -230,6 +260,7 @@ class OPDConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     save_steps: int = 5
     eval_steps: int = 5
@@ -243,9 +274,41 @@ class OPDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lock: LockConfig = field(default_factory=LockConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def _validate_lock_method(self) -> None:
+        lock = self.lock
+        no_basis_needed = lock.adapter == "lora" or lock.basis_source == "random"
+        if lock.at_step is not None and (lock.at_step < 0 or (lock.at_step == 0 and not no_basis_needed)):
+            raise ValueError(
+                f"config: lock.at_step must be >= 1 or null, got {lock.at_step} (0 = lock before the first step needs "
+                "no warmup update: only with lock.adapter=lora or lock.basis_source=random; else use lock.basis_path)."
+            )
+        if lock.adapter == "lora" and (lock.optimizer != "coefficients" or lock.basis_path or lock.mode != "right"):
+            raise ValueError(
+                "config: lock.adapter=lora trains a fresh LoRA with AdamW; it takes no lock.basis_path, "
+                "lock.optimizer=projected_full or lock.mode=two_sided. Drop those settings."
+            )
+        if lock.lora_alpha is not None and lock.lora_alpha <= 0:
+            raise ValueError(f"config: lock.lora_alpha must be > 0 or null, got {lock.lora_alpha}.")
+        if (
+            self.rollout.backend == "vllm"
+            and self.rollout.vllm_locked_sync == "lora"
+            and (lock.adapter == "lora" or lock.optimizer == "projected_full")
+        ):
+            raise ValueError(
+                f"config: rollout.backend=vllm syncs the subspace adapter as a LoRA after the lock, which "
+                f"lock.adapter={lock.adapter} / lock.optimizer={lock.optimizer} do not have; set "
+                "rollout.vllm_locked_sync=full."
+            )
+        if self.optimizer == "galore" and lock.enabled:
+            raise ValueError(
+                "config: optimizer=galore is a whole-run baseline (GaLore refreshes its own projections); set "
+                "lock.enabled=false."
+            )
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""
@@ -260,6 +323,11 @@ class OPDConfig:
             "rollout.vllm_locked_sync": (self.rollout.vllm_locked_sync, ("lora", "full")),
             "teacher.vllm_scoring": (self.teacher.vllm_scoring, ("hidden_states", "prompt_logprobs")),
             "lock.mode": (self.lock.mode, LOCK_MODES),
+            "lock.adapter": (self.lock.adapter, ("subspace", "lora")),
+            "lock.basis_source": (self.lock.basis_source, ("tracker", "random")),
+            "lock.optimizer": (self.lock.optimizer, ("coefficients", "projected_full")),
+            "optimizer": (self.optimizer, ("adamw", "galore")),
+            "galore.proj_type": (self.galore.proj_type, ("std", "reverse_std", "left", "right")),
             "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
             "student.dtype": (self.student.dtype, ("float32", "bfloat16")),
             "teacher.model.dtype": (self.teacher.model.dtype, ("float32", "bfloat16")),
@@ -281,9 +349,9 @@ class OPDConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {value}.")
-        for key, value in (("lock.at_step", self.lock.at_step), ("lock.max_warmup_steps", self.lock.max_warmup_steps)):
-            if value is not None and value < 1:
-                raise ValueError(f"config: {key} must be >= 1 or null, got {value}.")
+        if self.lock.max_warmup_steps is not None and self.lock.max_warmup_steps < 1:
+            raise ValueError(f"config: lock.max_warmup_steps must be >= 1 or null, got {self.lock.max_warmup_steps}.")
+        self._validate_lock_method()
         for key, value in (("lock.threshold", self.lock.threshold), ("lock.min_fraction", self.lock.min_fraction)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"config: {key} must be in (0, 1], got {value}.")

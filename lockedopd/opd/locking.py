@@ -30,7 +30,15 @@ from lockedopd.adapter.model import locked_layers
 from lockedopd.checkpoint import atomic_save_safetensors, atomic_write_text
 from lockedopd.optim import WarmupCarry
 from lockedopd.params import optimizer_state_bytes, trainable_parameters
-from lockedopd.phases import ADAPTER_NAME, LockedPhase, enter_locked_phase, leave_locked_phase, write_lock_files
+from lockedopd.phases import (
+    ADAPTER_NAME,
+    LockedPhase,
+    enter_locked_phase,
+    enter_lora_phase,
+    enter_projected_phase,
+    leave_locked_phase,
+    write_lock_files,
+)
 from lockedopd.subspace.basis import SubspaceBasis
 from lockedopd.subspace.policy import LockPolicy
 
@@ -80,7 +88,7 @@ class LockController:
 
             m = config.monitor
             self.monitor = TrajectoryMonitor(every=m.every, capture_threshold=m.capture_threshold, patience=m.patience)
-        if self.settings.basis_path is None:
+        if self.settings.basis_path is None and self.settings.at_step != 0:
             self._start_policy(model, at_step=self.settings.at_step)
 
     @property
@@ -103,15 +111,19 @@ class LockController:
 
     # --------------------------------------------------------------------------------------------- the phases
     def start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> PhaseChange | None:
-        """Before step 0 of a fresh run: lock at once when ``lock.basis_path`` is set."""
-        if self.settings.basis_path is None:
-            return None
-        bases, _ = SubspaceBasis.load_all(self.settings.basis_path, mode=self.settings.mode)
-        return self.lock(0, model, optimizer, bases, reason="basis_path")
+        """Before step 0 of a fresh run: lock at once when ``lock.basis_path`` is set or ``lock.at_step`` is 0."""
+        if self.settings.basis_path is not None:
+            bases, _ = SubspaceBasis.load_all(self.settings.basis_path, mode=self.settings.mode)
+            return self.lock(0, model, optimizer, bases, reason="basis_path")
+        if self.settings.at_step == 0:
+            return self.lock(0, model, optimizer, {}, reason="at_step")
+        return None
 
     def before_backward(self, step: int) -> None:
         """On monitor steps of the locked phase, let the backward pass also fill the frozen weights' gradients."""
-        if self.locked is None or self.monitor is None or not self.monitor.due(step + 1):
+        if self.locked is None or self.locked.kind != "subspace" or self.monitor is None:
+            return
+        if not self.monitor.due(step + 1):
             return
         layers = locked_layers(self.locked.model)
         self._watch = {"weights": {name: layers[name].base_layer.weight for name in self.locked.bases}}
@@ -158,23 +170,57 @@ class LockController:
         bases: dict[str, SubspaceBasis],
         reason: str,
     ) -> PhaseChange:
-        """Freeze ``bases`` and switch to coefficient training (see the module docstring)."""
-        bases = {name: bases[name].with_mode(self.settings.mode) for name in sorted(bases)}
-        full_params = {name: model.get_submodule(name).weight for name in bases}
-        carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, bases, lr_scale=self.settings.lr_scale)
-        meta = {"step": step, "rank": self.settings.rank, "mode": self.settings.mode, "reason": reason}
-        write_lock_files(self.basis_file, bases, meta, carry)
-        atomic_save_safetensors(model.state_dict(), self.lock_base_file, {"step": step})
-        self.locked = enter_locked_phase(model, bases, self.basis_file, carry, lr=self.lr_at(step), **self._adam())
+        """Freeze ``bases`` and switch to training inside them (see the module docstring).
+
+        ``lock.adapter``, ``lock.basis_source`` and ``lock.optimizer`` pick the baselines of the quality benchmark
+        instead: a fresh LoRA, a random basis, or full weights with projected W-space AdamW.
+        """
+        s, c = self.settings, self.config
+        lr, scale = self.lr_at(step), s.lr_scale
+        if s.optimizer != "projected_full":  # the frozen base of an adapter: W at the lock, warmup update folded in
+            atomic_save_safetensors(model.state_dict(), self.lock_base_file, {"step": step})
+        if s.adapter == "lora":
+            self.locked = enter_lora_phase(
+                model, self.target_names, s.rank, lr=lr, alpha=s.lora_alpha,
+                lr_scale=1.0 if scale == "auto" else float(scale), **self._adam(),
+            )  # fmt: skip
+        else:
+            if s.basis_source == "random":
+                bases = self._random_bases(model)
+            bases = {name: bases[name].with_mode(s.mode) for name in sorted(bases)}
+            meta = {"step": step, "rank": s.rank, "mode": s.mode, "reason": reason, "source": s.basis_source}
+            if s.optimizer == "projected_full":
+                write_lock_files(self.basis_file, bases, meta)
+                self.locked = enter_projected_phase(
+                    model, bases, warmup_optimizer, lr=lr, lr_scale=1.0 if scale == "auto" else float(scale),
+                    weight_decay=c.weight_decay, **self._adam(),
+                )  # fmt: skip
+            else:
+                full_params = {name: model.get_submodule(name).weight for name in bases}
+                carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, bases, lr_scale=scale)
+                write_lock_files(self.basis_file, bases, meta, carry)
+                self.locked = enter_locked_phase(model, bases, self.basis_file, carry, lr=lr, **self._adam())
         warmup_optimizer.state.clear()
-        for p in full_params.values():
-            p.grad = None
+        for p in model.parameters():
+            if not any(p is q for q in self.locked.trainable().values()):
+                p.grad = None
         self.policy = None
         self.lock_step, self.lock_reason = step, reason
         self.events.append({"step": step, "event": "lock", "reason": reason})
-        self.locked.model.save_pretrained(self.run_dir / "adapter")
-        logger.info("locked at step %d (%s): %d matrices, rank %d", step, reason, len(bases), self.settings.rank)
+        if self.locked.kind != "projected_full":
+            self.locked.model.save_pretrained(self.run_dir / "adapter")
+        logger.info("locked at step %d (%s, %s): rank %d", step, reason, self.locked.kind, s.rank)
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
+
+    def _random_bases(self, model: nn.Module) -> dict[str, SubspaceBasis]:
+        """The control: random orthonormal bases of the lock's rank for every target matrix (seeded by the run)."""
+        generator = torch.Generator().manual_seed(self.config.seed * 7_919 + 104_729)
+        bases = {}
+        for name in sorted(self.target_names):
+            out_features, in_features = model.get_submodule(name).weight.shape
+            bases[name] = SubspaceBasis.random(out_features, in_features, self.settings.rank, self.settings.mode,
+                                               generator)  # fmt: skip
+        return bases
 
     def _finish_watch(self, step: int) -> tuple[dict[str, Any], PhaseChange | None]:
         """Measure the monitor step, free the full gradients, refreeze the base weights."""
@@ -232,7 +278,9 @@ class LockController:
         if self.monitor is not None:
             trainer_state["monitor"] = self.monitor.state_dict()
         if self.locked is not None:
-            tensors["coefficients"] = {name: p.detach() for name, p in self.locked.coefficients().items()}
+            trainer_state["locked_kind"] = self.locked.kind
+            if self.locked.kind != "projected_full":  # projected_full trains the model's own weights: saved anyway
+                tensors["coefficients"] = {name: p.detach() for name, p in self.locked.trainable().items()}
         elif self.policy is not None:
             states["tracker"] = self.policy.tracker.state_dict()
 
@@ -257,29 +305,47 @@ class LockController:
             self.policy.tracker.load_state_dict(states["tracker"])
 
     def restore_locked(self, model: nn.Module, tensors: dict, states: dict, trainer_state: dict) -> PhaseChange:
-        """Resume after the lock: lock-time base weights, basis, coefficients and LockedAdamW state."""
-        if not self.lock_base_file.is_file() or not self.basis_file.is_file():
+        """Resume after the lock: base weights, basis, trained tensors and the locked optimizer's state."""
+        kind = trainer_state.get("locked_kind", "subspace")
+        needed = [self.basis_file] if kind != "lora" else []
+        needed += [self.lock_base_file] if kind != "projected_full" else []
+        missing = [str(path) for path in needed if not path.is_file()]
+        if missing:
             raise FileNotFoundError(
-                f"{self.run_dir} is past its lock step but {self.lock_base_file} or {self.basis_file} is missing; "
-                "the run directory is incomplete."
+                f"{self.run_dir} is past its lock step but {missing} is missing; the run directory is incomplete."
             )
         self._restore_common(trainer_state)
-        step = int(trainer_state["step"])
-        model.load_state_dict(load_file(self.lock_base_file), strict=False)
-        bases, _ = SubspaceBasis.load_all(self.basis_file, mode=self.settings.mode)
-        self.locked = enter_locked_phase(model, bases, self.basis_file, None, lr=self.lr_at(step), **self._adam())
-        coefficients = self.locked.coefficients()
-        saved = tensors.get("coefficients", {})
-        if set(saved) != set(coefficients):
-            raise ValueError("checkpoint coefficients do not match the locked modules; resume with the same config.")
-        with torch.no_grad():
-            for name, p in coefficients.items():
-                p.copy_(saved[name])
+        step, s = int(trainer_state["step"]), self.settings
+        lr = self.lr_at(step)
+        if kind == "projected_full":
+            model.load_state_dict(tensors["model"], strict=False)
+        else:
+            model.load_state_dict(load_file(self.lock_base_file), strict=False)
+        if kind == "lora":
+            self.locked = enter_lora_phase(model, self.target_names, s.rank, lr=lr, alpha=s.lora_alpha, **self._adam())
+        else:
+            bases, _ = SubspaceBasis.load_all(self.basis_file, mode=s.mode)
+            if kind == "projected_full":
+                self.locked = enter_projected_phase(
+                    model, bases, None, lr=lr, weight_decay=self.config.weight_decay, **self._adam()
+                )
+            else:
+                self.locked = enter_locked_phase(model, bases, self.basis_file, None, lr=lr, **self._adam())
+        if kind != "projected_full":
+            trained = self.locked.trainable()
+            saved = tensors.get("coefficients", {})
+            if set(saved) != set(trained):
+                raise ValueError(
+                    "checkpoint coefficients do not match the locked modules; resume with the same config."
+                )
+            with torch.no_grad():
+                for name, p in trained.items():
+                    p.copy_(saved[name])
         self.locked.optimizer.load_state_dict(states["optimizer"])
         saved_scales = trainer_state.get("lr_scales") or {}
         if isinstance(saved_scales, list):  # checkpoints written before the scales lived in the param groups
-            saved_scales = dict(zip(sorted(coefficients), saved_scales))
-        for group, name in zip(self.locked.optimizer.param_groups, coefficients):
+            saved_scales = dict(zip(sorted(self.locked.trainable()), saved_scales))
+        for group, name in zip(self.locked.optimizer.param_groups, self.locked.trainable()):
             group.setdefault("lr_scale", float(saved_scales.get(name, 1.0)))
         self.policy = None
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
@@ -315,7 +381,7 @@ class LockController:
 
     def finish(self, summary: dict[str, Any]) -> None:
         """End of training: save the final adapter (PEFT format) next to the run's other results."""
-        if self.locked is not None:
+        if self.locked is not None and self.locked.kind != "projected_full":
             self.locked.model.save_pretrained(self.run_dir / "adapter")
         atomic_write_text(self.run_dir / "lock.json", json.dumps(self.summary(), indent=2))
         from lockedopd.diagnostics.run_report import write_trajectory_report

@@ -121,13 +121,17 @@ class OPDTrainer:
         self._sampler_base = None  # which base weights the sampler holds: (phase, lock step)
         self.step = 0
         targets = self.target_parameters()
-        self.optimizer = build_adamw(
-            freeze_all_but(student, targets.values()),
-            config.lr,
-            (config.adam_beta1, config.adam_beta2),
-            config.adam_eps,
-            config.weight_decay,
-        )
+        params, betas = freeze_all_but(student, targets.values()), (config.adam_beta1, config.adam_beta2)
+        if config.optimizer == "galore":
+            from lockedopd.optim.galore import build_galore_adamw
+
+            g = config.galore
+            self.optimizer = build_galore_adamw(
+                params, config.lr, g.rank or config.lock.rank, g.update_proj_gap, g.scale, g.proj_type, betas,
+                config.adam_eps, config.weight_decay,
+            )  # fmt: skip
+        else:
+            self.optimizer = build_adamw(params, config.lr, betas, config.adam_eps, config.weight_decay)
         if config.lock.enabled:
             from lockedopd.opd.locking import LockController
 

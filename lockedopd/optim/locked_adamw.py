@@ -11,7 +11,10 @@ Two ways to train only inside a frozen basis (V in x r, optionally U out x r, or
   coordinates and the normalized step is mapped back, ΔW = -lr·ŝ·Vᵀ or -lr·U·ŝ·Vᵀ.  The whole update,
   decoupled weight decay included (W ← W - lr·wd·W·V·Vᵀ or -lr·wd·U·Uᵀ·W·V·Vᵀ), stays in the subspace;
   projecting only the gradient would not, since Adam's per-element scaling leaves the subspace.  With V
-  (and U) the identity this is exactly AdamW.
+  (and U) the identity this is exactly AdamW.  A group with ``moment_space="weight"`` keeps full-size W-space
+  moments of the projected gradient P(G) instead and projects the normalised step, ΔW = -lr·P(m̂/(√v̂+ε)): Adam's
+  per-coordinate scaling in W's own coordinates (memory of full AdamW; the benchmark's ``projected_full`` upper
+  bound).
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ __all__ = ["LockedAdamW", "change_moment_basis", "project_adam_moments"]
 
 PROJECTIONS = LOCK_MODES
 _GROUP_KEYS = frozenset(
-    {"params", "lr", "lr_scale", "betas", "eps", "weight_decay", "projection", "basis", "param_names"}
+    {"params", "lr", "lr_scale", "betas", "eps", "weight_decay", "projection", "moment_space", "basis", "param_names"}
 )
 _MOMENT_POLICIES = ("project", "reset")
+MOMENT_SPACES = ("subspace", "weight")
 
 
 def project_adam_moments(
@@ -65,6 +69,8 @@ def _check_hparams(group: Mapping) -> None:
             raise ValueError(f"betas must be a pair, got {betas!r}")
         _check_number("betas[0]", betas[0], 0.0, 1.0)
         _check_number("betas[1]", betas[1], 0.0, 1.0)
+    if "moment_space" in group and group["moment_space"] not in MOMENT_SPACES:
+        raise ValueError(f"moment_space must be one of {MOMENT_SPACES}, got {group['moment_space']!r}")
     if "projection" in group and group["projection"] not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {group['projection']!r}")
 
@@ -186,7 +192,11 @@ class LockedAdamW(torch.optim.Optimizer):
             elif projection != "right":
                 raise ValueError(f"unknown projection {projection!r}")
         old_u, old_v = state.get("U"), state.get("V")
-        if "exp_avg" in state:
+        if "exp_avg" in state and group.get("moment_space", "subspace") == "weight":
+            if moments == "reset":  # weight-space moments are full-size whatever the basis: only a reset changes them
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    state.pop(key, None)
+        elif "exp_avg" in state:
             if moments == "reset":
                 for key in ("step", "exp_avg", "exp_avg_sq"):
                     state.pop(key, None)
@@ -261,6 +271,9 @@ class LockedAdamW(torch.optim.Optimizer):
     def _projected_step(self, p: Tensor, state: dict, group: dict, projection: str) -> None:
         basis = SubspaceBasis(state["V"], state.get("U"), projection)
         V = state["V"]
+        if group.get("moment_space", "subspace") == "weight":
+            self._weight_moment_step(p, state, group, basis)
+            return
         grad_low = basis.reduce(p.grad.to(V.dtype))
         if group["weight_decay"] != 0:
             # W - a·P(W) written as (1 - a)·W + a·(W - P(W)): the same value, and with a full basis (P = id) the
@@ -271,6 +284,15 @@ class LockedAdamW(torch.optim.Optimizer):
         exp_avg, denom, step_size = self._adam(state, grad_low, group)
         # (-step_size·m)/denom: the evaluation order of torch's addcdiv, so a full basis reproduces AdamW bitwise
         p.add_(basis.lift(exp_avg.mul(-step_size).div_(denom)).to(p.dtype))
+
+    def _weight_moment_step(self, p: Tensor, state: dict, group: dict, basis: SubspaceBasis) -> None:
+        """AdamW with full-size W-space moments of the projected gradient; the update is projected again."""
+        V = state["V"]
+        if group["weight_decay"] != 0:
+            decay = group["lr"] * group["weight_decay"]
+            p.sub_(basis.project(p.to(V.dtype)).to(p.dtype), alpha=decay)
+        exp_avg, denom, step_size = self._adam(state, basis.project(p.grad.to(V.dtype)), group)
+        p.add_(basis.project(exp_avg.mul(-step_size).div_(denom)).to(p.dtype))
 
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict) -> None:

@@ -71,6 +71,20 @@ class SubspaceBasis:
             raise ValueError("SubspaceBasis: mode='two_sided' needs the left basis U (out x r) as well as V.")
 
     @classmethod
+    def random(
+        cls,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        mode: str = "right",
+        generator: torch.Generator | None = None,
+    ) -> SubspaceBasis:
+        """Random orthonormal bases (QR of Gaussian matrices, float32) of an out x in matrix: the control subspace."""
+        U = torch.linalg.qr(torch.randn(out_features, rank, generator=generator, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(in_features, rank, generator=generator, dtype=torch.float64))[0]
+        return cls(V.float().contiguous(), U.float().contiguous(), mode)
+
+    @classmethod
     def coerce(
         cls, entry: SubspaceBasis | tuple[Tensor | None, Tensor] | Tensor, mode: str | None = None
     ) -> SubspaceBasis:
