@@ -9,7 +9,11 @@ frees them right after). The monitor then reports, per matrix and overall:
 * ``cosine_to_adam`` = cos(locked step, the step unconstrained AdamW would take from this gradient). The full
   Adam moments were dropped at the lock (that is the memory saving), so the reference is AdamW's step from a
   fresh state, −G/(|G|+ε), which is what the per-element scaling makes of this gradient;
-* ``cosine_to_gradient`` = cos(locked step, −G).
+* ``cosine_to_gradient`` = cos(locked step, −G);
+* ``predicted_progress_share`` (in :meth:`TrajectoryMonitor.summary`): the first-order loss decrease the locked
+  steps bought, Σ⟨−G, ΔW_locked⟩, over what the unconstrained reference steps −lr·G/(|G|+ε) would have bought,
+  accumulated over the checks — an estimate of the share of unconstrained progress the locked phase keeps (to be
+  calibrated against the measured shares of ``benchmarks/quality.py``).
 
 Per-batch gradients are noisy, so even a well-locked run captures far less than all of a single batch's gradient
 energy (SmolLM2 recipe: ~0.25, against 0.025 for a random subspace of the same size). The default threshold is
@@ -84,6 +88,7 @@ class TrajectoryMonitor:
         grads: dict[str, torch.Tensor],
         locked_steps: dict[str, torch.Tensor],
         bases: Mapping[str, SubspaceBasis | tuple[torch.Tensor | None, torch.Tensor]],
+        reference_lr: float | None = None,
     ) -> dict:
         """Record one check.
 
@@ -92,12 +97,17 @@ class TrajectoryMonitor:
             grads: module name → unconstrained gradient G of its weight (out × in).
             locked_steps: module name → the weight change the locked optimizer just made (out × in).
             bases: module name → its :class:`SubspaceBasis` (or a ``(U or None, V)`` pair).
+            reference_lr: the step's base learning rate; with it the check also predicts, to first order, how much
+                loss decrease the locked step buys against the unconstrained AdamW reference step
+                −lr·G/(|G|+ε): ``predicted_decrease`` = ⟨−G, ΔW_locked⟩, ``reference_decrease`` =
+                lr·Σ G²/(|G|+ε), and :meth:`summary` accumulates their ratio over checks
+                (``predicted_progress_share``).
         Returns:
             the check's summary (also appended to ``history``): ``captured_energy`` (energy-weighted over
             matrices), ``captured_energy_min``, ``cosine_to_adam`` and ``cosine_to_gradient`` (means over
             matrices), ``drift`` (True when this check completes a drift).
         """
-        inside = total = 0.0
+        inside = total = predicted = reference = 0.0
         per_matrix = {}
         for name, grad in grads.items():
             basis = SubspaceBasis.coerce(bases[name])
@@ -105,6 +115,8 @@ class TrajectoryMonitor:
             inside, total = inside + e_in, total + e_all
             step_w = locked_steps[name]
             adam_step = -grad.double() / (grad.double().abs() + self.eps)
+            predicted += float((-grad.double() * step_w.double()).sum())
+            reference += float((-grad.double() * adam_step).sum())
             per_matrix[name] = {
                 "random_baseline": basis.random_baseline(grad.shape[0]),
                 "captured_energy": e_in / e_all if e_all > 0 else None,
@@ -142,6 +154,9 @@ class TrajectoryMonitor:
             "drift": drift,
             "matrices": per_matrix,
         }
+        if reference_lr is not None and reference > 0:
+            check["predicted_decrease"] = predicted
+            check["reference_decrease"] = reference_lr * reference
         self.history.append(check)
         return check
 
@@ -149,7 +164,12 @@ class TrajectoryMonitor:
         """Means over all checks, and whether any drift happened."""
         captures = [h["captured_energy"] for h in self.history if h["captured_energy"] is not None]
         cosines = [h["cosine_to_adam"] for h in self.history if h["cosine_to_adam"] is not None]
+        predicted = [h for h in self.history if "predicted_decrease" in h]
+        reference = sum(h["reference_decrease"] for h in predicted)
         return {
+            "predicted_progress_share": (
+                sum(h["predicted_decrease"] for h in predicted) / reference if predicted and reference > 0 else None
+            ),
             "checks": len(self.history),
             "captured_energy_mean": sum(captures) / len(captures) if captures else None,
             "captured_energy_min": min(captures) if captures else None,

@@ -231,11 +231,13 @@ class LockController:
             delta = (after[name].detach() - watch["before"][name]).double()
             locked_steps[name] = self.locked.bases[name].lift(delta)
             grads[name] = weight.grad.detach() if weight.grad is not None else torch.zeros_like(weight)
-        check = self.monitor.measure(step, grads, locked_steps, self.locked.bases)
+        check = self.monitor.measure(step, grads, locked_steps, self.locked.bases, reference_lr=self.lr_at(step - 1))
         for weight in watch["weights"].values():
             weight.grad = None
             weight.requires_grad_(False)
         record = {
+            "monitor_predicted_decrease": check.get("predicted_decrease"),
+            "monitor_reference_decrease": check.get("reference_decrease"),
             "monitor_captured_energy": check["captured_energy"],
             "monitor_cosine_to_adam": check["cosine_to_adam"],
             "monitor_cosine_to_gradient": check["cosine_to_gradient"],
