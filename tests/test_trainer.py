@@ -79,7 +79,7 @@ def test_tiny_run_learns_and_locks(reference_run):
 
 def test_locked_update_lies_in_the_basis(reference_run):
     out, _ = reference_run
-    lock_base = load_file(out / "lock" / "base_model.safetensors")
+    lock_base = load_file(out / "lock" / "gen-0" / "base_model.safetensors")
     final = final_weights(out)
     bases, meta = load_basis(out / "basis.safetensors")
     assert meta["step"] == "6" and len(bases) == 14
@@ -206,3 +206,54 @@ def test_run_comparison_plot(reference_run, tmp_path):
         plot_run_comparison([tmp_path / "nothing"], ["x"], tmp_path / "x.png")
     with pytest.raises(ValueError, match="labels"):
         plot_run_comparison([out], [], tmp_path / "y.png")
+
+
+RELOCK = ("max_steps=16", "save_steps=1", "eval_steps=4", "monitor.on_drift=relock", "monitor.capture_threshold=0.99",
+          "monitor.patience=1")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def relock_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("relock")
+    summary = run(out, *RELOCK)
+    assert [e["event"] for e in summary["lock_events"]][:3] == ["lock", "relock-start", "lock"]
+    return out, summary
+
+
+def test_resume_from_the_first_lock_after_a_relock_trains_the_same_model(relock_run, tmp_path):
+    """Each lock writes its own files: a checkpoint of the first locked generation, resumed after the second lock
+    happened, reproduces the uninterrupted run (it used to load the relock's basis and base weights silently)."""
+    import shutil
+
+    ref, summary = relock_run
+    first_lock, relock = summary["lock_events"][0]["step"], summary["lock_events"][2]["step"]
+    assert (ref / "lock" / "gen-0" / "basis.safetensors").is_file() and (ref / "lock" / "gen-1").is_dir()
+    resume_at = first_lock + 1
+    shutil.copytree(ref, tmp_path / "run")
+    for step, path in [(int(p.name[5:]), p) for p in (tmp_path / "run" / "checkpoints").iterdir()]:
+        if step > resume_at:
+            shutil.rmtree(path)
+    assert resume_at < relock
+    resumed = run(tmp_path / "run", *RELOCK, "resume=true")
+    assert resumed["final_reverse_kl"] == summary["final_reverse_kl"]
+    a, b = final_weights(ref, 16), final_weights(tmp_path / "run", 16)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    _same_records(read_metrics(ref), read_metrics(tmp_path / "run"))
+
+
+def test_a_changed_lock_file_is_refused_on_resume(relock_run, tmp_path):
+    import shutil
+
+    ref, summary = relock_run
+    shutil.copytree(ref, tmp_path / "run")
+    resume_at = summary["lock_events"][0]["step"] + 1
+    for step, path in [(int(p.name[5:]), p) for p in (tmp_path / "run" / "checkpoints").iterdir()]:
+        if step > resume_at:
+            shutil.rmtree(path)
+    # another generation's basis in place of this one's: same shapes, other content
+    shutil.copyfile(
+        ref / "lock" / "gen-1" / "basis.safetensors", tmp_path / "run" / "lock" / "gen-0" / "basis.safetensors"
+    )
+    with pytest.raises(ValueError, match=r"gen-0/basis.safetensors is not the file the step-7 checkpoint was trained"):
+        run(tmp_path / "run", *RELOCK, "resume=true")

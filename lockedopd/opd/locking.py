@@ -16,8 +16,11 @@ after a drift of the trajectory monitor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,7 @@ class LockController:
         self.lock_reason: str | None = None
         self.phase_stats: dict[str, dict[str, int]] = {}
         self.events: list[dict[str, Any]] = []
+        self.lock_files: dict[str, Any] | None = None  # the current lock's files and their content hashes
         self.track_origin = 0
         self.monitor = None
         self._watch: dict[str, Any] | None = None
@@ -93,13 +97,14 @@ class LockController:
 
     @property
     def basis_file(self) -> Path:
-        """Where the locked basis is written."""
+        """The run-level copy of the latest lock's basis (each lock's own files are in :meth:`lock_dir`)."""
         return self.run_dir / "basis.safetensors"
 
-    @property
-    def lock_base_file(self) -> Path:
-        """The frozen base weights of the locked phase (warmup update folded in)."""
-        return self.run_dir / "lock" / "base_model.safetensors"
+    def lock_dir(self, generation: int) -> Path:
+        """The files of the ``generation``-th lock of the run (0 = the first; a relock writes the next one):
+        ``basis.safetensors``, its warmup carry and ``base_model.safetensors`` (W at the lock, warmup folded in).
+        Nothing overwrites them, so a checkpoint of any generation resumes with its own files."""
+        return self.run_dir / "lock" / f"gen-{generation}"
 
     def _start_policy(self, model: nn.Module, at_step: int | None) -> None:
         self.policy = LockPolicy(self.settings, at_step=at_step)
@@ -177,8 +182,11 @@ class LockController:
         """
         s, c = self.settings, self.config
         lr, scale = self.lr_at(step), s.lr_scale
+        generation = sum(1 for event in self.events if event["event"] == "lock")
+        basis_file = self.lock_dir(generation) / "basis.safetensors"
+        base_file = self.lock_dir(generation) / "base_model.safetensors"
         if s.optimizer != "projected_full":  # the frozen base of an adapter: W at the lock, warmup update folded in
-            atomic_save_safetensors(model.state_dict(), self.lock_base_file, {"step": step})
+            atomic_save_safetensors(model.state_dict(), base_file, {"step": step})
         if s.adapter == "lora":
             self.locked = enter_lora_phase(
                 model, self.target_names, s.rank, lr=lr, alpha=s.lora_alpha,
@@ -190,7 +198,7 @@ class LockController:
             bases = {name: bases[name].with_mode(s.mode) for name in sorted(bases)}
             meta = {"step": step, "rank": s.rank, "mode": s.mode, "reason": reason, "source": s.basis_source}
             if s.optimizer == "projected_full":
-                write_lock_files(self.basis_file, bases, meta)
+                write_lock_files(basis_file, bases, meta)
                 self.locked = enter_projected_phase(
                     model, bases, warmup_optimizer, lr=lr, lr_scale=1.0 if scale == "auto" else float(scale),
                     weight_decay=c.weight_decay, **self._adam(),
@@ -198,8 +206,14 @@ class LockController:
             else:
                 full_params = {name: model.get_submodule(name).weight for name in bases}
                 carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, bases, lr_scale=scale)
-                write_lock_files(self.basis_file, bases, meta, carry)
-                self.locked = enter_locked_phase(model, bases, self.basis_file, carry, lr=lr, **self._adam())
+                write_lock_files(basis_file, bases, meta, carry)
+                self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, **self._adam())
+            atomic_copy(basis_file, self.basis_file)
+        self.lock_files = {
+            "dir": str(self.lock_dir(generation).relative_to(self.run_dir)),
+            "basis_sha256": file_sha256(basis_file) if basis_file.is_file() else None,
+            "base_sha256": file_sha256(base_file) if base_file.is_file() else None,
+        }
         warmup_optimizer.state.clear()
         for p in model.parameters():
             if not any(p is q for q in self.locked.trainable().values()):
@@ -281,6 +295,7 @@ class LockController:
             trainer_state["monitor"] = self.monitor.state_dict()
         if self.locked is not None:
             trainer_state["locked_kind"] = self.locked.kind
+            trainer_state["lock_files"] = self.lock_files
             if self.locked.kind != "projected_full":  # projected_full trains the model's own weights: saved anyway
                 tensors["coefficients"] = {name: p.detach() for name, p in self.locked.trainable().items()}
         elif self.policy is not None:
@@ -309,30 +324,42 @@ class LockController:
     def restore_locked(self, model: nn.Module, tensors: dict, states: dict, trainer_state: dict) -> PhaseChange:
         """Resume after the lock: base weights, basis, trained tensors and the locked optimizer's state."""
         kind = trainer_state.get("locked_kind", "subspace")
-        needed = [self.basis_file] if kind != "lora" else []
-        needed += [self.lock_base_file] if kind != "projected_full" else []
+        files = trainer_state.get("lock_files") or {}  # checkpoints before per-lock files: the run-level paths
+        where = self.run_dir / files["dir"] if files.get("dir") else None
+        basis_file = where / "basis.safetensors" if where else self.basis_file
+        base_file = where / "base_model.safetensors" if where else self.run_dir / "lock" / "base_model.safetensors"
+        needed = ([basis_file] if kind != "lora" else []) + ([base_file] if kind != "projected_full" else [])
         missing = [str(path) for path in needed if not path.is_file()]
         if missing:
             raise FileNotFoundError(
-                f"{self.run_dir} is past its lock step but {missing} is missing; the run directory is incomplete."
+                f"{self.run_dir} is past its lock step but {missing} is missing; the run directory is incomplete: "
+                "resume from a checkpoint before that lock, or start the run again."
             )
+        step = int(trainer_state["step"])
+        for path, key in ((basis_file, "basis_sha256"), (base_file, "base_sha256")):
+            if files.get(key) and file_sha256(path) != files[key]:
+                raise ValueError(
+                    f"{path} is not the file the step-{step} checkpoint was trained with (its content hash differs): "
+                    "it was overwritten or corrupted. Resume from a checkpoint written after it, or restore the file."
+                )
         self._restore_common(trainer_state)
-        step, s = int(trainer_state["step"]), self.settings
+        self.lock_files = files or None
+        s = self.settings
         lr = self.lr_at(step)
         if kind == "projected_full":
-            model.load_state_dict(tensors["model"], strict=False)
+            _load_weights(model, tensors["model"], "the checkpoint")
         else:
-            model.load_state_dict(load_file(self.lock_base_file), strict=False)
+            _load_weights(model, load_file(base_file), str(base_file))
         if kind == "lora":
             self.locked = enter_lora_phase(model, self.target_names, s.rank, lr=lr, alpha=s.lora_alpha, **self._adam())
         else:
-            bases, _ = SubspaceBasis.load_all(self.basis_file, mode=s.mode)
+            bases, _ = SubspaceBasis.load_all(basis_file, mode=s.mode)
             if kind == "projected_full":
                 self.locked = enter_projected_phase(
                     model, bases, None, lr=lr, weight_decay=self.config.weight_decay, **self._adam()
                 )
             else:
-                self.locked = enter_locked_phase(model, bases, self.basis_file, None, lr=lr, **self._adam())
+                self.locked = enter_locked_phase(model, bases, basis_file, None, lr=lr, **self._adam())
         if kind != "projected_full":
             trained = self.locked.trainable()
             saved = tensors.get("coefficients", {})
@@ -389,3 +416,32 @@ class LockController:
         from lockedopd.diagnostics.run_report import write_trajectory_report
 
         write_trajectory_report(self.run_dir, summary, self.monitor, self.config)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 16 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_copy(source: Path, destination: Path) -> None:
+    """Copy ``source`` to ``destination`` through a temporary file in the destination's directory."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.with_name(f".{destination.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, destination)
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load a full state dict; every key must match (a tied output layer, stored once, may be absent)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False) if hasattr(model, "config") else False
+    missing = [key for key in missing if not (tied and key.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]}); resume with "
+            "the config that wrote the run."
+        )
