@@ -286,7 +286,7 @@ class OPDTrainer:
         )
 
     def _exact_eval(self) -> bool:
-        return bool(getattr(self.eval_teacher, "returns_full_logprobs", False))
+        return bool(self.eval_teacher.returns_full_logprobs)
 
     def train(self) -> dict[str, Any]:
         """Run (or resume) training to ``max_steps``; returns a summary (also written to ``summary.json``)."""

@@ -3,7 +3,7 @@
 The vLLM modules import without vLLM installed; they import it when a scorer is created.
 """
 
-from lockedopd.teachers.base import TeacherScorer, TeacherScores
+from lockedopd.teachers.base import ScorerBase, TeacherScorer, TeacherScores
 from lockedopd.teachers.hf import HFTeacher
 from lockedopd.teachers.vllm_engine import VLLMTeacher
 from lockedopd.teachers.vllm_hidden import VLLMHiddenStateTeacher
@@ -11,6 +11,7 @@ from lockedopd.teachers.vllm_server import VLLMServerError, VLLMServerTeacher, V
 
 __all__ = [
     "HFTeacher",
+    "ScorerBase",
     "TeacherScorer",
     "TeacherScores",
     "VLLMServerError",

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from lockedopd.teachers.base import CompletionScoreWriter, TeacherScores, validate_score_request
+from lockedopd.teachers.base import CompletionScoreWriter, ScorerBase, ScoreRequest, TeacherScores
 from lockedopd.vllm_runtime import import_vllm, start_llm
 
 #: config.json keys that change logits after the output layer; such models cannot be scored from hidden states.
@@ -64,7 +63,7 @@ def load_output_layer(model_dir: str | os.PathLike) -> torch.Tensor:
     )
 
 
-class VLLMHiddenStateTeacher:
+class VLLMHiddenStateTeacher(ScorerBase):
     """Scores student completions exactly (full vocabulary) with vLLM running the teacher's network.
 
     Args:
@@ -126,18 +125,11 @@ class VLLMHiddenStateTeacher:
             )
 
     @torch.no_grad()
-    def score(
-        self,
-        sequences: Sequence[Sequence[int]],
-        prompt_lengths: Sequence[int],
-        top_k: int = 0,
-        full_logprobs: bool = False,
-    ) -> TeacherScores:
-        """Score completions; see :class:`lockedopd.teachers.TeacherScorer` for the alignment contract."""
-        completion_lengths = validate_score_request(sequences, prompt_lengths, self.vocab_size, self.max_length)
-        if top_k < 0 or top_k > self.vocab_size:
-            raise ValueError(f"VLLMHiddenStateTeacher.score: top_k must be in [0, {self.vocab_size}], got {top_k}.")
-        out = CompletionScoreWriter(completion_lengths, self.vocab_size, top_k, full_logprobs)
+    def score_completions(self, request: ScoreRequest) -> TeacherScores:
+        """vLLM returns each sequence's hidden states; the output layer turns the completion positions into logits."""
+        sequences, prompt_lengths = request.sequences, request.prompt_lengths
+        completion_lengths = request.completion_lengths
+        out = CompletionScoreWriter(completion_lengths, self.vocab_size, request.top_k, request.full_logprobs)
         todo = [i for i, clen in enumerate(completion_lengths) if clen > 0]
         if not todo:
             return out.result()
