@@ -1,7 +1,7 @@
 """Extension points: a teacher backend and an objective registered from this file alone train a tiny run.
 
 Also the registries' contracts: names are unique, unknown names list the registered ones, a backend must build what
-it declares, every built-in scorer satisfies the protocol.
+it declares, every built-in scorer and sampler satisfies its protocol.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from lockedopd.opd.objective_registry import (
     register_objective,
 )
 from lockedopd.opd.objectives import masked_mean
+from lockedopd.opd.rollout import HFStudentSampler, StudentSampler
 from lockedopd.teachers import (
     TEACHER_BACKENDS,
     HFTeacher,
@@ -188,3 +189,16 @@ def test_objectives_declare_what_they_need_from_the_teacher():
     }
     assert get_objective("topk_reverse_kl").teacher_request(8) == {"top_k": 8, "full_logprobs": False}
     assert get_objective("jsd").teacher_request(8) == {"top_k": 0, "full_logprobs": True}
+
+
+def test_student_samplers_satisfy_the_protocol(tiny_student, tiny_tokenizer):
+    from lockedopd.opd.vllm_rollout import VLLMStudentSampler
+
+    assert issubclass(VLLMStudentSampler, StudentSampler)
+    sampler = HFStudentSampler(tiny_student)
+    assert isinstance(sampler, StudentSampler)
+    pad, eos = tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id
+    rollout = sampler.generate([[1, 2, 3], [4, 5]], pad, eos, 5, seed=0)
+    assert rollout.completion_ids.shape[0] == 2 and rollout.prompt_lengths == [3, 2]
+    with pytest.raises(ValueError, match="HFStudentSampler.generate: no prompts given"):
+        sampler.generate([], pad, eos, 5)
