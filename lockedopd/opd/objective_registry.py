@@ -15,6 +15,7 @@ teachers can serve it: only teachers whose ``returns_full_logprobs`` is true ser
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +138,16 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES.lookup(name)
 
 
+def full_vocabulary_objective(loss: Callable[..., torch.Tensor]) -> ObjectiveFn:
+    """The objective of ``loss(student_logprobs, teacher_full_logprobs, mask)`` (e.g. the exact KLs of
+    :mod:`lockedopd.opd.objectives`); it keeps ``loss``'s name and docstring."""
+
+    def objective(inputs: ObjectiveInputs) -> torch.Tensor:
+        return loss(inputs.student_logprobs, inputs.teacher_full_logprobs, inputs.mask)
+
+    return functools.wraps(loss)(objective)
+
+
 # ----------------------------------------------------------------------------------------- built-in objectives
 
 
@@ -146,10 +157,7 @@ def policy_gradient(inputs: ObjectiveInputs) -> torch.Tensor:
     return obj.policy_gradient_loss(inputs.student_token_logprobs, inputs.advantages, inputs.mask)
 
 
-@register_objective("reverse_kl", needs=FULL_LOGPROBS)
-def reverse_kl(inputs: ObjectiveInputs) -> torch.Tensor:
-    """Exact full-vocabulary reverse KL(π_S ‖ π_T) at each sampled position."""
-    return obj.reverse_kl_loss(inputs.student_logprobs, inputs.teacher_full_logprobs, inputs.mask)
+reverse_kl = register_objective("reverse_kl", needs=FULL_LOGPROBS)(full_vocabulary_objective(obj.reverse_kl_loss))
 
 
 @register_objective("topk_reverse_kl", needs=TOP_K)
@@ -166,10 +174,7 @@ def topk_reverse_kl(inputs: ObjectiveInputs) -> torch.Tensor:
     )
 
 
-@register_objective("forward_kl", needs=FULL_LOGPROBS)
-def forward_kl(inputs: ObjectiveInputs) -> torch.Tensor:
-    """Exact full-vocabulary forward KL(π_T ‖ π_S) at each sampled position."""
-    return obj.forward_kl_loss(inputs.student_logprobs, inputs.teacher_full_logprobs, inputs.mask)
+forward_kl = register_objective("forward_kl", needs=FULL_LOGPROBS)(full_vocabulary_objective(obj.forward_kl_loss))
 
 
 @register_objective("jsd", needs=FULL_LOGPROBS)
