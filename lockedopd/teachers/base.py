@@ -127,7 +127,7 @@ class ScorerBase(abc.ABC):
         if full_logprobs and not self.returns_full_logprobs:
             raise ValueError(
                 f"{who}.score: full_logprobs=True is not available from this scorer; use an objective that needs no "
-                "full distribution (`objective=pg` or `objective=topk_reverse_kl`)."
+                "full distribution (`objective.name=pg` or `topk_reverse_kl`)."
             )
         if top_k < 0 or top_k > self.vocab_size:
             raise ValueError(f"{who}.score: top_k must be in [0, {self.vocab_size}], got {top_k}.")
