@@ -84,23 +84,25 @@ class KnownNoticeFilter(logging.Filter):
         return not any(notice in message for notice in KNOWN_NOTICES)
 
 
+class QuietVLLMHandler(logging.StreamHandler):
+    """The ``vllm`` logger's stderr handler in quiet mode: known notices dropped, one line per record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(KnownNoticeFilter())
+        self.setFormatter(logging.Formatter("vLLM %(levelname)s %(message)s"))
+
+
 def _quiet_vllm_logging() -> None:
     """Route the ``vllm`` logger to one stderr handler: warnings and errors, known start-up notices dropped."""
     os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
     vllm_logger = logging.getLogger("vllm")
     vllm_logger.setLevel(logging.WARNING)
     vllm_logger.propagate = False
-    if not any(isinstance(h, _QuietHandler) for h in vllm_logger.handlers):
-        handler = _QuietHandler()
-        handler.addFilter(KnownNoticeFilter())
-        handler.setFormatter(logging.Formatter("vLLM %(levelname)s %(message)s"))
-        vllm_logger.addHandler(handler)
+    if not any(isinstance(h, QuietVLLMHandler) for h in vllm_logger.handlers):
+        vllm_logger.addHandler(QuietVLLMHandler())
     for pattern in KNOWN_IMPORT_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
-
-
-class _QuietHandler(logging.StreamHandler):
-    """The ``vllm`` logger's handler in quiet mode (a class of its own so it is added once)."""
 
 
 def prepare_environment() -> None:

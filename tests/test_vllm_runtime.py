@@ -45,7 +45,7 @@ def test_quiet_by_default_before_vllm_is_imported(clean_env):
     vllm_logger = logging.getLogger("vllm")
     assert vllm_logger.level == logging.WARNING and not vllm_logger.propagate
     runtime.prepare_environment()  # idempotent: one handler
-    assert sum(isinstance(h, runtime._QuietHandler) for h in vllm_logger.handlers) == 1
+    assert sum(isinstance(h, runtime.QuietVLLMHandler) for h in vllm_logger.handlers) == 1
 
 
 @pytest.mark.parametrize("switch", [(runtime.VERBOSE_ENV, "1"), ("VLLM_LOGGING_LEVEL", "DEBUG")])
