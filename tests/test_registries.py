@@ -171,6 +171,17 @@ def test_builtin_backends_declare_what_their_scorers_return(backend, scoring, fu
     assert config.teacher.returns_full_logprobs() is full
 
 
+def test_auto_backend_asks_the_vllm_entry_what_it_returns(tmp_path):
+    """A temperature needs the teacher's logits: ``auto`` with prompt log-probs falls back to ``hf`` for it."""
+    from lockedopd.opd.builders import resolve_teacher_backend
+
+    overrides = [f"output_dir={tmp_path}", "teacher.backend=auto", "teacher.vllm_scoring=prompt_logprobs"]
+    overrides += ["teacher.model.source=smollm2", "objective.name=pg", "teacher.temperature=2.0"]
+    lines = []
+    assert resolve_teacher_backend(load_config(TINY_CONFIG, overrides), lines.append) == "hf"
+    assert len(lines) == 1 and "teacher.temperature=2.0 needs the teacher's logits" in lines[0]
+
+
 def test_every_scorer_class_declares_full_logprobs_in_the_protocol(tiny_teacher_model):
     assert HFTeacher.returns_full_logprobs and VLLMHiddenStateTeacher.returns_full_logprobs
     assert not VLLMTeacher.returns_full_logprobs and not VLLMServerTeacher.returns_full_logprobs

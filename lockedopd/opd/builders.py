@@ -74,16 +74,20 @@ def resolve_teacher_backend(config: OPDConfig, notify: Callable[[str], None] | N
     """The backend ``teacher.backend`` stands for: ``"auto"`` becomes ``"vllm"`` or, with a notice, ``"hf"``.
 
     ``auto`` picks the vLLM engine when vLLM imports and the teacher is a model directory vLLM can load (and, with
-    ``vllm_scoring=prompt_logprobs``, the objective needs only top-k log-probs); otherwise it falls back to the
-    in-process HF teacher and calls ``notify`` (default: print to stderr) with one line saying why.
+    ``vllm_scoring=prompt_logprobs``, the objective needs only top-k log-probs and the teacher temperature is 1);
+    otherwise it falls back to the in-process HF teacher and calls ``notify`` (default: print to stderr) with one
+    line saying why.
     """
     backend = config.teacher.backend
     if backend != AUTO_BACKEND:
         return backend
     notify = notify or (lambda line: print(line, file=sys.stderr, flush=True))
-    needs_full = get_objective(config.objective.name).needs_full_logprobs
-    if needs_full and not teacher_backend("vllm").returns_full_logprobs(config.teacher):
+    vllm_full = teacher_backend("vllm").returns_full_logprobs(config.teacher)
+    if get_objective(config.objective.name).needs_full_logprobs and not vllm_full:
         reason = f"objective {config.objective.name} needs full-vocabulary log-probs, which vLLM prompt log-probs lack"
+    elif config.teacher.temperature != 1.0 and not vllm_full:
+        temperature = config.teacher.temperature
+        reason = f"teacher.temperature={temperature} needs the teacher's logits, which vLLM prompt log-probs lack"
     elif config.teacher.model.source == "tiny" or config.teacher.model.drop_every or config.teacher.model.keep_layers:
         reason = "the teacher is built in code (tiny or pruned), and vLLM loads a model directory"
     else:
