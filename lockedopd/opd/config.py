@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
+from lockedopd.opd.objective_registry import OBJECTIVES, get_objective
 from lockedopd.subspace.basis import LOCK_MODES
 from lockedopd.subspace.policy import TrackerSettings
+from lockedopd.teachers.registry import AUTO_BACKEND, teacher_backend, teacher_backend_choices
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,18 +45,15 @@ class ModelConfig:
     dtype: str = "float32"
 
 
-FULL_VOCAB_OBJECTIVES = ("reverse_kl", "forward_kl", "jsd")
-"""Objectives that need the teacher's whole next-token distribution (only in-process teachers return it)."""
-
-
 @dataclass
 class TeacherConfig:
     """The teacher and how it is scored.
 
     Attributes:
         backend: ``"hf"`` (in-process transformers), ``"vllm"`` (in-process vLLM engine), ``"vllm_server"`` (a
-            running vLLM OpenAI server: sampled-token and top-k log-probs only) or ``"auto"``: the vLLM engine
-            where vLLM imports and can load the teacher, else ``"hf"`` with a one-line notice saying why.
+            running vLLM OpenAI server: sampled-token and top-k log-probs only), another backend registered with
+            :func:`lockedopd.teachers.register_teacher`, or ``"auto"``: the vLLM engine where vLLM imports and can
+            load the teacher, else ``"hf"`` with a one-line notice saying why.
         vllm_scoring: how the ``vllm`` engine scores: ``"hidden_states"`` (vLLM runs the network and returns
             hidden states, the teacher's output layer runs here: exact full-vocabulary log-probs, every
             objective) or ``"prompt_logprobs"`` (vLLM's prompt log-probs: sampled token and top-k only).
@@ -76,10 +75,11 @@ class TeacherConfig:
     server_url: str = "http://127.0.0.1:8000"
 
     def returns_full_logprobs(self) -> bool:
-        """Whether this teacher can return full-vocabulary log-probs (``auto`` can: it falls back to ``hf``)."""
-        if self.backend == "vllm_server":
-            return False
-        return not (self.backend == "vllm" and self.vllm_scoring == "prompt_logprobs")
+        """Whether this teacher returns full-vocabulary log-probs, as its registered backend declares (``auto``
+        does: it falls back to ``hf`` when the objective needs them)."""
+        if self.backend == AUTO_BACKEND:
+            return True
+        return teacher_backend(self.backend).returns_full_logprobs(self)
 
 
 @dataclass
@@ -108,7 +108,8 @@ class ObjectiveConfig:
 
     Attributes:
         name: ``"pg"`` (the paper's sampled-token reverse-KL advantage, policy gradient), ``"reverse_kl"``
-            (exact full-vocabulary), ``"topk_reverse_kl"``, ``"forward_kl"``, ``"jsd"``.
+            (exact full-vocabulary), ``"topk_reverse_kl"``, ``"forward_kl"``, ``"jsd"``, or another objective
+            registered in :mod:`lockedopd.opd.objective_registry`.
         top_k: teacher top-k for ``topk_reverse_kl`` (and what scorers return).
         topk_tail: how ``topk_reverse_kl`` treats the tokens outside the teacher's top-k: ``"sampled"`` (exact on
             the top-k plus an unbiased estimate of the rest from the sampled token, whose teacher log-prob every
@@ -314,10 +315,10 @@ class OPDConfig:
         """Raise ``ValueError`` naming the first setting that cannot work."""
         choices = {
             "lr_scheduler": (self.lr_scheduler, ("constant", "linear", "cosine")),
-            "objective.name": (self.objective.name, ("pg", "reverse_kl", "topk_reverse_kl", "forward_kl", "jsd")),
+            "objective.name": (self.objective.name, tuple(OBJECTIVES)),
             "objective.token_keep_mode": (self.objective.token_keep_mode, ("top", "random")),
             "objective.topk_tail": (self.objective.topk_tail, ("sampled", "bucket", "renormalize")),
-            "teacher.backend": (self.teacher.backend, ("hf", "vllm", "vllm_server", "auto")),
+            "teacher.backend": (self.teacher.backend, teacher_backend_choices()),
             "teacher.eval_backend": (self.teacher.eval_backend, (None, "hf")),
             "rollout.backend": (self.rollout.backend, ("hf", "vllm")),
             "rollout.vllm_locked_sync": (self.rollout.vllm_locked_sync, ("lora", "full")),
@@ -371,7 +372,7 @@ class OPDConfig:
                 f"config: teacher.temperature={self.teacher.temperature} needs the teacher's logits, which vLLM "
                 "prompt log-probs do not expose; use teacher.backend=hf, or vllm with vllm_scoring=hidden_states."
             )
-        if self.objective.name in FULL_VOCAB_OBJECTIVES and not self.teacher.returns_full_logprobs():
+        if get_objective(self.objective.name).needs_full_logprobs and not self.teacher.returns_full_logprobs():
             raise ValueError(
                 f"config: objective.name={self.objective.name!r} needs the teacher's full-vocabulary log-probs, which "
                 f"teacher.backend={self.teacher.backend} with vllm_scoring={self.teacher.vllm_scoring} does not "

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lockedopd.opd.objectives import masked_mean, reverse_kl_per_token
-from lockedopd.opd.rollout import generate_rollout, student_completion_logprobs
+from lockedopd.opd.rollout import HFStudentSampler, StudentSampler, student_completion_logprobs
 from lockedopd.teachers.base import TeacherScorer
 
 
@@ -46,13 +46,14 @@ def evaluate_reverse_kl(
     seed: int,
     temperature: float = 1.0,
     exact: bool = True,
-    sampler=None,
+    sampler: StudentSampler | None = None,
 ) -> EvalResult:
     """Sample the student on held-out prompts (seeded, temperature ``temperature``) and measure KL to the teacher.
 
     With ``exact=True`` (needs a teacher that returns full log-probs) the per-token KL is the exact
     full-vocabulary reverse KL; otherwise the sampled estimate log π_S(y) − log π_T(y). Both are token-weighted.
-    ``sampler`` (a :class:`~lockedopd.opd.vllm_rollout.VLLMStudentSampler`) samples instead of ``student.generate``.
+    ``sampler`` (e.g. a :class:`~lockedopd.opd.vllm_rollout.VLLMStudentSampler`) samples instead of
+    :class:`~lockedopd.opd.rollout.HFStudentSampler` on ``student``.
     """
     if not prompt_ids:
         raise ValueError("evaluate_reverse_kl: no held-out prompts.")
@@ -61,22 +62,12 @@ def evaluate_reverse_kl(
     rows = 0
     was_training = student.training
     student.eval()
+    sampler = sampler if sampler is not None else HFStudentSampler(student)
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start : start + batch_size]
-        if sampler is not None:
-            rollout = sampler.generate(
-                chunk, pad_token_id, eos_token_id, max_new_tokens, temperature=temperature, seed=seed + start
-            )
-        else:
-            rollout = generate_rollout(
-                student,
-                chunk,
-                pad_token_id,
-                eos_token_id,
-                max_new_tokens,
-                temperature=temperature,
-                seed=seed + start,
-            )
+        rollout = sampler.generate(
+            chunk, pad_token_id, eos_token_id, max_new_tokens, temperature=temperature, seed=seed + start
+        )
         scores = teacher.score(rollout.sequences(), rollout.prompt_lengths, full_logprobs=exact)
         student_lp = student_completion_logprobs(student, rollout)
         mask = rollout.completion_mask

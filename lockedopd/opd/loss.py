@@ -7,16 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from lockedopd.opd import objectives as obj
-from lockedopd.opd.config import FULL_VOCAB_OBJECTIVES, ObjectiveConfig
+from lockedopd.opd.config import ObjectiveConfig
+from lockedopd.opd.objective_registry import ObjectiveInputs, get_objective
 from lockedopd.teachers.base import TeacherScores
 
 
 def teacher_request(config: ObjectiveConfig) -> dict:
     """What the objective needs from the teacher: ``{"top_k": k, "full_logprobs": bool}``."""
-    return {
-        "top_k": config.top_k if config.name == "topk_reverse_kl" else 0,
-        "full_logprobs": config.name in FULL_VOCAB_OBJECTIVES,
-    }
+    return get_objective(config.name).teacher_request(config.top_k)
 
 
 @dataclass
@@ -49,7 +47,8 @@ def compute_opd_loss(
         rewards: ``(B,)`` verifiable rewards, required when ``config.reward_lambda < 1``.
         generator: random source for random token sparsification.
     """
-    mask = scores.mask.to(student_logprobs.device)
+    device = student_logprobs.device
+    mask = scores.mask.to(device)
     if student_logprobs.shape[:2] != mask.shape:
         raise ValueError(
             f"student log-probs {tuple(student_logprobs.shape[:2])} and teacher scores {tuple(mask.shape)} do not "
@@ -60,13 +59,13 @@ def compute_opd_loss(
             f"teacher vocabulary ({scores.full_logprobs.shape[-1]}) differs from the student's "
             f"({student_logprobs.shape[-1]}): teacher and student must share one tokenizer."
         )
-    student_tok = obj.gather_token_logprobs(student_logprobs, completion_ids.to(student_logprobs.device))
-    teacher_tok = scores.token_logprobs.to(student_logprobs.device)
+    student_tok = obj.gather_token_logprobs(student_logprobs, completion_ids.to(device))
+    teacher_tok = scores.token_logprobs.to(device)
     advantages = obj.opd_advantages(student_tok, teacher_tok)
     sampled_kl = -advantages
 
     exact_kl = None
-    teacher_full = None if scores.full_logprobs is None else scores.full_logprobs.to(student_logprobs.device)
+    teacher_full = None if scores.full_logprobs is None else scores.full_logprobs.to(device)
     if teacher_full is not None:
         exact_kl = obj.reverse_kl_per_token(student_logprobs, teacher_full).detach()
 
@@ -84,37 +83,29 @@ def compute_opd_loss(
     if config.reward_lambda < 1.0:
         if rewards is None:
             raise ValueError("objective.reward_lambda < 1 needs rewards for the batch.")
-        reward_adv = obj.group_normalized_rewards(rewards).to(student_logprobs.device)
+        reward_adv = obj.group_normalized_rewards(rewards).to(device)
 
-    name = config.name
-    if name == "pg":
-        adv = advantages if reward_adv is None else obj.mix_advantages(advantages, reward_adv, config.reward_lambda)
-        loss = obj.policy_gradient_loss(student_tok, adv, keep)
-    else:
-        if name == "reverse_kl":
-            opd_loss = obj.reverse_kl_loss(student_logprobs, _need(teacher_full, name), keep)
-        elif name == "forward_kl":
-            opd_loss = obj.forward_kl_loss(student_logprobs, _need(teacher_full, name), keep)
-        elif name == "jsd":
-            opd_loss = obj.generalized_jsd_loss(student_logprobs, _need(teacher_full, name), keep, config.beta)
-        elif name == "topk_reverse_kl":
-            if scores.topk_ids is None:
-                raise ValueError("objective topk_reverse_kl needs the teacher's top-k ids; the scorer returned none.")
-            opd_loss = obj.topk_reverse_kl_loss(
-                student_logprobs,
-                scores.topk_ids.to(student_logprobs.device),
-                scores.topk_logprobs.to(student_logprobs.device),
-                keep,
-                tail=config.topk_tail,
-                sampled_ids=completion_ids.to(student_logprobs.device),
-                teacher_token_logprobs=teacher_tok,
-            )
-        else:
-            raise ValueError(f"unknown objective {name!r}.")
-        loss = opd_loss
-        if reward_adv is not None:
-            reward_loss = obj.policy_gradient_loss(student_tok, reward_adv.unsqueeze(-1).expand_as(student_tok), keep)
-            loss = config.reward_lambda * opd_loss + (1.0 - config.reward_lambda) * reward_loss
+    objective = get_objective(config.name)
+    objective.check_scores(scores)
+    adv = advantages
+    if reward_adv is not None and objective.reward_in_advantage:
+        adv = obj.mix_advantages(advantages, reward_adv, config.reward_lambda)
+    inputs = ObjectiveInputs(
+        student_logprobs=student_logprobs,
+        student_token_logprobs=student_tok,
+        completion_ids=completion_ids.to(device),
+        teacher_token_logprobs=teacher_tok,
+        teacher_topk_ids=None if scores.topk_ids is None else scores.topk_ids.to(device),
+        teacher_topk_logprobs=None if scores.topk_logprobs is None else scores.topk_logprobs.to(device),
+        teacher_full_logprobs=teacher_full,
+        advantages=adv,
+        mask=keep,
+        config=config,
+    )
+    loss = objective.loss(inputs)
+    if reward_adv is not None and not objective.reward_in_advantage:
+        reward_loss = obj.policy_gradient_loss(student_tok, reward_adv.unsqueeze(-1).expand_as(student_tok), keep)
+        loss = config.reward_lambda * loss + (1.0 - config.reward_lambda) * reward_loss
 
     return LossOutput(
         loss=loss,
@@ -124,12 +115,3 @@ def compute_opd_loss(
         exact_reverse_kl=None if exact_kl is None else float(obj.masked_mean(exact_kl, mask)),
         reward_mean=None if rewards is None else float(rewards.float().mean()),
     )
-
-
-def _need(teacher_full: torch.Tensor | None, name: str) -> torch.Tensor:
-    if teacher_full is None:
-        raise ValueError(
-            f"objective {name!r} needs full-vocabulary teacher log-probs, which only the in-process teacher "
-            "(teacher.backend=hf) provides; use objective.name=pg or topk_reverse_kl with remote teachers."
-        )
-    return teacher_full

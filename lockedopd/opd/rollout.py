@@ -1,4 +1,4 @@
-"""Student rollouts: sample completions with HF ``generate`` and lay them out for scoring and training.
+"""Student rollouts: the :class:`StudentSampler` protocol, sampling with HF ``generate``, and the batch layout.
 
 Layout of a :class:`Rollout` batch (the same tensor ``generate`` returns):
 ``[left-padded prompt (P) | completion, right-padded after EOS (C)]``. Training re-runs the student on
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -78,73 +79,129 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-@torch.no_grad()
-def generate_rollout(
-    model: nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    pad_token_id: int,
-    eos_token_id: int | Sequence[int] | None,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    do_sample: bool = True,
-    seed: int | None = None,
-) -> Rollout:
-    """Sample one completion per prompt from ``model``.
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a :class:`StudentSampler` samples.
+
+    Attributes:
+        pad_token_id / eos_token_id: the tokenizer's special ids (``eos_token_id`` may list several, or be None).
+        max_new_tokens: the longest completion.
+        temperature / top_p: the sampling distribution (raw logits / temperature, nucleus ``top_p``).
+    """
+
+    pad_token_id: int
+    eos_token_id: int | Sequence[int] | None
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def stop_token_ids(self) -> list[int]:
+        """The EOS id(s) as a list (empty without an EOS)."""
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+
+@runtime_checkable
+class StudentSampler(Protocol):
+    """Samples one completion per prompt from the student and lays the batch out as a :class:`Rollout`.
+
+    Implementations: :class:`HFStudentSampler` (transformers ``generate`` on the trained model) and
+    :class:`~lockedopd.opd.vllm_rollout.VLLMStudentSampler`. A sampler implements :meth:`sample`; subclassing this
+    protocol gives it :meth:`generate`, the positional form that the trainer and the evaluation call.
+    """
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, seed: int | None) -> Rollout:
+        """One completion per prompt (B token-id lists, none empty); reproducible when ``seed`` is given."""
+        ...
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        pad_token_id: int,
+        eos_token_id: int | Sequence[int] | None,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Rollout:
+        """:meth:`sample` with the :class:`SamplingSettings` given one by one; ``ValueError`` for no prompts."""
+        if not prompt_ids:
+            raise ValueError(f"{type(self).__name__}.generate: no prompts given.")
+        settings = SamplingSettings(pad_token_id, eos_token_id, max_new_tokens, temperature, top_p)
+        return self.sample(prompt_ids, settings, seed)
+
+
+class HFStudentSampler(StudentSampler):
+    """Samples with transformers ``generate`` on ``model`` itself (``rollout.backend=hf``).
 
     Args:
-        model: a causal LM (or a PEFT wrapper of one) with ``generate``.
-        prompt_ids: B token-id lists.
-        pad_token_id / eos_token_id: the tokenizer's special ids.
-        max_new_tokens / temperature / top_p / do_sample: sampling settings.
-        seed: when given, the sampling is reproducible (the global torch RNG is seeded).
+        model: a causal LM (or a PEFT wrapper of one) with ``generate``; sampled in eval mode, its mode restored.
+        do_sample: ``False`` decodes greedily (temperature and top-p are then ignored).
     """
-    if not prompt_ids:
-        raise ValueError("generate_rollout: no prompts given.")
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompt_ids)
-    batch = len(prompt_ids)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(batch, width, dtype=torch.long)
-    for i, ids in enumerate(prompt_ids):
-        input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
-        attention_mask[i, width - len(ids) :] = 1
-    if seed is not None:
-        torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=0 if do_sample else None,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
-    model.train(was_training)
-    sequences = out.sequences.cpu()
-    completion_ids = sequences[:, width:]
-    completion_mask = _completion_mask(completion_ids, eos_token_id)
-    completion_ids = completion_ids.masked_fill(~completion_mask, pad_token_id)
-    logits = torch.stack(out.logits, dim=1).float().cpu()  # (B, C, V) raw logits of each generated position
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    logprobs = logprobs * completion_mask
-    full_mask = torch.cat([attention_mask, completion_mask.long()], dim=1)
-    sequences = torch.cat([input_ids, completion_ids], dim=1)
-    return Rollout(
-        input_ids=sequences,
-        attention_mask=full_mask,
-        prompt_width=width,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        prompt_lengths=[len(p) for p in prompt_ids],
-        logprobs=logprobs,
-    )
+
+    def __init__(self, model: nn.Module, do_sample: bool = True) -> None:
+        self.model = model
+        self.do_sample = do_sample
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, seed: int | None) -> Rollout:
+        """One ``generate`` call on the left-padded batch; seeds the global torch RNG when ``seed`` is given."""
+        model, do_sample = self.model, self.do_sample
+        pad_token_id, eos_token_id = settings.pad_token_id, settings.eos_token_id
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompt_ids)
+        batch = len(prompt_ids)
+        input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(batch, width, dtype=torch.long)
+        for i, ids in enumerate(prompt_ids):
+            input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+            attention_mask[i, width - len(ids) :] = 1
+        if seed is not None:
+            torch.manual_seed(seed)
+        was_training = model.training
+        model.eval()
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=do_sample,
+            temperature=settings.temperature if do_sample else None,
+            top_p=settings.top_p if do_sample else None,
+            top_k=0 if do_sample else None,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        model.train(was_training)
+        sequences = out.sequences.cpu()
+        completion_ids = sequences[:, width:]
+        completion_mask = _completion_mask(completion_ids, eos_token_id)
+        completion_ids = completion_ids.masked_fill(~completion_mask, pad_token_id)
+        logits = torch.stack(out.logits, dim=1).float().cpu()  # (B, C, V) raw logits of each generated position
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        logprobs = logprobs * completion_mask
+        full_mask = torch.cat([attention_mask, completion_mask.long()], dim=1)
+        sequences = torch.cat([input_ids, completion_ids], dim=1)
+        return Rollout(
+            input_ids=sequences,
+            attention_mask=full_mask,
+            prompt_width=width,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            prompt_lengths=[len(p) for p in prompt_ids],
+            logprobs=logprobs,
+        )
+
+
+def generate_rollout(model: nn.Module, *args: Any, do_sample: bool = True, **kwargs: Any) -> Rollout:
+    """Sample one completion per prompt from ``model``: ``HFStudentSampler(model, do_sample).generate(...)``.
+
+    The remaining arguments are :meth:`StudentSampler.generate`'s: ``prompt_ids, pad_token_id, eos_token_id,
+    max_new_tokens, temperature=1.0, top_p=1.0, seed=None``.
+    """
+    return HFStudentSampler(model, do_sample).generate(*args, **kwargs)
 
 
 def rollout_from_completions(

@@ -11,7 +11,6 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from lockedopd.data import PromptRecord
 from lockedopd.opd.config import OPDConfig, config_to_dict
 from lockedopd.opd.evaluation import EvalResult, evaluate_reverse_kl
 from lockedopd.opd.loss import compute_opd_loss, teacher_request
-from lockedopd.opd.rollout import encode_prompts, generate_rollout, student_completion_logprobs
+from lockedopd.opd.rollout import HFStudentSampler, encode_prompts, student_completion_logprobs
 from lockedopd.opd.schedule import lr_at_step
 from lockedopd.params import (
     build_adamw,
@@ -194,8 +193,8 @@ class OPDTrainer:
             seed = step_seed(c.seed, step, micro)
             prompt_ids, records = self._sample_prompts(step, micro)
             t0 = time.perf_counter()
-            sample = self.sampler.generate if self.sampler is not None else partial(generate_rollout, self.model)
-            rollout = sample(
+            sampler = self.sampler if self.sampler is not None else HFStudentSampler(self.model)
+            rollout = sampler.generate(
                 prompt_ids,
                 self.pad_token_id,
                 self.eos_token_id,
@@ -272,7 +271,7 @@ class OPDTrainer:
         )
 
     def _exact_eval(self) -> bool:
-        return bool(getattr(self.eval_teacher, "returns_full_logprobs", False))
+        return bool(self.eval_teacher.returns_full_logprobs)
 
     def train(self) -> dict[str, Any]:
         """Run (or resume) training to ``max_steps``; returns a summary (also written to ``summary.json``)."""

@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lockedopd.opd.rollout import Rollout, rollout_from_completions
-from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS, FAST_START_ENGINE_ARGS, import_vllm
+from lockedopd.opd.rollout import Rollout, SamplingSettings, StudentSampler, rollout_from_completions
+from lockedopd.vllm_runtime import import_vllm, start_llm
 
 #: LoRA ranks vLLM accepts for ``max_lora_rank``.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class VLLMStudentSampler:
+class VLLMStudentSampler(StudentSampler):
     """Samples student completions with vLLM; :meth:`sync_weights` / :meth:`sync_adapter` keep it current.
 
     Args:
@@ -57,9 +57,7 @@ class VLLMStudentSampler:
         dtype: str = "float32",
         **engine_kwargs: Any,
     ) -> None:
-        for key, value in CPU_ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-        vllm = import_vllm()
+        vllm = import_vllm(type(self).__name__)
         from vllm.lora.request import LoRARequest
 
         self._vllm, self._lora_request_cls = vllm, LoRARequest
@@ -77,12 +75,10 @@ class VLLMStudentSampler:
             "enable_lora": True,
             "max_lora_rank": supported[0],
             "max_loras": 1,
-            **FAST_START_ENGINE_ARGS,
         }
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
-        kwargs.update(engine_kwargs)
-        self.llm = vllm.LLM(**kwargs)
+        self.llm = start_llm(type(self).__name__, **{**kwargs, **engine_kwargs})
         self.lora_request = None
         self.adapter_version = 0
 
@@ -116,28 +112,16 @@ class VLLMStudentSampler:
         return time.perf_counter() - started
 
     # --------------------------------------------------------------------------------------------- sampling
-    def generate(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        pad_token_id: int,
-        eos_token_id: int | Sequence[int] | None,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> Rollout:
-        """Sample one completion per prompt (row i seeded with ``seed + i``), laid out like ``generate_rollout``."""
-        if not prompt_ids:
-            raise ValueError("VLLMStudentSampler.generate: no prompts given.")
-        stop_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    def sample(self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, seed: int | None) -> Rollout:
+        """One completion per prompt (row i seeded with ``seed + i``), laid out like ``generate_rollout``."""
         params = [
             self._vllm.SamplingParams(
-                max_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
+                max_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
                 top_k=-1,
                 seed=None if seed is None else seed + i,
-                stop_token_ids=list(stop_ids),
+                stop_token_ids=settings.stop_token_ids(),
                 logprobs=0,
                 detokenize=False,
             )
@@ -150,7 +134,9 @@ class VLLMStudentSampler:
             sample = out.outputs[0]
             completions.append(list(sample.token_ids))
             logprobs.append(_sampled_logprobs(sample))
-        return rollout_from_completions(prompt_ids, completions, logprobs, pad_token_id, eos_token_id)
+        return rollout_from_completions(
+            prompt_ids, completions, logprobs, settings.pad_token_id, settings.eos_token_id
+        )
 
 
 def write_hf_directory(path: Path, config: Any, state_dict: dict[str, torch.Tensor], tokenizer: Any) -> None:

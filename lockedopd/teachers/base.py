@@ -13,6 +13,7 @@ Alignment convention (every scorer must follow it exactly):
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -55,11 +56,16 @@ class TeacherScorer(Protocol):
     Implementations: :class:`lockedopd.teachers.HFTeacher` (in-process transformers model),
     :class:`~lockedopd.teachers.VLLMHiddenStateTeacher` (vLLM runs the network, exact full vocabulary),
     :class:`~lockedopd.teachers.VLLMTeacher` and :class:`~lockedopd.teachers.VLLMServerTeacher` (vLLM prompt
-    log-probs: sampled token and top-k only). A scorer may set ``returns_full_logprobs = True`` to say it honours
-    ``full_logprobs=True``.
+    log-probs: sampled token and top-k only).
+
+    Attributes:
+        vocab_size: the teacher's vocabulary size (must equal the student's).
+        returns_full_logprobs: whether :meth:`score` honours ``full_logprobs=True`` (full-vocabulary log-probs);
+            scorers that return only the sampled token and the top-k set it to ``False``.
     """
 
     vocab_size: int
+    returns_full_logprobs: bool
 
     def score(
         self,
@@ -77,6 +83,58 @@ class TeacherScorer(Protocol):
             full_logprobs: also return full-vocabulary log-probs (in-process teachers only).
         """
         ...
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A checked call of :meth:`TeacherScorer.score`, with each sequence's completion length."""
+
+    sequences: Sequence[Sequence[int]]
+    prompt_lengths: Sequence[int]
+    completion_lengths: list[int]
+    top_k: int
+    full_logprobs: bool
+
+
+class ScorerBase(abc.ABC):
+    """Base of lockedopd's scorers: :meth:`score` checks the request once, then :meth:`score_completions` scores it.
+
+    Subclasses set ``vocab_size``, ``max_length`` (the longest sequence, ``None`` = unbounded) and
+    ``returns_full_logprobs``, and implement :meth:`score_completions`; :meth:`check_options` may add checks.
+    """
+
+    vocab_size: int
+    max_length: int | None
+    returns_full_logprobs: bool
+
+    def score(
+        self,
+        sequences: Sequence[Sequence[int]],
+        prompt_lengths: Sequence[int],
+        top_k: int = 0,
+        full_logprobs: bool = False,
+    ) -> TeacherScores:
+        """Score completions; see :class:`lockedopd.teachers.TeacherScorer` for the alignment contract."""
+        self.check_options(top_k, full_logprobs)
+        completion_lengths = validate_score_request(sequences, prompt_lengths, self.vocab_size, self.max_length)
+        return self.score_completions(
+            ScoreRequest(sequences, prompt_lengths, completion_lengths, top_k, full_logprobs)
+        )
+
+    def check_options(self, top_k: int, full_logprobs: bool) -> None:
+        """Raise ``ValueError`` unless ``top_k`` is in ``[0, vocab_size]`` and full log-probs can be returned."""
+        who = type(self).__name__
+        if full_logprobs and not self.returns_full_logprobs:
+            raise ValueError(
+                f"{who}.score: full_logprobs=True is not available from this scorer; use an objective that needs no "
+                "full distribution (`objective.name=pg` or `topk_reverse_kl`)."
+            )
+        if top_k < 0 or top_k > self.vocab_size:
+            raise ValueError(f"{who}.score: top_k must be in [0, {self.vocab_size}], got {top_k}.")
+
+    @abc.abstractmethod
+    def score_completions(self, request: ScoreRequest) -> TeacherScores:
+        """Score a request that :meth:`score` has checked."""
 
 
 class CompletionScoreWriter:

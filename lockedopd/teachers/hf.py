@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from lockedopd.teachers.base import CompletionScoreWriter, TeacherScores, validate_score_request
+from lockedopd.teachers.base import CompletionScoreWriter, ScorerBase, ScoreRequest, TeacherScores
 
 
-class HFTeacher:
+class HFTeacher(ScorerBase):
     """Scores student completions with a local transformers model.
 
     Args:
@@ -50,19 +48,12 @@ class HFTeacher:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def score(
-        self,
-        sequences: Sequence[Sequence[int]],
-        prompt_lengths: Sequence[int],
-        top_k: int = 0,
-        full_logprobs: bool = False,
-    ) -> TeacherScores:
-        """Score completions; see :class:`lockedopd.teachers.TeacherScorer` for the alignment contract."""
-        completion_lengths = validate_score_request(sequences, prompt_lengths, self.vocab_size, self.max_length)
-        if top_k < 0 or top_k > self.vocab_size:
-            raise ValueError(f"HFTeacher.score: top_k must be in [0, {self.vocab_size}], got {top_k}.")
+    def score_completions(self, request: ScoreRequest) -> TeacherScores:
+        """Run the model on the sequences, ``batch_size`` at a time, and read the completion positions."""
+        sequences, prompt_lengths = request.sequences, request.prompt_lengths
+        completion_lengths = request.completion_lengths
+        out = CompletionScoreWriter(completion_lengths, self.vocab_size, request.top_k, request.full_logprobs)
         batch = len(sequences)
-        out = CompletionScoreWriter(completion_lengths, self.vocab_size, top_k, full_logprobs)
         for start in range(0, batch, self.batch_size):
             rows = range(start, min(start + self.batch_size, batch))
             chunk = [list(sequences[i]) for i in rows]

@@ -10,72 +10,11 @@ Scripts that construct a ``VLLMTeacher`` should keep their top-level code under
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from lockedopd.teachers._vllm_common import (
-    VLLM_INSTALL_HINT,
-    PositionLogprobs,
-    PromptLogprobScorer,
-)
-
-#: Environment defaults that make a single-process CPU engine start in seconds; only set when unset.
-CPU_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-
-#: ``vllm.LLM`` arguments for an engine that starts in seconds in this process (callers' kwargs override them).
-FAST_START_ENGINE_ARGS = {"enforce_eager": True, "distributed_executor_backend": "uni", "seed": 0}
-
-
-def import_vllm():
-    """Import and return the ``vllm`` module, or raise an ImportError that says how to get it."""
-    try:
-        import vllm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            f"VLLMTeacher needs the `vllm` package, which is not importable here ({exc}); {VLLM_INSTALL_HINT}."
-        ) from exc
-    return vllm
-
-
-def _model_context(model_dir: str) -> int | None:
-    """``max_position_embeddings`` (or similar) from a HF model dir's config.json, if readable."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    config = config.get("text_config", config)
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
-
-
-@contextlib.contextmanager
-def _temporary_env(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _forget_cached_vllm_env() -> None:
-    """Make vLLM read os.environ again: a running engine freezes its environment cache for the whole process."""
-    try:
-        from vllm import envs
-    except ImportError:  # pragma: no cover - depends on the vLLM version
-        return
-    if hasattr(envs, "disable_envs_cache"):
-        envs.disable_envs_cache()
+from lockedopd.teachers.prompt_logprobs import PositionLogprobs, PromptLogprobScorer
+from lockedopd.vllm_runtime import import_vllm, model_context, start_llm
 
 
 def _position_dicts(prompt_logprobs: Any) -> list[PositionLogprobs | None]:
@@ -127,32 +66,21 @@ class VLLMTeacher(PromptLogprobScorer):
             raise ValueError(f"VLLMTeacher: top_k_max must be >= 0, got {top_k_max}.")
         if llm is None and model is None:
             raise ValueError("VLLMTeacher: pass `model` (a HF model directory) or an existing `llm`.")
-        for key, value in CPU_ENV_DEFAULTS.items():  # must be set before vllm reads its environment
-            os.environ.setdefault(key, value)
-        vllm = import_vllm()
-        self._vllm = vllm
+        self._vllm = import_vllm(type(self).__name__)
         self.top_k_max = top_k_max
         if llm is None:
             model = str(model)
-            context = max_model_len or _model_context(model)
-            kwargs: dict[str, Any] = {
-                "model": model,
-                "dtype": dtype,
-                "max_logprobs": max(top_k_max, 1),
-                **FAST_START_ENGINE_ARGS,
-            }
+            context = max_model_len or model_context(model)
+            kwargs: dict[str, Any] = {"model": model, "dtype": dtype, "max_logprobs": max(top_k_max, 1)}
             env: dict[str, str] = {}
             if context is not None:
                 kwargs["max_model_len"] = context + 1
-                derived = _model_context(model)
+                derived = model_context(model)
                 if derived is not None and context + 1 > derived:
                     # only the prompt positions (< context) run through the model; the extra slot is for the
                     # one token vLLM samples, which is never fed back, so RoPE never sees position `context`
                     env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
-            kwargs.update(engine_kwargs)
-            _forget_cached_vllm_env()
-            with _temporary_env(env):
-                llm = vllm.LLM(**kwargs)
+            llm = start_llm(type(self).__name__, env=env, **{**kwargs, **engine_kwargs})
         self.llm = llm
         model_config = llm.llm_engine.model_config
         self.model_name = model_config.model

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from lockedopd.teachers.base import CompletionScoreWriter, TeacherScores, validate_score_request
-from lockedopd.teachers.vllm_engine import CPU_ENV_DEFAULTS, FAST_START_ENGINE_ARGS, import_vllm
+from lockedopd.teachers.base import CompletionScoreWriter, ScorerBase, ScoreRequest, TeacherScores
+from lockedopd.vllm_runtime import import_vllm, start_llm
 
 #: config.json keys that change logits after the output layer; such models cannot be scored from hidden states.
 LOGIT_POSTPROCESSING_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -64,7 +63,7 @@ def load_output_layer(model_dir: str | os.PathLike) -> torch.Tensor:
     )
 
 
-class VLLMHiddenStateTeacher:
+class VLLMHiddenStateTeacher(ScorerBase):
     """Scores student completions exactly (full vocabulary) with vLLM running the teacher's network.
 
     Args:
@@ -95,9 +94,7 @@ class VLLMHiddenStateTeacher:
             raise ValueError(f"VLLMHiddenStateTeacher: temperature must be > 0, got {temperature}.")
         if llm is None and model is None:
             raise ValueError("VLLMHiddenStateTeacher: pass `model` (a HF model directory) or an existing `llm`.")
-        for key, value in CPU_ENV_DEFAULTS.items():  # must be set before vllm reads its environment
-            os.environ.setdefault(key, value)
-        vllm = import_vllm()
+        vllm = import_vllm(type(self).__name__)
         self._tokens_prompt = vllm.TokensPrompt
         # read the output layer before starting an engine, so a directory that cannot work fails fast
         output_weight = load_output_layer(model) if model is not None else None
@@ -110,12 +107,10 @@ class VLLMHiddenStateTeacher:
                 "convert": "embed",
                 "pooler_config": PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False),
                 "dtype": dtype,
-                **FAST_START_ENGINE_ARGS,
             }
             if max_model_len is not None:
                 kwargs["max_model_len"] = max_model_len
-            kwargs.update(engine_kwargs)
-            llm = vllm.LLM(**kwargs)
+            llm = start_llm(type(self).__name__, **{**kwargs, **engine_kwargs})
         self.llm = llm
         model_config = llm.llm_engine.model_config
         self.model_name = model_config.model
@@ -130,18 +125,11 @@ class VLLMHiddenStateTeacher:
             )
 
     @torch.no_grad()
-    def score(
-        self,
-        sequences: Sequence[Sequence[int]],
-        prompt_lengths: Sequence[int],
-        top_k: int = 0,
-        full_logprobs: bool = False,
-    ) -> TeacherScores:
-        """Score completions; see :class:`lockedopd.teachers.TeacherScorer` for the alignment contract."""
-        completion_lengths = validate_score_request(sequences, prompt_lengths, self.vocab_size, self.max_length)
-        if top_k < 0 or top_k > self.vocab_size:
-            raise ValueError(f"VLLMHiddenStateTeacher.score: top_k must be in [0, {self.vocab_size}], got {top_k}.")
-        out = CompletionScoreWriter(completion_lengths, self.vocab_size, top_k, full_logprobs)
+    def score_completions(self, request: ScoreRequest) -> TeacherScores:
+        """vLLM returns each sequence's hidden states; the output layer turns the completion positions into logits."""
+        sequences, prompt_lengths = request.sequences, request.prompt_lengths
+        completion_lengths = request.completion_lengths
+        out = CompletionScoreWriter(completion_lengths, self.vocab_size, request.top_k, request.full_logprobs)
         todo = [i for i, clen in enumerate(completion_lengths) if clen > 0]
         if not todo:
             return out.result()

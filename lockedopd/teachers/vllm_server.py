@@ -29,10 +29,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from lockedopd.teachers._vllm_common import (
-    PositionLogprobs,
-    PromptLogprobScorer,
-)
+from lockedopd.teachers.prompt_logprobs import PositionLogprobs, PromptLogprobScorer
+from lockedopd.vllm_runtime import SERVER_ENV_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +67,8 @@ def server_args(
 
 def start_command(model_dir: str = "DIR", port: int = 8000) -> str:
     """The shell command that starts a matching vLLM server (for error messages and docs)."""
-    return "VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python " + shlex.join(server_args(model_dir, port))
+    env = " ".join(f"{key}={value}" for key, value in SERVER_ENV_DEFAULTS.items())
+    return f"{env} .venv/bin/python {shlex.join(server_args(model_dir, port))}"
 
 
 def launch_server(
@@ -86,7 +85,7 @@ def launch_server(
     Returns ``(process, log file, seconds to ready)``; stop it with :func:`stop_server`. Raises ``RuntimeError``
     naming the log if the server exits or does not answer ``/v1/models`` within ``wait_s``.
     """
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, **(env or {})}
+    env = {**SERVER_ENV_DEFAULTS, **os.environ, **(env or {})}
     log = open(log_path, "w")
     args = server_args(model_dir, port, max_logprobs, max_model_len)
     proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env)

