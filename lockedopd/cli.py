@@ -103,7 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = getattr(args, "handler", None) or args.func
         return int(handler(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ImportError, VLLMServerError) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ConnectionError,
+        ImportError,
+        FloatingPointError,
+        VLLMServerError,
+    ) as exc:
         print(f"lockedopd {args.command}: error: {exc}", file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):  # e.g. where a stopped run's last checkpoint is
             print(f"lockedopd {args.command}: {note}", file=sys.stderr)

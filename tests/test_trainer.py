@@ -257,3 +257,48 @@ def test_a_changed_lock_file_is_refused_on_resume(relock_run, tmp_path):
     )
     with pytest.raises(ValueError, match=r"gen-0/basis.safetensors is not the file the step-7 checkpoint was trained"):
         run(tmp_path / "run", *RELOCK, "resume=true")
+
+
+def test_resume_refuses_config_drift_and_records_allowed_changes(tmp_path):
+    run(tmp_path, "max_steps=4", "eval_steps=0")
+    original = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"lr: 0\.003 -> 0\.001.*only \['eval_steps', 'max_steps', 'output_dir'"):
+        run(tmp_path, "max_steps=6", "eval_steps=0", "lr=1e-3", "resume=true")
+    with pytest.raises(ValueError, match=r"lock\.mode: 'right' -> 'two_sided'"):
+        run(tmp_path, "max_steps=6", "eval_steps=0", "lock.mode=two_sided", "resume=true")
+    assert (tmp_path / "config.yaml").read_text() == original and not (tmp_path / "config_changes.jsonl").exists()
+    summary = run(tmp_path, "max_steps=6", "eval_steps=0", "resume=true")
+    assert summary["steps"] == 6
+    assert (tmp_path / "config.yaml").read_text() == original  # the run's provenance is kept
+    changes = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
+    assert changes == [{"resumed_from_step": 4, "changes": {"max_steps": [4, 6]}}]
+
+
+def test_non_finite_values_stop_the_run_before_the_optimizer_step(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="config: lr must be a finite number, got inf"):
+        tiny_config(tmp_path, "lr=.inf")
+    import lockedopd.opd.trainer as trainer_module
+
+    original = trainer_module.compute_opd_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third step's loss is NaN
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "compute_opd_loss", poisoned)
+    with pytest.raises(
+        FloatingPointError, match="step 3: the loss .* is not finite; the optimizer step was not taken"
+    ) as info:
+        run(tmp_path / "nan", "save_steps=1", "eval_steps=0")
+    assert any("step-000002" in note for note in getattr(info.value, "__notes__", []))
+    records = read_metrics(tmp_path / "nan")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float))
+    saved = [p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()]
+    assert "step-000003" not in saved
+    weights = final_weights(tmp_path / "nan", 2)
+    assert all(torch.isfinite(w).all() for w in weights.values())

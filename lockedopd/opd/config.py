@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -313,6 +314,9 @@ class OPDConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""
+        for key, value in _flatten(dataclasses.asdict(self)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config: {key} must be a finite number, got {value}.")
         choices = {
             "lr_scheduler": (self.lr_scheduler, ("constant", "linear", "cosine")),
             "objective.name": (self.objective.name, tuple(OBJECTIVES)),
@@ -431,9 +435,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return None
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float:  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value) if isinstance(value, str) else _not_a_number(key, value)
+        except ValueError:
+            _not_a_number(key, value)
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ValueError(f"config: {key} must be {tp.__name__}, got {value!r}.")
     return value
+
+
+def _not_a_number(key: str, value: Any):
+    raise ValueError(f"config: {key} must be a number, got {value!r}.")
 
 
 def config_from_dict(data: dict[str, Any]) -> OPDConfig:
@@ -475,3 +488,36 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def config_to_dict(config: OPDConfig) -> dict[str, Any]:
     """Plain nested dict of a config (what ``output_dir/config.yaml`` holds)."""
     return dataclasses.asdict(config)
+
+
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "save_steps", "eval_steps", "progress", "resume", "reference_run", "output_dir"}
+)
+"""Settings a resumed run may change (they extend, observe or move the run; the training path stays the same)."""
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: OPDConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, current value)}`` for every setting that differs from a run's ``config.yaml``.
+
+    A setting the saved file does not have (written by an older version) counts as changed only when its current
+    value is not the default.
+    """
+    old, new = _flatten(saved), _flatten(config_to_dict(current))
+    defaults = _flatten(config_to_dict(OPDConfig()))
+    changes = {}
+    for key, value in new.items():
+        before = old.get(key, defaults.get(key))
+        if before != value and not (isinstance(before, (int, float)) and isinstance(value, (int, float))
+                                    and float(before) == float(value)):  # fmt: skip
+            changes[key] = (before, value)
+    return changes

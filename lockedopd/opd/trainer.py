@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from torch import nn
 
 from lockedopd.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
-from lockedopd.opd.config import OPDConfig, config_to_dict
+from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
 from lockedopd.opd.evaluation import EvalResult, evaluate_reverse_kl
 from lockedopd.opd.loss import compute_opd_loss, teacher_request
 from lockedopd.opd.rollout import HFStudentSampler, encode_prompts, student_completion_logprobs
@@ -232,6 +233,13 @@ class OPDTrainer:
             del student_lp, out, scores
         params = self.trainable_parameters()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30))
+        if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"step {step + 1}: the loss ({totals['loss']}) or the gradient norm ({grad_norm}) is not finite; the "
+                "optimizer step was not taken and nothing of the step was written. Lower lr, or check the teacher's "
+                "log-probs and the student's dtype."
+            )
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # the locked optimizer keeps one scale per matrix
@@ -278,7 +286,8 @@ class OPDTrainer:
         c = self.config
         resume_from = self._resume_point()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", _yaml_dump(config_to_dict(c)))
+        if resume_from is None or not (self.run_dir / "config.yaml").is_file():
+            atomic_write_text(self.run_dir / "config.yaml", _yaml_dump(config_to_dict(c)))
         log = MetricsLog(self.run_dir / "metrics.jsonl", None if resume_from is None else self.step)
         if c.rollout.backend == "vllm" and self.sampler is None:
             self._start_sampler()
@@ -414,6 +423,29 @@ class OPDTrainer:
             return self.lock.locked.merged_state_dict()
         return {k: v for k, v in self.base_model.state_dict().items()}
 
+    def _check_config_drift(self, step: int) -> None:
+        """Refuse to resume with settings other than the run's (except :data:`RESUMABLE_CHANGES`), before anything
+        is loaded or written; record allowed changes in ``config_changes.jsonl`` (``config.yaml`` stays as it was)."""
+        import yaml
+
+        path = self.run_dir / "config.yaml"
+        if not path.is_file():
+            return
+        saved = yaml.safe_load(path.read_text()) or {}
+        changes = config_changes(saved, self.config)
+        refused = {key: change for key, change in changes.items() if key not in RESUMABLE_CHANGES}
+        if refused:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(refused.items())[:6])
+            raise ValueError(
+                f"resume: the config differs from the one {self.run_dir} was trained with ({listed}); resume with "
+                f"the run's own settings (see {path}) — only {sorted(RESUMABLE_CHANGES)} may change — or start a new "
+                "output_dir."
+            )
+        allowed = {key: list(change) for key, change in changes.items() if key != "resume"}
+        if allowed:
+            with open(self.run_dir / "config_changes.jsonl", "a") as handle:
+                handle.write(json.dumps({"resumed_from_step": step, "changes": allowed}) + "\n")
+
     def _resume_point(self) -> int | None:
         """Restore the newest complete checkpoint when ``resume`` is set; returns its step or None."""
         if not self.config.resume:
@@ -427,6 +459,7 @@ class OPDTrainer:
         if not found:
             logger.info("resume=true but %s has no checkpoint: starting fresh", self.run_dir)
             return None
+        self._check_config_drift(found[-1][0])
         step, path = found[-1]
         tensors, states, trainer_state = load_checkpoint(path)
         self.step = int(trainer_state["step"])
