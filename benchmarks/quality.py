@@ -303,22 +303,37 @@ def read_cell(cell: Path) -> dict[str, Any]:
     }
 
 
+def full_kl_at(full_cell: dict[str, Any], step: int) -> tuple[float, bool]:
+    """The full run's held-out KL at ``step`` and whether it had to be interpolated.
+
+    Exact when the run evaluated at ``step``; otherwise linear between the evaluations either side of it (flagged,
+    so a report can say so). Raises ``ValueError`` when ``step`` lies outside the evaluated range.
+    """
+    kl = full_cell["eval_reverse_kl"]
+    if step in kl:
+        return kl[step], False
+    before = [s for s in kl if s < step]
+    after = [s for s in kl if s > step]
+    if not before or not after:
+        raise ValueError(
+            f"the full run of seed {full_cell['seed']} has no held-out evaluation around step {step} (it evaluated "
+            f"at {sorted(kl)}); set eval_steps so that it divides the lock step."
+        )
+    lo, hi = max(before), min(after)
+    return kl[lo] + (kl[hi] - kl[lo]) * (step - lo) / (hi - lo), True
+
+
 def share_of_full_gain(method_cell: dict[str, Any], full_cell: dict[str, Any]) -> float | None:
     """(KL_full(L) - KL_end(method)) / (KL_full(L) - KL_end(full)), L = the method's lock step; None if undefined.
 
-    Both cells are of the same training seed. Raises ``ValueError`` when the full run did not evaluate at L.
+    Both cells are of the same training seed; KL_full(L) comes from :func:`full_kl_at`. None when the method never
+    locked or full OPD made no progress after L.
     """
     lock_step = method_cell.get("lock_step")
     if lock_step is None:
         return None
-    full_kl = full_cell["eval_reverse_kl"]
-    if lock_step not in full_kl:
-        raise ValueError(
-            f"the full run of seed {full_cell['seed']} has no held-out evaluation at the lock step {lock_step} "
-            f"(it evaluated at {sorted(full_kl)}); set eval_steps so that it divides {lock_step}."
-        )
-    start = full_kl[lock_step]
-    end_full = full_kl[full_cell["final_step"]]
+    start, _ = full_kl_at(full_cell, lock_step)
+    end_full = full_cell["eval_reverse_kl"][full_cell["final_step"]]
     end_method = method_cell["eval_reverse_kl"][method_cell["final_step"]]
     if start == end_full:
         return None
@@ -348,6 +363,7 @@ def aggregate(cells: dict[str, dict[int, dict[str, Any]]], methods: list[str]) -
             entry["final_fixed_text_kl"] = {**t_interval(fixed), "per_seed": dict(zip(map(str, seeds), fixed))}
         shares: dict[str, float] = {}
         missing: list[int] = []
+        interpolated: list[int] = []
         for s in seeds:
             if method == REFERENCE:
                 shares[str(s)] = 1.0
@@ -355,11 +371,15 @@ def aggregate(cells: dict[str, dict[int, dict[str, Any]]], methods: list[str]) -
                 value = share_of_full_gain(by_seed[s], full[s])
                 if value is not None:
                     shares[str(s)] = value
+                    if full_kl_at(full[s], by_seed[s]["lock_step"])[1]:
+                        interpolated.append(s)
             else:
                 missing.append(s)
         entry["share_of_full_gain"] = {**t_interval(list(shares.values())), "per_seed": shares}
         if missing:
             entry["share_of_full_gain"]["seeds_without_full_run"] = missing
+        if interpolated:
+            entry["share_of_full_gain"]["seeds_with_interpolated_kl_lock"] = interpolated
         entry["lock_step"] = {str(s): by_seed[s].get("lock_step") for s in seeds}
         entry["lock_reason"] = {str(s): by_seed[s].get("lock_reason") for s in seeds}
         last = by_seed[seeds[-1]]
@@ -517,6 +537,24 @@ def write_reports(exp: Experiment, errors: dict[str, str] | None = None) -> dict
     return report
 
 
+def _refresh_reports(exp: Experiment, experiment_path: Path | None, errors: dict[str, str]) -> None:
+    """Rewrite the reports after a cell; a reporting error is printed, never allowed to stop the grid.
+
+    With ``isolation=process`` a fresh interpreter renders them (``--rerender``), so improvements to the reporting
+    code take effect in a long grid without restarting it.
+    """
+    try:
+        if exp.isolation == "process" and experiment_path is not None:
+            cmd = [sys.executable, str(Path(__file__).resolve()), str(experiment_path), "--out", str(exp.out_dir)]
+            proc = subprocess.run([*cmd, "--rerender", "--quiet"], cwd=REPO)
+            if proc.returncode != 0:
+                print(f"[quality] warning: rendering the reports failed (exit {proc.returncode})", flush=True)
+        else:
+            write_reports(exp, errors)
+    except Exception as exc:  # the cells are what matters; the reports can be rerendered later
+        print(f"[quality] warning: rendering the reports failed: {type(exc).__name__}: {exc}", flush=True)
+
+
 def run(
     exp: Experiment,
     experiment_path: Path | None = None,
@@ -550,7 +588,7 @@ def run(
         else:
             run_cell(exp, method, seed)
         computed.append((method, seed))
-        write_reports(exp, errors)
+        _refresh_reports(exp, experiment_path, errors)
         print(f"[quality] cell {method}/seed{seed} finished; reports in {exp.out_dir}", flush=True)
     report = write_reports(exp, errors)
     return {"computed": computed, "skipped": skipped, "report": report}
@@ -565,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="comma list: run only these seeds")
     p.add_argument("--max-cells", type=int, default=None, help="stop after computing this many cells")
     p.add_argument("--rerender", action="store_true", help="only rewrite the reports from the finished cells")
+    p.add_argument("--quiet", action="store_true", help="do not print results.md")
     p.add_argument("--cell", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)  # one cell, internal
     args = p.parse_args(argv)
     exp = load_experiment(args.experiment, args.out)
@@ -577,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = args.methods.split(",") if args.methods else None
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         report = run(exp, Path(args.experiment), methods, seeds, args.max_cells)["report"]
-    print(markdown_report(report))
+    if not args.quiet:
+        print(markdown_report(report))
     return 0
 
 
