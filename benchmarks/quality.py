@@ -248,7 +248,10 @@ def _run_cell_in_process(exp: Experiment, experiment_path: Path, method: str, se
     started = time.time()
     cmd = [sys.executable, str(Path(__file__).resolve()), str(experiment_path), "--out", str(exp.out_dir)]
     cmd += ["--cell", method, str(seed)]
-    proc = subprocess.run(cmd, cwd=REPO)
+    env = dict(os.environ)
+    if exp.threads:  # OpenMP reads it at start-up, before torch.set_num_threads in the cell
+        env["OMP_NUM_THREADS"] = str(exp.threads)
+    proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:
         _add_wall(cell, time.time() - started)
         raise RuntimeError(
