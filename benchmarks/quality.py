@@ -492,6 +492,55 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN = "<!-- quality-table: generated from "
+README_END = "<!-- /quality-table -->"
+
+
+def readme_table(report: dict[str, Any], steps: list[int] | None = None) -> str:
+    """A compact markdown table for a README: held-out KL at chosen eval steps, shares per seed, memory, time."""
+    methods = report["methods"]
+    all_steps = sorted({int(s) for m in methods.values() for s in m["eval_reverse_kl"]})
+    steps = [s for s in (steps or all_steps) if s in all_steps]
+    head = ["method", "seeds"] + [f"KL @{s}" for s in steps]
+    head += ["fixed-text KL @0 → end", "share of full gain per seed", "share mean [95% CI]", "optimizer state",
+             "wall min / cell"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        kl = [m["eval_reverse_kl"].get(str(s)) for s in steps]
+        fixed = m.get("eval_fixed_text_kl", {})
+        fixed_steps = sorted(int(s) for s in fixed)
+        fixed_text = (
+            f"{fixed[str(fixed_steps[0])]['mean']:.2f} → {fixed[str(fixed_steps[-1])]['mean']:.2f}"
+            if fixed_steps
+            else ""
+        )
+        shares = m["share_of_full_gain"]["per_seed"]
+        row = [name, ",".join(map(str, m["seeds"]))]
+        row += ["" if e is None else f"{e['mean']:.3f}" + (f" ± {e['std']:.3f}" if e["std"] else "") for e in kl]
+        row += [fixed_text, ", ".join(f"{v:.3f}" for v in shares.values()), _interval(m["share_of_full_gain"])]
+        row += [f"{m['optimizer_state_bytes'] / 2**20:.1f} MiB", f"{m['wall_s']['mean'] / 60:.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    for name in report["not_run"]:
+        lines.append(f"| {name} | not run |" + " |" * (len(head) - 2))
+    if report["pending_cells"]:
+        lines += ["", f"Not run yet (pending): {', '.join(report['pending_cells'])}."]
+    return "\n".join(lines)
+
+
+def update_readme(report: dict[str, Any], readme: Path, results_path: str) -> None:
+    """Replace the block between the quality-table markers of ``readme`` with :func:`readme_table`."""
+    text = readme.read_text()
+    begin = text.find(README_BEGIN)
+    end = text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(
+            f"{readme} has no `{README_BEGIN}...` / `{README_END}` markers; add them where the table goes."
+        )
+    header = f"{README_BEGIN}{results_path} -->\n"
+    text = text[:begin] + header + readme_table(report, [0, 4, 8, 12, 16, 20, 24, 28, 30]) + "\n" + text[end:]
+    readme.write_text(text)
+
+
 def plot_quality(report: dict[str, Any], path: Path) -> Path | None:
     """``quality.png``: held-out reverse KL (and fixed-text KL) vs step, mean with a min..max band per method."""
     methods = report["methods"]
@@ -607,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-cells", type=int, default=None, help="stop after computing this many cells")
     p.add_argument("--rerender", action="store_true", help="only rewrite the reports from the finished cells")
     p.add_argument("--quiet", action="store_true", help="do not print results.md")
+    p.add_argument("--readme", default=None, help="also rewrite this README's quality-table block from results.json")
     p.add_argument("--cell", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)  # one cell, internal
     args = p.parse_args(argv)
     exp = load_experiment(args.experiment, args.out)
@@ -619,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
         methods = args.methods.split(",") if args.methods else None
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         report = run(exp, Path(args.experiment), methods, seeds, args.max_cells)["report"]
+    if args.readme:
+        results = exp.out_dir / "results.json"
+        shown = results.relative_to(REPO) if results.is_relative_to(REPO) else results
+        update_readme(report, Path(args.readme), str(shown))
     if not args.quiet:
         print(markdown_report(report))
     return 0
