@@ -170,3 +170,20 @@ def test_bench_without_quality_still_runs_the_memory_benchmark():
 
     assert _bench_script(["quality", "x.yaml"])[0].name == "quality.py"
     assert _bench_script(["benchmarks/experiments/tiny.yaml"])[0].name == "memory_speed.py"
+
+
+def test_readme_table_is_rewritten_from_results_json(tiny_grid, tmp_path):
+    out, results, _ = tiny_grid
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{quality.README_BEGIN}x -->\nstale table\n{quality.README_END}\n\nafter\n")
+    quality.update_readme(results, readme, "results.json")
+    text = readme.read_text()
+    assert "stale table" not in text and text.startswith("intro") and text.rstrip().endswith("after")
+    row = next(line for line in text.splitlines() if line.startswith("| locked_right |"))
+    final = results["methods"]["locked_right"]["eval_reverse_kl"]["8"]["mean"]
+    assert f"{final:.3f}" in row
+    share = results["methods"]["locked_right"]["share_of_full_gain"]["per_seed"]["1"]
+    assert f"{share:.3f}" in row
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        quality.update_readme(results, readme, "results.json")
