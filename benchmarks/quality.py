@@ -299,8 +299,9 @@ def read_cell(cell: Path) -> dict[str, Any]:
         **info,
         "summary": summary,
         "eval_reverse_kl": {step: r["eval_reverse_kl"] for step, r in evals.items()},
-        "eval_fixed_text_kl": {
-            step: r["eval_fixed_text_kl"] for step, r in evals.items() if "eval_fixed_text_kl" in r
+        **{
+            key: {step: r[key] for step, r in evals.items() if key in r}
+            for key in ("eval_fixed_text_kl", "eval_fixed_text_forward_kl")
         },
         "final_step": max(evals) if evals else None,
     }
@@ -353,7 +354,7 @@ def aggregate(cells: dict[str, dict[int, dict[str, Any]]], methods: list[str]) -
             continue
         seeds = sorted(by_seed)
         entry: dict[str, Any] = {"seeds": seeds}
-        for key in ("eval_reverse_kl", "eval_fixed_text_kl"):
+        for key in ("eval_reverse_kl", "eval_fixed_text_kl", "eval_fixed_text_forward_kl"):
             steps = sorted({s for c in by_seed.values() for s in c[key]})
             entry[key] = {
                 str(step): {**_spread([c[key][step] for c in by_seed.values() if step in c[key]])} for step in steps
@@ -437,6 +438,12 @@ def _interval(entry: dict[str, Any], digits: int = 3) -> str:
     return f"{entry['mean']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
 
 
+FIXED_TEXT_TABLES = (
+    ("eval_fixed_text_kl", "Reverse KL(student ‖ teacher) on the teacher's fixed greedy text"),
+    ("eval_fixed_text_forward_kl", "Forward KL(teacher ‖ student) on the teacher's fixed greedy text (coverage)"),
+)
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """``results.md``: a summary table per method, held-out KL per eval step, per-seed shares, what did not run."""
     methods = report["methods"]
@@ -468,12 +475,14 @@ def markdown_report(report: dict[str, Any]) -> str:
                 e = m["eval_reverse_kl"].get(str(s))
                 cells.append("" if e is None else f"{e['mean']:.3f}" + (f" ± {e['std']:.3f}" if e["std"] else ""))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    fixed_steps = sorted({int(s) for m in methods.values() for s in m.get("eval_fixed_text_kl", {})})
-    if fixed_steps:
-        lines += ["", "## Reverse KL on the teacher's fixed greedy text per eval step (mean over seeds)", ""]
+    for key, title in FIXED_TEXT_TABLES:
+        fixed_steps = sorted({int(s) for m in methods.values() for s in m.get(key, {})})
+        if not fixed_steps:
+            continue
+        lines += ["", f"## {title} per eval step (mean over seeds)", ""]
         lines += ["| method | " + " | ".join(str(s) for s in fixed_steps) + " |", "|---|" + "---|" * len(fixed_steps)]
         for name, m in methods.items():
-            row = [m["eval_fixed_text_kl"].get(str(s)) for s in fixed_steps]
+            row = [m.get(key, {}).get(str(s)) for s in fixed_steps]
             lines.append(f"| {name} | " + " | ".join("" if e is None else f"{e['mean']:.3f}" for e in row) + " |")
     lines += ["", "## Per seed", "", "| method | seed | lock step | final held-out KL | share of full gain | wall s |"]
     lines.append("|---|---|---|---|---|---|")
@@ -556,7 +565,9 @@ def plot_quality(report: dict[str, Any], path: Path) -> Path | None:
     keys = [("eval_reverse_kl", "held-out reverse KL, on-policy (nats/token)")]
     if any(m.get("eval_fixed_text_kl") for m in methods.values()):
         keys.append(("eval_fixed_text_kl", "reverse KL on the teacher's greedy text (nats/token)"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.2), squeeze=False)
+    if any(m.get("eval_fixed_text_forward_kl") for m in methods.values()):
+        keys.append(("eval_fixed_text_forward_kl", "forward KL on the teacher's greedy text (coverage)"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], keys):
         for name, m in methods.items():
             points = sorted((int(s), e) for s, e in m.get(key, {}).items())
