@@ -355,14 +355,12 @@ def aggregate(cells: dict[str, dict[int, dict[str, Any]]], methods: list[str]) -
         seeds = sorted(by_seed)
         entry: dict[str, Any] = {"seeds": seeds}
         for key in ("eval_reverse_kl", "eval_fixed_text_kl", "eval_fixed_text_forward_kl"):
-            steps = sorted({s for c in by_seed.values() for s in c[key]})
-            entry[key] = {
-                str(step): {**_spread([c[key][step] for c in by_seed.values() if step in c[key]])} for step in steps
-            }
-            entry[key] = {k: v for k, v in entry[key].items() if v["n"]}
+            per_cell = [c.get(key, {}) for c in by_seed.values()]
+            steps = sorted({step for values in per_cell for step in values})
+            entry[key] = {str(step): _spread([v[step] for v in per_cell if step in v]) for step in steps}
         finals = [by_seed[s]["eval_reverse_kl"][by_seed[s]["final_step"]] for s in seeds]
         entry["final_reverse_kl"] = {**t_interval(finals), "per_seed": dict(zip(map(str, seeds), finals))}
-        fixed = [by_seed[s]["eval_fixed_text_kl"].get(by_seed[s]["final_step"]) for s in seeds]
+        fixed = [by_seed[s].get("eval_fixed_text_kl", {}).get(by_seed[s]["final_step"]) for s in seeds]
         if all(v is not None for v in fixed):
             entry["final_fixed_text_kl"] = {**t_interval(fixed), "per_seed": dict(zip(map(str, seeds), fixed))}
         shares: dict[str, float] = {}
