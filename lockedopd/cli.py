@@ -41,28 +41,42 @@ def _run_distill(args) -> int:
     return 0
 
 
+BENCH_SCRIPTS = {"quality": "quality.py"}
+"""``lockedopd bench NAME ...`` runs ``benchmarks/<script>``; anything else runs ``benchmarks/memory_speed.py``."""
+
+
 def _add_bench_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="memory/speed benchmark: full OPD vs locked vs LoRA vs projected, side by side",
-        description="Runs benchmarks/memory_speed.py of a source checkout, e.g. "
-        "`lockedopd bench benchmarks/experiments/smollm2.yaml --out runs/bench`.",
+        help="benchmarks: memory/speed of the methods side by side, or (bench quality) their quality over seeds",
+        description="Runs a benchmark script of a source checkout: `lockedopd bench EXPERIMENT.yaml [...]` runs "
+        "benchmarks/memory_speed.py (e.g. `lockedopd bench benchmarks/experiments/smollm2.yaml --out runs/bench`); "
+        "`lockedopd bench quality EXPERIMENT.yaml [...]` runs benchmarks/quality.py, the resumable method x seed "
+        "quality grid (e.g. `lockedopd bench quality benchmarks/experiments/quality_smollm2.yaml`).",
     )
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/memory_speed.py")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="[quality] and the arguments of the script")
     parser.set_defaults(handler=_run_bench)
+
+
+def _bench_script(args: list[str]):
+    """The benchmark script ``args`` select and the arguments it gets: ``(Path, list[str])``."""
+    from pathlib import Path
+
+    name = BENCH_SCRIPTS.get(args[0]) if args else None
+    script_args = args[1:] if name else list(args)
+    return Path(__file__).resolve().parents[1] / "benchmarks" / (name or "memory_speed.py"), script_args
 
 
 def _run_bench(args) -> int:
     import runpy
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_speed.py"
+    script, script_args = _bench_script(args.args)
     if not script.is_file():
         raise FileNotFoundError(
             f"{script} is not here: the benchmarks ship with the source checkout, not the wheel; clone the repository."
         )
     saved = sys.argv
-    sys.argv = [str(script), *args.args]
+    sys.argv = [str(script), *script_args]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:

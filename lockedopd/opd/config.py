@@ -246,6 +246,15 @@ class OPDConfig:
         progress: show a progress bar.
         reference_run: run directory of an unconstrained OPD run of the same setting; ``trajectory.json`` then
             compares this run's final KL and final update with it.
+        eval_sampling_seeds: held-out reverse KL = mean over this many student sampling seeds (seed i a pure function
+            of (seed, i); 1 = the single seed of earlier runs). One seed's noise is ~±0.1 per point on SmolLM2;
+            each extra seed costs one more held-out rollout per evaluation.
+        eval_fixed_text: also measure KL on fixed text, the teacher's greedy completions of the held-out prompts
+            (``eval_fixed_text_kl``, plus forward KL and the student's NLL of that text); needs full-vocabulary
+            teacher log-probs for evaluation.
+        eval_fixed_text_path: where those completions are cached (made once, reused while prompts, length and
+            teacher match): a ``.json`` file, or a directory holding one file per prompt set (what a benchmark grid
+            shares); ``null`` = ``output_dir/fixed_text.json``.
     """
 
     output_dir: str = "runs/opd"
@@ -269,6 +278,9 @@ class OPDConfig:
     resume: bool = False
     progress: bool = True
     reference_run: str | None = None
+    eval_sampling_seeds: int = 1
+    eval_fixed_text: bool = False
+    eval_fixed_text_path: str | None = None
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -350,6 +362,7 @@ class OPDConfig:
             "lock.patience": self.lock.patience,
             "monitor.every": self.monitor.every,
             "monitor.patience": self.monitor.patience,
+            "eval_sampling_seeds": self.eval_sampling_seeds,
         }
         for key, value in positive.items():
             if value < 1:
@@ -382,6 +395,12 @@ class OPDConfig:
                 f"teacher.backend={self.teacher.backend} with vllm_scoring={self.teacher.vllm_scoring} does not "
                 "return; use objective.name=topk_reverse_kl or pg, teacher.backend=hf, or teacher.backend=vllm with "
                 "vllm_scoring=hidden_states."
+            )
+        if self.eval_fixed_text and not (self.teacher.eval_backend == "hf" or self.teacher.returns_full_logprobs()):
+            raise ValueError(
+                f"config: eval_fixed_text=true needs full-vocabulary teacher log-probs for evaluation, which "
+                f"teacher.backend={self.teacher.backend} with vllm_scoring={self.teacher.vllm_scoring} does not "
+                "return; set teacher.eval_backend=hf, or eval_fixed_text=false."
             )
         if not 0.0 < self.objective.token_keep_fraction <= 1.0:
             raise ValueError(

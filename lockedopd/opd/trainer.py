@@ -21,7 +21,12 @@ from torch import nn
 from lockedopd.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
 from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
-from lockedopd.opd.evaluation import EvalResult, evaluate_reverse_kl
+from lockedopd.opd.evaluation import (
+    EvalResult,
+    evaluate_fixed_text_kl,
+    evaluate_reverse_kl_seeds,
+    load_or_make_fixed_text,
+)
 from lockedopd.opd.loss import compute_opd_loss, teacher_request
 from lockedopd.opd.rollout import HFStudentSampler, encode_prompts, student_completion_logprobs
 from lockedopd.opd.schedule import lr_at_step
@@ -262,9 +267,17 @@ class OPDTrainer:
         return record
 
     def evaluate(self) -> EvalResult:
-        """Held-out reverse KL of the current student (same sampling seed at every evaluation)."""
+        """Held-out metrics of the current student.
+
+        The reverse KL on the student's own samples is the mean over ``eval_sampling_seeds`` sampling seeds, seed i
+        being ``step_seed(seed + EVAL_SEED_OFFSET, i)``: the same seeds at every evaluation, seed 0 the one a
+        single-seed run uses. With ``eval_fixed_text`` it adds KL on the teacher's greedy completions of the held-out
+        prompts (made once, cached at ``eval_fixed_text_path`` or ``output_dir/fixed_text.json``).
+        """
+        import dataclasses
+
         c = self.config
-        return evaluate_reverse_kl(
+        result = evaluate_reverse_kl_seeds(
             self.model,
             self.eval_teacher,
             self.eval_ids,
@@ -272,11 +285,30 @@ class OPDTrainer:
             self.eos_token_id,
             c.rollout.max_new_tokens,
             c.batch_size,
-            seed=step_seed(c.seed + EVAL_SEED_OFFSET, 0),
+            seeds=[step_seed(c.seed + EVAL_SEED_OFFSET, i) for i in range(c.eval_sampling_seeds)],
             temperature=c.rollout.temperature,
             exact=self._exact_eval(),
             sampler=self.sampler,
         )
+        if c.eval_fixed_text:
+            fixed = getattr(self, "_fixed_text", None)
+            if fixed is None:
+                path = Path(c.eval_fixed_text_path) if c.eval_fixed_text_path else self.run_dir / "fixed_text.json"
+                teacher = json.dumps(dataclasses.asdict(c.teacher.model), sort_keys=True)
+                fixed = load_or_make_fixed_text(
+                    path,
+                    self.eval_teacher,
+                    self.eval_ids,
+                    self.eos_token_id,
+                    c.rollout.max_new_tokens,
+                    c.batch_size,
+                    teacher_description=teacher,
+                )
+                self._fixed_text = fixed
+            result.fixed_text = evaluate_fixed_text_kl(
+                self.model, self.eval_teacher, fixed, self.pad_token_id, self.eos_token_id, c.batch_size
+            )
+        return result
 
     def _exact_eval(self) -> bool:
         return bool(self.eval_teacher.returns_full_logprobs)

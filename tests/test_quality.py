@@ -1,0 +1,189 @@
+"""The quality benchmark harness (benchmarks/quality.py) on the tiny grid: resumable cells, reports, share of gain."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lockedopd.opd import OPDTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "benchmarks" / "experiments" / "quality_tiny.yaml"
+sys.path.insert(0, str(REPO / "benchmarks"))
+import quality  # noqa: E402
+
+
+class Killed(Exception):
+    pass
+
+
+def experiment(out, **changes):
+    return dataclasses.replace(quality.load_experiment(TINY, str(out)), **changes)
+
+
+def test_killed_grid_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
+    exp = experiment(tmp_path / "grid", methods={"full": {"lock.enabled": False}, "locked_right": {}}, seeds=[0])
+    first = quality.run(exp, max_cells=1)  # an invocation that stops after one cell
+    assert first["computed"] == [("full", 0)]
+    done = exp.cell_dir("full", 0)
+    stamps = {name: (done / name).stat().st_mtime_ns for name in ("cell.json", "summary.json", "metrics.jsonl")}
+    assert not (done / "checkpoints").exists()  # a finished cell keeps only its small files
+
+    original = OPDTrainer.training_step
+
+    def dies_at_step_5(self, step):
+        if step == 5:
+            raise Killed
+        return original(self, step)
+
+    monkeypatch.setattr(OPDTrainer, "training_step", dies_at_step_5)
+    with pytest.raises(Killed):  # the second invocation is killed inside the second cell
+        quality.run(exp)
+    in_flight = exp.cell_dir("locked_right", 0)
+    assert (in_flight / "checkpoints").is_dir() and not (in_flight / "cell.json").exists()
+    monkeypatch.setattr(OPDTrainer, "training_step", original)
+
+    third = quality.run(exp)
+    assert third["computed"] == [("locked_right", 0)] and third["skipped"] == [("full", 0)]
+    assert {name: (done / name).stat().st_mtime_ns for name in stamps} == stamps
+    cell = json.loads((in_flight / "cell.json").read_text())
+    assert cell["resumed_from"] == 4  # the last checkpoint before the kill (save_steps=2)
+    # the resumed cell ends exactly where an uninterrupted run of it ends
+    fresh = experiment(tmp_path / "fresh", methods={"locked_right": {}}, seeds=[0])
+    quality.run(fresh)
+    resumed_summary = json.loads((in_flight / "summary.json").read_text())
+    fresh_summary = json.loads((fresh.cell_dir("locked_right", 0) / "summary.json").read_text())
+    assert resumed_summary["final_reverse_kl"] == pytest.approx(fresh_summary["final_reverse_kl"], rel=1e-6)
+    fourth = quality.run(exp)
+    assert fourth["computed"] == [] and len(fourth["skipped"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    """The whole tiny grid (3 methods x 2 seeds) through the command line, as `lockedopd bench quality` runs it."""
+    out = tmp_path_factory.mktemp("quality")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lockedopd", "bench", "quality", str(TINY), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_results_json_has_the_documented_keys_with_numbers(tiny_grid):
+    out, results, stdout = tiny_grid
+    assert set(results["methods"]) == {"full", "locked_right", "locked_two_sided"}
+    for name, m in results["methods"].items():
+        assert m["seeds"] == [0, 1]
+        for key in ("mean", "low", "high"):
+            assert _is_number(m["share_of_full_gain"][key]), (name, key)
+        assert _is_number(m["final_reverse_kl"]["mean"]) and _is_number(m["optimizer_state_bytes"])
+        assert m["optimizer_state_bytes"] > 0 and m["trainable_params"] > 0
+        steps = [int(s) for s in m["eval_reverse_kl"]]
+        assert steps == [0, 2, 4, 6, 8]
+        assert all(_is_number(m["eval_fixed_text_kl"][str(s)]["mean"]) for s in steps)
+        assert m["wall_s"]["mean"] > 0
+    full, right = results["methods"]["full"], results["methods"]["locked_right"]
+    assert right["optimizer_state_bytes"] < full["optimizer_state_bytes"] / 5
+    assert right["trainable_params"] < full["trainable_params"]
+    assert full["share_of_full_gain"]["mean"] == 1.0
+    for name in ("results.md", "quality.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| locked_right | 2 |" in (out / "results.md").read_text() and "| locked_right | 2 |" in stdout
+
+
+def test_shares_in_results_json_follow_from_the_cells_metrics(tiny_grid):
+    out, results, _ = tiny_grid
+
+    def evals(method, seed):
+        path = out / "cells" / method / f"seed{seed}" / "metrics.jsonl"
+        return {
+            r["step"]: r["eval_reverse_kl"]
+            for r in map(json.loads, path.read_text().splitlines())
+            if "eval_reverse_kl" in r
+        }
+
+    for seed in (0, 1):
+        full, locked = evals("full", seed), evals("locked_right", seed)
+        lock = json.loads((out / "cells" / "locked_right" / f"seed{seed}" / "summary.json").read_text())["lock_step"]
+        expected = (full[lock] - locked[8]) / (full[lock] - full[8])
+        assert results["methods"]["locked_right"]["share_of_full_gain"]["per_seed"][str(seed)] == pytest.approx(
+            expected
+        )
+
+
+def _cell(seed, kl, lock_step=None):
+    facts = {"trainable_params": 10, "optimizer_state_bytes": 80, "wall_s": 1.0, "mean_step_time_s": 0.1}
+    return {"seed": seed, "lock_step": lock_step, "eval_reverse_kl": kl, "final_step": max(kl), **facts,
+            "eval_fixed_text_kl": {}}  # fmt: skip
+
+
+def test_share_of_full_gain_on_a_hand_made_results_set():
+    cells = {
+        "full": {0: _cell(0, {0: 4.0, 4: 3.4, 8: 3.0, 30: 2.0}), 1: _cell(1, {0: 4.0, 8: 2.5, 30: 1.5})},
+        "locked": {0: _cell(0, {0: 4.0, 8: 3.0, 30: 2.2}, 8), 1: _cell(1, {0: 4.0, 8: 2.5, 30: 1.6}, 8)},
+        "early": {0: _cell(0, {0: 4.0, 6: 3.2, 30: 2.0}, 6)},
+    }
+    methods = quality.aggregate(cells, ["full", "locked", "early"])
+    share = methods["locked"]["share_of_full_gain"]
+    assert share["per_seed"] == {"0": pytest.approx(0.8), "1": pytest.approx(0.9)}
+    assert share["mean"] == pytest.approx(0.85)
+    half = 12.706 * math.sqrt(0.005) / math.sqrt(2)  # t(0.975, 1) * sample std / sqrt(n)
+    assert share["low"] == pytest.approx(0.85 - half, rel=1e-4) and share["high"] == pytest.approx(
+        0.85 + half, rel=1e-4
+    )
+    assert methods["locked"]["final_reverse_kl"]["mean"] == pytest.approx(1.9)
+    assert methods["locked"]["eval_reverse_kl"]["8"]["mean"] == pytest.approx(2.75)
+    # a lock at step 6, where full OPD did not evaluate: KL_full(6) interpolated between steps 4 and 8 (3.2), flagged
+    early = methods["early"]["share_of_full_gain"]
+    assert early["per_seed"]["0"] == pytest.approx((3.2 - 2.0) / (3.2 - 2.0))
+    assert early["seeds_with_interpolated_kl_lock"] == [0] and early["low"] is None
+    with pytest.raises(ValueError, match="eval_steps"):
+        quality.full_kl_at(cells["full"][1], 40)
+
+
+def test_methods_the_trainer_cannot_run_are_listed_as_not_run(tmp_path):
+    exp = experiment(tmp_path / "grid", methods={"full": {"lock.enabled": False}, "lora": {"lock.mode": "lora"}},
+                     seeds=[0])  # fmt: skip
+    result = quality.run(exp)
+    assert result["computed"] == [("full", 0)]
+    assert "lock.mode" in result["report"]["not_run"]["lora"]
+    assert "| lora | not run |" in (exp.out_dir / "results.md").read_text()
+    assert "lora" not in result["report"]["methods"]
+
+
+def test_bench_without_quality_still_runs_the_memory_benchmark():
+    from lockedopd.cli import _bench_script
+
+    assert _bench_script(["quality", "x.yaml"])[0].name == "quality.py"
+    assert _bench_script(["benchmarks/experiments/tiny.yaml"])[0].name == "memory_speed.py"
+
+
+def test_readme_table_is_rewritten_from_results_json(tiny_grid, tmp_path):
+    out, results, _ = tiny_grid
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{quality.README_BEGIN}x -->\nstale table\n{quality.README_END}\n\nafter\n")
+    quality.update_readme(results, readme, "results.json")
+    text = readme.read_text()
+    assert "stale table" not in text and text.startswith("intro") and text.rstrip().endswith("after")
+    row = next(line for line in text.splitlines() if line.startswith("| locked_right |"))
+    final = results["methods"]["locked_right"]["eval_reverse_kl"]["8"]["mean"]
+    assert f"{final:.3f}" in row
+    share = results["methods"]["locked_right"]["share_of_full_gain"]["per_seed"]["1"]
+    assert f"{share:.3f}" in row
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        quality.update_readme(results, readme, "results.json")
