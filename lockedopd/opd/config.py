@@ -510,9 +510,19 @@ def config_to_dict(config: OPDConfig) -> dict[str, Any]:
 
 
 RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "save_steps", "eval_steps", "progress", "resume", "reference_run", "output_dir"}
+    {
+        "max_steps",
+        "save_steps",
+        "eval_steps",
+        "progress",
+        "resume",
+        "reference_run",
+        "output_dir",
+        "teacher.server_url",
+    }
 )
-"""Settings a resumed run may change (they extend, observe or move the run; the training path stays the same)."""
+"""Settings a resumed run may change: they extend, observe or move the run, or say where the same teacher is served
+(a restarted vLLM server may listen elsewhere); the training path stays the same."""
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
