@@ -215,8 +215,9 @@ class LockController:
             "base_sha256": file_sha256(base_file) if base_file.is_file() else None,
         }
         warmup_optimizer.state.clear()
+        trained = {id(p) for p in self.locked.trainable().values()}
         for p in model.parameters():
-            if not any(p is q for q in self.locked.trainable().values()):
+            if id(p) not in trained:
                 p.grad = None
         self.policy = None
         self.lock_step, self.lock_reason = step, reason

@@ -338,6 +338,12 @@ class LockedAdamW(torch.optim.Optimizer):
             scale = float(carry.lr_scales.get(name, 1.0))
             groups.append({"params": [coef], "lr": lr * scale, "lr_scale": scale, "param_names": [name]})
         opt = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, projection=mode)
+        opt._load_carried_moments(coefficients, carry)
+        return opt
+
+    @torch.no_grad()
+    def _load_carried_moments(self, coefficients: Mapping[str, Tensor], carry: WarmupCarry) -> None:
+        """Start each coefficient tensor from the carry's step count and moments (fresh where it has none)."""
         for name, coef in coefficients.items():
             if name not in carry.steps:
                 continue
@@ -347,12 +353,11 @@ class LockedAdamW(torch.optim.Optimizer):
                     f"{name}: carried moments have shape {tuple(m.shape)} but the coefficients {tuple(coef.shape)}; "
                     "the carry was taken for another mode or rank."
                 )
-            opt.state[coef] = {
+            self.state[coef] = {
                 "step": torch.tensor(carry.steps[name], dtype=torch.float32),
                 "exp_avg": m.to(device=coef.device, dtype=coef.dtype).contiguous(),
                 "exp_avg_sq": v.to(device=coef.device, dtype=coef.dtype).contiguous(),
             }
-        return opt
 
     @classmethod
     @torch.no_grad()
@@ -425,10 +430,7 @@ class LockedAdamW(torch.optim.Optimizer):
             locked[name] = basis
         carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, locked, lr_scale=1.0, grad_scale=grad_scale)
         opt = cls(list(coefficients.values()) + extra_params, weight_decay=weight_decay, projection=mode, **hparams)
-        template = cls.from_carry(coefficients, carry, mode=mode, **hparams)
-        for coef in coefficients.values():
-            if coef in template.state:
-                opt.state[coef] = template.state[coef]
+        opt._load_carried_moments(coefficients, carry)
         for p in extra_params:
             ws = warmup_optimizer.state.get(p, {})
             if ws:
