@@ -33,6 +33,8 @@ def _run_distill(args) -> int:
     config = load_config(args.config, args.overrides)
     trainer = OPDTrainer.from_config(config)
     summary = trainer.train()
+    if not trainer.dist.is_main:  # one report per run, not one per process
+        return 0
     print(json.dumps(summary, indent=2))
     before, after = summary.get("initial_reverse_kl"), summary.get("final_reverse_kl")
     if before is not None and after is not None:
