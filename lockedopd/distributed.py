@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node N -m lockedopd distill CONFIG`` and ``accelerate launch`` (a multi-process config) set
 ``WORLD_SIZE`` / ``RANK`` in the environment; :func:`init_distributed` then starts the process group through
-accelerate's :class:`accelerate.PartialState` (gloo on a machine without a GPU: ``cpu=True``, NCCL otherwise) and
+accelerate's :class:`accelerate.PartialState` (``cpu=True``: gloo, since the loop's tensors live on the CPU) and
 returns a :class:`DistContext`. Without those variables it returns the one-process context, whose collectives do
 nothing, so the single-process loop runs exactly the code it ran before.
 
@@ -146,8 +146,10 @@ def init_distributed() -> DistContext:
     """The :class:`DistContext` of this process, starting the process group when launched with several.
 
     Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the group is started once, through
-    ``accelerate.PartialState`` (``cpu=True`` on a machine without CUDA, which picks gloo); an already started
-    ``torch.distributed`` group (e.g. by the caller's own ``Accelerator``) is used as it is.
+    ``accelerate.PartialState(cpu=True)``, which picks gloo: the OPD loop keeps the student and its gradients on the
+    CPU (GPU work happens inside vLLM), and gloo is the backend for CPU tensors. An already started
+    ``torch.distributed`` group (e.g. by the caller's own ``Accelerator`` or a ``transformers.Trainer``) is used as
+    it is.
     """
     global _CONTEXT
     dist = torch.distributed
@@ -163,6 +165,6 @@ def init_distributed() -> DistContext:
         raise ImportError(
             "lockedopd: WORLD_SIZE > 1 but accelerate is not installed; pip install accelerate, or run one process."
         ) from exc
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=True)
     _CONTEXT = DistContext(state.num_processes, state.process_index)
     return _CONTEXT
