@@ -28,6 +28,7 @@ from lockedopd.opd import OPDTrainer, load_config
 from lockedopd.opd.rollout import HFStudentSampler
 from tests.conftest import REPO, TINY_CONFIG
 
+pytestmark = pytest.mark.distributed
 SETTINGS = ["progress=false", "rollout.seeding=prompt", "save_steps=2", "max_steps=9"]  # lock at 6, 3 locked steps
 
 
@@ -159,3 +160,20 @@ def _trainer_with(config, dist):
     return OPDTrainer(
         config, inputs.student, inputs.tokenizer, inputs.teacher, inputs.train_prompts, inputs.eval_prompts, dist=dist
     )
+
+
+def test_trl_warmup_and_locked_phase_under_two_processes(tmp_path):
+    """Rank 1's stability test alone would lock at step 2 (measured: without the broadcast the 2-process run hangs,
+    rank 1 stopping while rank 0 trains on); both ranks lock at the main process's step 4, carry the same moments
+    and train the same coefficients (DDP)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = REPO / "tests" / "trl_two_process.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(cmd + [str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert rank0["world_size"] == 2
+    assert rank0["locked_step"] == rank1["locked_step"] == rank0["warmup_steps_run"] == 4
+    assert rank0["lock_reason"] == rank1["lock_reason"] == "max_warmup_steps"
+    assert rank0["carry"] == rank1["carry"] and rank0["coefficients"] == rank1["coefficients"]
+    assert rank0["locked_steps_run"] == 2 and rank0["coefficient_norm"] > 0
