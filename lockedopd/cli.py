@@ -30,9 +30,12 @@ def _add_distill_parser(subparsers) -> None:
 def _run_distill(args) -> int:
     from lockedopd.opd import OPDTrainer, load_config
 
+    from lockedopd.distributed import shutdown_distributed
+
     config = load_config(args.config, args.overrides)
     trainer = OPDTrainer.from_config(config)
     summary = trainer.train()
+    shutdown_distributed()  # with several processes: close the group they trained in
     if not trainer.dist.is_main:  # one report per run, not one per process
         return 0
     print(json.dumps(summary, indent=2))

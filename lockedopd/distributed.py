@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DistContext", "init_distributed", "shard_bounds", "weights_fingerprint"]
+__all__ = ["DistContext", "init_distributed", "shard_bounds", "shutdown_distributed", "weights_fingerprint"]
 
 
 def _env_world_size() -> int:
@@ -168,3 +168,17 @@ def init_distributed() -> DistContext:
     state = PartialState(cpu=True)
     _CONTEXT = DistContext(state.num_processes, state.process_index)
     return _CONTEXT
+
+
+def shutdown_distributed() -> None:
+    """End the process group :func:`init_distributed` started (a no-op otherwise, or with one process).
+
+    Call it once, when the processes are done: a gloo group left open at interpreter exit can abort the process
+    (``terminate called without an active exception``, seen under ``accelerate launch``).
+    """
+    global _CONTEXT
+    dist = torch.distributed
+    if _CONTEXT is not None and _CONTEXT.enabled and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _CONTEXT = None
