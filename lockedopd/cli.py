@@ -28,9 +28,8 @@ def _add_distill_parser(subparsers) -> None:
 
 
 def _run_distill(args) -> int:
-    from lockedopd.opd import OPDTrainer, load_config
-
     from lockedopd.distributed import shutdown_distributed
+    from lockedopd.opd import OPDTrainer, load_config
 
     config = load_config(args.config, args.overrides)
     trainer = OPDTrainer.from_config(config)

@@ -21,7 +21,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["DistContext", "init_distributed", "shard_bounds", "shutdown_distributed", "weights_fingerprint"]
+__all__ = [
+    "DistContext",
+    "full_tensor",
+    "init_distributed",
+    "shard_bounds",
+    "shard_like",
+    "shutdown_distributed",
+    "weights_fingerprint",
+]
 
 
 def _env_world_size() -> int:
@@ -130,12 +138,36 @@ def shard_bounds(total: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (a ``DTensor``: all-gathered, so every process must call it in the
+    same order); any other tensor as it is."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return tensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (whole, the same on every process) sharded as ``like`` is when ``like`` is an FSDP2 ``DTensor``
+    (each process keeps its own slice, no communication); ``tensor`` itself otherwise."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return tensor
+    if not isinstance(like, DTensor):
+        return tensor
+    return distribute_tensor(tensor, like.device_mesh, like.placements, src_data_rank=None)
+
+
 def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the named tensors' bytes (sorted by name): equal on every process when their weights are."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
-        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            full_tensor(tensors[name]).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()
 
 

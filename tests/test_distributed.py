@@ -177,3 +177,27 @@ def test_trl_warmup_and_locked_phase_under_two_processes(tmp_path):
     assert rank0["lock_reason"] == rank1["lock_reason"] == "max_warmup_steps"
     assert rank0["carry"] == rank1["carry"] and rank0["coefficients"] == rank1["coefficients"]
     assert rank0["locked_steps_run"] == 2 and rank0["coefficient_norm"] > 0
+
+
+def test_fsdp2_warmup_lock_and_locked_phase_match_the_unsharded_run(tmp_path):
+    """FSDP2 on the CPU (gloo): warmup sharded by rows, the tracker and the carry gathering one matrix at a time, then
+    the locked phase with frozen base and coefficients sharded and the bases whole; all equal to the unsharded run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = REPO / "tests" / "fsdp2_two_process.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(cmd + [str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    report = json.loads((tmp_path / "fsdp2.json").read_text())
+    assert report["world_size"] == 2
+    assert all(2 * report["shard_rows"][n] == report["full_rows"][n] for n in report["full_rows"])  # half each
+    assert report["weight_max_abs_change"] > 1e-3  # the warmup moved the weights ...
+    assert report["weight_max_abs_diff"] <= 1e-6 * report["weight_max_abs_change"]  # ... exactly as unsharded
+    assert report["basis_V_max_abs_diff"] < 1e-5 and report["lr_scales_max_rel_diff"] < 1e-5
+    assert report["carry_exp_avg_max_abs_diff"] <= 1e-5 * report["carry_exp_avg_max_abs"]
+    assert report["similarities"][1:] == pytest.approx(report["ref_similarities"][1:], abs=1e-9)
+    assert report["frozen_sharded"] and report["bases_whole"]
+    assert all(2 * report["coefficient_rows"][n] == report["full_rows"][n] for n in report["full_rows"])
+    assert report["coefficient_max_abs"] > 0
+    assert report["coefficient_max_abs_diff"] <= 1e-5 * report["coefficient_max_abs"]
+    assert report["locked_losses"] == pytest.approx(report["ref_locked_losses"], rel=1e-6)
+    assert report["locked_losses"][1] < report["locked_losses"][0]
