@@ -97,12 +97,14 @@ def test_killed_two_process_run_resumes_to_the_same_result(runs, tmp_path):
     _, _, two = runs
     out = tmp_path / "killed"
     proc = torchrun(out, wait=False)
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step-000004").is_dir():  # in the warmup, before the lock
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-000004").is_dir():  # in the warmup, before the lock
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both of its processes
+        proc.wait()
     assert not (out / "checkpoints" / "step-000009").exists()
     copy = tmp_path / "resumed-by-one"
     shutil.copytree(out, copy)
