@@ -44,6 +44,7 @@ __all__ = [
     "leave_locked_phase",
     "tuner_layers",
     "load_locked_phase",
+    "load_preset_bases",
     "write_lock_files",
 ]
 
@@ -313,3 +314,35 @@ def leave_locked_phase(
             "exp_avg_sq": v.to(param.dtype),
         }
     return model, optimizer
+
+
+def load_preset_bases(
+    path: str | Path, mode: str, rank: int, shapes: dict[str, tuple[int, int]]
+) -> dict[str, SubspaceBasis]:
+    """Read ``lock.basis_path`` and check it against the run's target matrices: one basis for every target (a
+    matrix without one would stay frozen, untrained), none for another module, the run's rank, fitting shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"lock.basis_path {path} does not exist; give the basis.safetensors of an earlier run, or leave "
+            "lock.basis_path unset to track the subspace during warmup."
+        )
+    bases, _ = SubspaceBasis.load_all(path, mode=mode)
+    missing, extra = sorted(set(shapes) - set(bases)), sorted(set(bases) - set(shapes))
+    if missing or extra:
+        what = []
+        if missing:
+            what.append(f"no basis for {len(missing)} of the {len(shapes)} target matrices (e.g. {missing[0]}), "
+                        "which would stay untrained")  # fmt: skip
+        if extra:
+            what.append(f"bases for {len(extra)} modules that are not targets (e.g. {extra[0]})")
+        raise ValueError(
+            f"lock.basis_path {path} has {' and '.join(what)}; use the basis of a run with the same student and "
+            "lock.target_modules."
+        )
+    ranks = sorted({basis.rank for basis in bases.values()})
+    if ranks != [rank]:
+        raise ValueError(f"lock.basis_path {path} has rank {ranks} but lock.rank={rank}; set lock.rank={ranks[0]}.")
+    for name, basis in bases.items():
+        basis.validate(f"{path}:{name}", *shapes[name])
+    return bases

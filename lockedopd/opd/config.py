@@ -16,6 +16,7 @@ from lockedopd.opd.objective_registry import OBJECTIVES, get_objective
 from lockedopd.subspace.basis import LOCK_MODES
 from lockedopd.subspace.policy import TrackerSettings
 from lockedopd.teachers.registry import AUTO_BACKEND, teacher_backend, teacher_backend_choices
+from lockedopd.teachers.vllm_server import check_server_url
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -352,6 +353,8 @@ class OPDConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"config: {key}={value!r} is not one of {list(allowed)}.")
+        if self.teacher.backend == "vllm_server":
+            check_server_url(self.teacher.server_url)
         positive = {
             "max_steps": self.max_steps,
             "batch_size": self.batch_size,

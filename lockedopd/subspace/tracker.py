@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .basis import check_rank_fits
 from .sketch import (
     LowRankFactors,
     default_sketch_sizes,
@@ -113,6 +114,7 @@ class SubspaceTracker:
         self.seed = seed
 
         self.module_names: list[str] = self._select_modules(target_modules)
+        check_rank_fits(rank, {name: tuple(self._weight(name).shape) for name in self.module_names})
         self._seeds: dict[str, int] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._y0: dict[str, torch.Tensor] = {}
