@@ -62,6 +62,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapter import SubspaceLockedConfig
+from ..atomic_io import atomic_file
 from ..optim import WarmupCarry
 from ..phases import LockedPhase, load_locked_phase, write_lock_files
 from ..subspace import SubspaceTracker, load_basis
@@ -350,17 +351,18 @@ class SubspaceLockCallback(TrainerCallback):
             return control
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if checkpoint.is_dir():
-            torch.save(
-                {
-                    "version": _STATE_VERSION,
-                    "tracker": self.tracker.state_dict(),
-                    "locked_step": self.locked_step,
-                    "lock_reason": self.lock_reason,
-                    "basis_path": None if self.basis_path is None else str(self.basis_path),
-                    "n_logged_checks": self._n_logged_checks,
-                },
-                checkpoint / TRACKER_STATE_FILENAME,
-            )
+            with atomic_file(checkpoint / TRACKER_STATE_FILENAME) as tmp:
+                torch.save(
+                    {
+                        "version": _STATE_VERSION,
+                        "tracker": self.tracker.state_dict(),
+                        "locked_step": self.locked_step,
+                        "lock_reason": self.lock_reason,
+                        "basis_path": None if self.basis_path is None else str(self.basis_path),
+                        "n_logged_checks": self._n_logged_checks,
+                    },
+                    tmp,
+                )
         return control
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
