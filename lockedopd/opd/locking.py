@@ -210,9 +210,12 @@ class LockController:
                 )  # fmt: skip
             else:
                 full_params = {name: model.get_submodule(name).weight for name in bases}
+                if s.optimizer == "factored" and scale == "auto":
+                    scale = 1.0  # its steps already have W-space AdamW's size: the warmup's lr continues
                 carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, bases, lr_scale=scale)
                 write_lock_files(basis_file, bases, meta, carry)
-                self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, **self._adam())
+                self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, optimizer=s.optimizer,
+                                                 **self._adam())  # fmt: skip
             atomic_copy(basis_file, self.basis_file)
         self.lock_files = {
             "dir": str(self.lock_dir(generation).relative_to(self.run_dir)),
@@ -365,7 +368,8 @@ class LockController:
                     model, bases, None, lr=lr, weight_decay=self.config.weight_decay, **self._adam()
                 )
             else:
-                self.locked = enter_locked_phase(model, bases, basis_file, None, lr=lr, **self._adam())
+                self.locked = enter_locked_phase(model, bases, basis_file, None, lr=lr, optimizer=s.optimizer,
+                                                 **self._adam())  # fmt: skip
         if kind != "projected_full":
             trained = self.locked.trainable()
             saved = tensors.get("coefficients", {})
