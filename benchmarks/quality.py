@@ -390,8 +390,58 @@ def aggregate(cells: dict[str, dict[int, dict[str, Any]]], methods: list[str]) -
         entry["wall_s"] = _spread([by_seed[s]["wall_s"] for s in seeds])
         entry["mean_step_time_s"] = _spread([by_seed[s]["mean_step_time_s"] for s in seeds])
         entry["per_seed_wall_s"] = {str(s): by_seed[s]["wall_s"] for s in seeds}
+        monitor = monitor_figures([by_seed[s].get("summary", {}).get("monitor") for s in seeds])
+        if monitor:
+            entry["monitor"] = monitor
         out[method] = entry
     return out
+
+
+MONITOR_FIGURES = ("captured_energy_mean", "random_baseline", "predicted_progress_share", "cosine_to_adam_mean")
+
+
+def monitor_figures(summaries: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The trajectory monitor's figures of a method, averaged over the seeds that have them, and whether it flagged
+    the method: captured gradient energy at or below the threshold (5x a random subspace's) or a drift event."""
+    present = [m for m in summaries if m and m.get("checks")]
+    if not present:
+        return None
+    out: dict[str, Any] = {"seeds": len(present)}
+    for key in MONITOR_FIGURES:
+        values = [m[key] for m in present if m.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    out["flagged"] = any(
+        m.get("drift_events")
+        or (m.get("captured_energy_mean") is not None and m.get("threshold") is not None
+            and m["captured_energy_mean"] <= m["threshold"])
+        for m in present
+    )  # fmt: skip
+    return out
+
+
+def ranking_agreement(methods: dict[str, Any]) -> dict[str, Any] | None:
+    """Does the monitor's predicted progress share rank the methods as their measured shares do? Kendall's tau over
+    the methods that have both (1 = same order), with both orders."""
+    pairs = {
+        name: (m["monitor"]["predicted_progress_share"], m["share_of_full_gain"]["mean"])
+        for name, m in methods.items()
+        if m.get("monitor", {}).get("predicted_progress_share") is not None
+        and m["share_of_full_gain"].get("mean") is not None
+    }
+    if len(pairs) < 2:
+        return None
+    names = sorted(pairs)
+    concordant = discordant = 0
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            sign = (pairs[a][0] - pairs[b][0]) * (pairs[a][1] - pairs[b][1])
+            concordant += sign > 0
+            discordant += sign < 0
+    return {
+        "kendall_tau": (concordant - discordant) / (len(names) * (len(names) - 1) / 2),
+        "by_predicted_share": sorted(names, key=lambda n: -pairs[n][0]),
+        "by_measured_share": sorted(names, key=lambda n: -pairs[n][1]),
+    }
 
 
 def collect(exp: Experiment) -> dict[str, dict[int, dict[str, Any]]]:
@@ -408,13 +458,15 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
     cells = collect(exp)
     methods = list(exp.methods)
     pending = [f"{m}/seed{s}" for m, s in exp.cells() if m not in errors and not is_finished(exp, m, s)]
+    aggregated = aggregate(cells, methods)
     return {
         "experiment": exp.name,
         "base_config": exp.base_config,
         "overrides": exp.overrides,
         "method_overrides": exp.methods,
         "seeds": exp.seeds,
-        "methods": aggregate(cells, methods),
+        "methods": aggregated,
+        "monitor_ranking": ranking_agreement(aggregated),
         "not_run": errors,
         "pending_cells": pending,
     }
@@ -482,6 +534,22 @@ def markdown_report(report: dict[str, Any]) -> str:
         for name, m in methods.items():
             row = [m.get(key, {}).get(str(s)) for s in fixed_steps]
             lines.append(f"| {name} | " + " | ".join("" if e is None else f"{e['mean']:.3f}" for e in row) + " |")
+    monitored = {name: m["monitor"] for name, m in methods.items() if m.get("monitor")}
+    if monitored:
+        lines += ["", "## What the trajectory monitor said (mean over seeds) against the measured share", ""]
+        header = "| method | captured gradient energy | random subspace | cosine to full AdamW step | "
+        lines += [header + "predicted progress share | measured share | flagged |", "|---|---|---|---|---|---|---|"]
+        for name, mon in monitored.items():
+            lines.append(
+                f"| {name} | {_fmt(mon['captured_energy_mean'], 3)} | {_fmt(mon['random_baseline'], 3)} | "
+                f"{_fmt(mon['cosine_to_adam_mean'], 3)} | {_fmt(mon['predicted_progress_share'], 3)} | "
+                f"{_interval(methods[name]['share_of_full_gain'])} | {'yes' if mon['flagged'] else 'no'} |"
+            )
+        ranking = report.get("monitor_ranking")
+        if ranking:
+            lines += ["", f"Kendall's tau between the predicted and measured shares: {ranking['kendall_tau']:.2f} "
+                      f"(predicted order {', '.join(ranking['by_predicted_share'])}; measured "
+                      f"{', '.join(ranking['by_measured_share'])})."]  # fmt: skip
     lines += ["", "## Per seed", "", "| method | seed | lock step | final held-out KL | share of full gain | wall s |"]
     lines.append("|---|---|---|---|---|---|")
     for name, m in methods.items():

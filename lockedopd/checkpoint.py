@@ -9,40 +9,26 @@ travel as safetensors; optimizer/scheduler/RNG state as ``torch.save`` files rea
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lockedopd.atomic_io import atomic_directory, atomic_file, atomic_write_text
+
+__all__ = [
+    "atomic_save_safetensors",
+    "atomic_write_text",
+    "checkpoint_dir",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    "unique_state_dict",
+]
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def unique_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,12 +46,8 @@ def unique_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None):
     """Write a safetensors file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    save_file(unique_state_dict(tensors), tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(unique_state_dict(tensors), tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -103,24 +85,12 @@ def save_checkpoint(
             checkpoint complete).
     """
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
+    with atomic_directory(final) as tmp:
         for stem, tensor_dict in tensors.items():
             save_file(unique_state_dict(tensor_dict), tmp / f"{stem}.safetensors")
         for stem, state in states.items():
             torch.save(state, tmp / f"{stem}.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        for child in tmp.iterdir():
-            with open(child, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

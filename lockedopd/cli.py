@@ -7,10 +7,11 @@ import json
 import logging
 import sys
 
-from lockedopd.teachers.vllm_server import VLLMServerError
+from lockedopd.cli_errors import run_guarded
 from lockedopd.vllm_runtime import set_verbose
 
 VERBOSE_HELP = "log at INFO level and show vLLM's start-up log (or set LOCKEDOPD_VERBOSE=1)"
+DEBUG_HELP = "print the traceback of an error, not only its one-line message (or set LOCKEDOPD_DEBUG=1)"
 
 
 def _add_distill_parser(subparsers) -> None:
@@ -24,6 +25,7 @@ def _add_distill_parser(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     # SUPPRESS: without the flag here, `lockedopd -v distill ...` keeps the top-level value
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     parser.set_defaults(handler=_run_distill)
 
 
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level argument parser."""
     parser = argparse.ArgumentParser(prog="lockedopd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_distill_parser(subparsers)
     _add_bench_parser(subparsers)
@@ -112,28 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; expected errors print one line to stderr and exit with code 2 (no traceback)."""
+    """Entry point. Every error prints one line (two with a note) to stderr and exits with status 2; ``--debug``
+    adds the traceback (:mod:`lockedopd.cli_errors`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
         set_verbose(True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        handler = getattr(args, "handler", None) or args.func
-        return int(handler(args) or 0)
-    except (
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        ConnectionError,
-        ImportError,
-        FloatingPointError,
-        VLLMServerError,
-    ) as exc:
-        print(f"lockedopd {args.command}: error: {exc}", file=sys.stderr)
-        for note in getattr(exc, "__notes__", ()):  # e.g. where a stopped run's last checkpoint is
-            print(f"lockedopd {args.command}: {note}", file=sys.stderr)
-        return 2
+    handler = getattr(args, "handler", None) or args.func
+    return run_guarded(args.command, handler, args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a line is not JSON, lacks a non-empty ``"prompt"``, or the file holds no prompts.
+        ValueError: the file is not UTF-8 text, a line is not JSON or lacks a non-empty ``"prompt"``, or the file
+            holds no prompts.
     """
     path = Path(path)
     if not path.is_file():
@@ -29,8 +30,15 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
             f"prompt file {path} does not exist; generate the shipped set with `python recipes/data/make_prompts.py`"
             ' or point data.train_path at a JSONL file with one {"prompt": ...} per line.'
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"prompt file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); give a JSONL file with one "
+            '{"prompt": ...} per line.'
+        ) from exc
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

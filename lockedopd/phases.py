@@ -28,7 +28,7 @@ from torch import nn
 
 from lockedopd.adapter import SubspaceLockedConfig
 from lockedopd.adapter.model import base_module_name, locked_coefficients
-from lockedopd.optim import LockedAdamW, WarmupCarry
+from lockedopd.optim import FactoredSubspaceAdamW, LockedAdamW, WarmupCarry
 from lockedopd.params import build_adamw, freeze_all_but, select_target_linears
 from lockedopd.subspace.basis import SubspaceBasis, check_lock_mode
 
@@ -37,6 +37,7 @@ __all__ = [
     "LockFiles",
     "LockedPhase",
     "carry_path_for",
+    "COEFFICIENT_OPTIMIZERS",
     "enter_locked_phase",
     "LOCKED_KINDS",
     "enter_lora_phase",
@@ -44,6 +45,7 @@ __all__ = [
     "leave_locked_phase",
     "tuner_layers",
     "load_locked_phase",
+    "load_preset_bases",
     "write_lock_files",
 ]
 
@@ -75,6 +77,9 @@ def write_lock_files(
     carry_path = carry.save(carry_path_for(basis_path)) if carry is not None else None
     return LockFiles(Path(basis_path), carry_path)
 
+
+COEFFICIENT_OPTIMIZERS = ("coefficients", "factored")
+"""How subspace coefficients are optimised: Adam per coefficient, or W-space Adam's step with a factored moment."""
 
 LOCKED_KINDS = ("subspace", "lora", "projected_full")
 """What a locked phase trains: subspace coefficients (lockedopd), a LoRA (baseline), or full weights whose AdamW
@@ -162,6 +167,7 @@ def enter_locked_phase(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     adapter_name: str = ADAPTER_NAME,
+    optimizer: str = "coefficients",
 ) -> LockedPhase:
     """Wrap ``model`` in the subspace-locked adapter of ``basis_path`` and build the coefficient optimizer.
 
@@ -173,8 +179,14 @@ def enter_locked_phase(
         lr / betas / eps: the locked optimizer's base learning rate (each group gets ``lr · lr_scale``) and Adam
             settings.
         adapter_name: PEFT adapter name.
+        optimizer: one of :data:`COEFFICIENT_OPTIMIZERS`: ``coefficients`` (:class:`LockedAdamW`, Adam on each
+            coefficient) or ``factored`` (:class:`FactoredSubspaceAdamW`, W-space Adam's step with a factored second
+            moment).
     """
     import peft
+
+    if optimizer not in COEFFICIENT_OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {list(COEFFICIENT_OPTIMIZERS)}.")
 
     modes = {basis.mode for basis in bases.values()}
     if len(modes) != 1:
@@ -187,10 +199,12 @@ def enter_locked_phase(
     config = SubspaceLockedConfig(r=ranks.pop(), mode=mode, target_modules=list(bases), basis_path=str(basis_path))
     peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     coefficients = locked_coefficients(peft_model, adapter_name)
-    optimizer = LockedAdamW.from_carry(
-        coefficients, carry if carry is not None else WarmupCarry(), mode=mode, lr=lr, betas=betas, eps=eps
-    )
-    return LockedPhase(peft_model, optimizer, {name: bases[name] for name in sorted(bases)}, adapter_name)
+    carry = carry if carry is not None else WarmupCarry()
+    if optimizer == "factored":
+        built = FactoredSubspaceAdamW.from_carry(coefficients, bases, carry, lr=lr, betas=betas, eps=eps)
+    else:
+        built = LockedAdamW.from_carry(coefficients, carry, mode=mode, lr=lr, betas=betas, eps=eps)
+    return LockedPhase(peft_model, built, {name: bases[name] for name in sorted(bases)}, adapter_name)
 
 
 def enter_lora_phase(
@@ -271,6 +285,7 @@ def load_locked_phase(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     adapter_name: str = ADAPTER_NAME,
+    optimizer: str = "coefficients",
 ) -> LockedPhase:
     """:func:`enter_locked_phase` from the files a lock wrote: the basis and, when present, its warmup carry.
 
@@ -279,7 +294,8 @@ def load_locked_phase(
     bases, _ = SubspaceBasis.load_all(basis_path, mode=mode)
     carry_path = carry_path_for(basis_path)
     carry = WarmupCarry.load(carry_path) if carry_path.is_file() else None
-    return enter_locked_phase(model, bases, basis_path, carry, lr=lr, betas=betas, eps=eps, adapter_name=adapter_name)
+    return enter_locked_phase(model, bases, basis_path, carry, lr=lr, betas=betas, eps=eps, adapter_name=adapter_name,
+                              optimizer=optimizer)  # fmt: skip
 
 
 def leave_locked_phase(
@@ -304,7 +320,10 @@ def leave_locked_phase(
     for name, state in states.items():
         if not state:
             continue
-        m, v = phase.bases[name].lift_moments(state["exp_avg"], state["exp_avg_sq"])
+        if isinstance(phase.optimizer, FactoredSubspaceAdamW):
+            m, v = phase.optimizer.lifted_moments(name, coefficients[name])
+        else:
+            m, v = phase.bases[name].lift_moments(state["exp_avg"], state["exp_avg_sq"])
         param = targets[name]
         step = state["step"]
         optimizer.state[param] = {
@@ -313,3 +332,35 @@ def leave_locked_phase(
             "exp_avg_sq": v.to(param.dtype),
         }
     return model, optimizer
+
+
+def load_preset_bases(
+    path: str | Path, mode: str, rank: int, shapes: dict[str, tuple[int, int]]
+) -> dict[str, SubspaceBasis]:
+    """Read ``lock.basis_path`` and check it against the run's target matrices: one basis for every target (a
+    matrix without one would stay frozen, untrained), none for another module, the run's rank, fitting shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"lock.basis_path {path} does not exist; give the basis.safetensors of an earlier run, or leave "
+            "lock.basis_path unset to track the subspace during warmup."
+        )
+    bases, _ = SubspaceBasis.load_all(path, mode=mode)
+    missing, extra = sorted(set(shapes) - set(bases)), sorted(set(bases) - set(shapes))
+    if missing or extra:
+        what = []
+        if missing:
+            what.append(f"no basis for {len(missing)} of the {len(shapes)} target matrices (e.g. {missing[0]}), "
+                        "which would stay untrained")  # fmt: skip
+        if extra:
+            what.append(f"bases for {len(extra)} modules that are not targets (e.g. {extra[0]})")
+        raise ValueError(
+            f"lock.basis_path {path} has {' and '.join(what)}; use the basis of a run with the same student and "
+            "lock.target_modules."
+        )
+    ranks = sorted({basis.rank for basis in bases.values()})
+    if ranks != [rank]:
+        raise ValueError(f"lock.basis_path {path} has rank {ranks} but lock.rank={rank}; set lock.rank={ranks[0]}.")
+    for name, basis in bases.items():
+        basis.validate(f"{path}:{name}", *shapes[name])
+    return bases

@@ -187,3 +187,26 @@ def test_readme_table_is_rewritten_from_results_json(tiny_grid, tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         quality.update_readme(results, readme, "results.json")
+
+
+def test_monitor_figures_are_reported_per_method_and_ranked_against_the_measured_shares():
+    def monitor(captured, predicted, drift=()):
+        figures = {"captured_energy_mean": captured, "random_baseline": 0.025, "threshold": 0.125}
+        return {"checks": 3, **figures, "predicted_progress_share": predicted, "cosine_to_adam_mean": 0.3,
+                "drift_events": list(drift)}  # fmt: skip
+
+    figures = quality.monitor_figures([monitor(0.25, 0.8), monitor(0.35, 0.6), None])
+    assert figures["seeds"] == 2 and figures["captured_energy_mean"] == pytest.approx(0.30)
+    assert figures["predicted_progress_share"] == pytest.approx(0.7) and figures["flagged"] is False
+    assert quality.monitor_figures([monitor(0.10, 0.2)])["flagged"] is True  # below 5x a random subspace
+    assert quality.monitor_figures([monitor(0.30, 0.9, drift=[12])])["flagged"] is True
+    assert quality.monitor_figures([None, {"checks": 0}]) is None
+
+    def method(predicted, measured):
+        return {"monitor": {"predicted_progress_share": predicted}, "share_of_full_gain": {"mean": measured}}
+
+    same = quality.ranking_agreement({"a": method(0.9, 0.95), "b": method(0.5, 0.6), "c": method(0.1, 0.15)})
+    assert same["kendall_tau"] == 1.0 and same["by_predicted_share"] == ["a", "b", "c"]
+    swapped = quality.ranking_agreement({"a": method(0.9, 0.6), "b": method(0.5, 0.95), "c": method(0.1, 0.15)})
+    assert swapped["kendall_tau"] == pytest.approx(1 / 3) and swapped["by_measured_share"] == ["b", "a", "c"]
+    assert quality.ranking_agreement({"a": method(0.9, 0.95)}) is None

@@ -388,3 +388,49 @@ def test_trl_locked_phase_uses_locked_adamw_with_opd_trainers_lr_scale(tmp_path,
     assert gain_locked > 1.5 * gain_plain > 0
     bases = {n: (b.U, b.V) for n, b in phase.bases.items()}
     _assert_locked_training(phase.model, _snapshot(warmed), bases, mode="right")
+
+
+def test_trl_locked_phase_with_the_factored_optimizer(tmp_path, tokenizer):
+    """``optimizer="factored"``: the locked phase continues with FactoredSubspaceAdamW at the warmup's lr (scale 1),
+    from the warmup's first moment and the row/column sums of its second moment, and trains inside span(V)."""
+    import copy
+
+    from trl import DistillationConfig, DistillationTrainer
+
+    from lockedopd.optim import FactoredSubspaceAdamW
+
+    teacher = build_tiny_llama(len(tokenizer), num_layers=2, hidden_size=32, intermediate_size=64, seed=1,
+                               init_std=0.2, tokenizer=tokenizer)  # fmt: skip
+    prompts = datasets.Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(10) for b in range(10)]})
+
+    def trainer(model, out, steps, **kwargs):
+        args = DistillationConfig(
+            **{**_common_args(tmp_path / out, steps), "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+               "logging_steps": 100},
+            max_completion_length=10, beta=1.0, lr_scheduler_type="constant",
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=prompts,
+                                       processing_class=tokenizer, **kwargs)  # fmt: skip
+
+    with pytest.raises(ValueError, match="optimizer='adam' is not one of"):
+        SubspaceLockCallback(rank=4, optimizer="adam")
+    lock = SubspaceLockCallback(rank=4, check_every=2, at_step=4, optimizer="factored")
+    student = build_tiny_llama(len(tokenizer), num_layers=2, hidden_size=32, intermediate_size=64, seed=0,
+                               init_std=0.2, tokenizer=tokenizer)  # fmt: skip
+    warmup = trainer(student, "warmup", 10, callbacks=[lock])
+    warmup.train()
+    warmed = copy.deepcopy(warmup.model)
+    phase = lock.locked_phase(copy.deepcopy(warmed), lr=3e-3)
+    assert isinstance(phase.optimizer, FactoredSubspaceAdamW)
+    assert set(phase.lr_scales().values()) == {1.0}
+    name = "model.layers.0.self_attn.q_proj"
+    coef = phase.coefficients()[name]
+    warm_opt = getattr(warmup.optimizer, "optimizer", warmup.optimizer)
+    v_w = warm_opt.state[warmup.model.get_submodule(name).weight]["exp_avg_sq"]
+    torch.testing.assert_close(phase.optimizer.state[coef]["row_sq"], v_w.sum(1))
+    torch.testing.assert_close(phase.optimizer.state[coef]["col_sq"], v_w.sum(0))
+    trainer(phase.model, "locked", 4, optimizers=(phase.optimizer, None)).train()
+    bases = {n: (b.U, b.V) for n, b in phase.bases.items()}
+    _assert_locked_training(phase.model, _snapshot(warmed), bases, mode="right")

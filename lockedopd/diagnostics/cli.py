@@ -14,6 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from lockedopd.atomic_io import atomic_write_text
+from lockedopd.cli_errors import run_guarded
+
 __all__ = ["add_diagnose_parser", "run_diagnose", "add_trajectory_parser", "run_trajectory", "main"]
 
 
@@ -38,20 +41,8 @@ def _write_json(obj, path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.parent and not p.parent.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, default=_json_default) + "\n")
-    os.replace(tmp, p)
+    atomic_write_text(p, json.dumps(_clean(obj), indent=2, default=_json_default) + "\n")
     return p
-
-
-def _fail(cmd: str, exc: BaseException) -> int:
-    msg = str(exc) or type(exc).__name__
-    if isinstance(exc, KeyError):
-        msg = f"missing key {msg}"
-    if not isinstance(exc, (FileNotFoundError, ValueError, OSError)):
-        msg = f"{type(exc).__name__}: {msg}"
-    print(f"lockedopd {cmd}: error: {' '.join(msg.split())}", file=sys.stderr)
-    return 2
 
 
 # ---------------------------------------------------------------------------- diagnose
@@ -88,39 +79,40 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
-    try:
-        from .diagnose import diagnose, format_markdown, plot_diagnostics
+    """``lockedopd diagnose``: 0 on success, 2 on an error (one line on stderr), 130 when interrupted."""
+    return run_guarded("diagnose", diagnose_command, args)
 
-        result = diagnose(
-            args.base,
-            args.ft,
-            k=args.k,
-            eta=args.eta,
-            mask_rank=args.mask_rank,
-            alpha=args.alpha,
-            include=args.include,
-            progress=not getattr(args, "no_progress", False),
-            hill_k=getattr(args, "hill_k", 16),
-            update_mask=getattr(args, "update_mask", "eta"),
+
+def diagnose_command(args: argparse.Namespace) -> int:
+    """The body of ``lockedopd diagnose`` (errors raise; :func:`run_diagnose` reports them)."""
+    from .diagnose import diagnose, format_markdown, plot_diagnostics
+
+    result = diagnose(
+        args.base,
+        args.ft,
+        k=args.k,
+        eta=args.eta,
+        mask_rank=args.mask_rank,
+        alpha=args.alpha,
+        include=args.include,
+        progress=not getattr(args, "no_progress", False),
+        hill_k=getattr(args, "hill_k", 16),
+        update_mask=getattr(args, "update_mask", "eta"),
+    )
+    if result["summary"]["n_matrices"] == 0 and result["summary"]["n_params"] == 0:
+        raise ValueError(
+            f"{args.base} and {args.ft} share no tensor of equal name and shape"
+            + (f" matching --include {args.include!r}" if getattr(args, "include", None) else "")
+            + "; compare two checkpoints of the same model (or widen --include)."
         )
-        print(format_markdown(result, top=getattr(args, "top", 10)))
-        if getattr(args, "json_out", None):
-            out = _write_json(result, args.json_out)
-            print(f"\nwrote {out}")
-        if getattr(args, "plot", None):
-            out = plot_diagnostics(result, args.plot)
-            print(f"wrote {out}")
-        if result["summary"]["n_matrices"] == 0 and result["summary"]["n_params"] == 0:
-            print(
-                "lockedopd diagnose: warning: no tensors compared (check --include and the checkpoints)",
-                file=sys.stderr,
-            )
-        return 0
-    except KeyboardInterrupt:
-        print("lockedopd diagnose: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one clean line, never a traceback
-        return _fail("diagnose", exc)
+    print(format_markdown(result, top=getattr(args, "top", 10)))
+    if getattr(args, "json_out", None):
+        out = _write_json(result, args.json_out)
+        print(f"\nwrote {out}")
+    if getattr(args, "plot", None):
+        out = plot_diagnostics(result, args.plot)
+        print(f"wrote {out}")
+    return 0
 
 
 # ---------------------------------------------------------------------------- trajectory
@@ -148,59 +140,59 @@ def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_trajectory(args: argparse.Namespace) -> int:
-    try:
-        from .trajectory import discover_run_checkpoints, final_update_similarity, plot_trajectory, trajectory_metrics
+    """``lockedopd trajectory``: 0 on success, 2 on an error (one line on stderr), 130 when interrupted."""
+    return run_guarded("trajectory", trajectory_command, args)
 
-        progress = not getattr(args, "no_progress", False)
-        top_k = getattr(args, "top_k", 16)
-        include = getattr(args, "include", None)
-        run = discover_run_checkpoints(args.run_dir)
-        if not run["checkpoints"]:
-            raise ValueError(
-                f"run {args.run_dir} has no model checkpoints after step-000000"
-                + (f" ({len(run['notes'])} skipped: {run['notes'][0]})" if run["notes"] else "")
-            )
-        result = trajectory_metrics(run["base"], run["checkpoints"], top_k=top_k, include=include, progress=progress)
-        result["notes"] = run["notes"]
-        if getattr(args, "reference", None):
-            ref = discover_run_checkpoints(args.reference)
-            if not ref["checkpoints"]:
-                raise ValueError(f"reference run {args.reference} has no model checkpoints after step-000000")
-            result["reference"] = final_update_similarity(
-                run["base"],
-                run["checkpoints"][-1][1],
-                ref["base"],
-                ref["checkpoints"][-1][1],
-                top_k=top_k,
-                include=include,
-                progress=progress,
-            )
-            result["reference"]["run_dir"] = str(args.reference)
-        run_dir = Path(args.run_dir)
-        json_out = _write_json(result, args.json_out or run_dir / "trajectory_metrics.json")
-        png_out = plot_trajectory(result, args.plot or run_dir / "trajectory_metrics.png")
-        print("| step | stable rank (median) | ‖ΔW‖_F | Hill α̂ (median) | sim to final |")
-        print("|---|---|---|---|---|")
 
-        def f(x):
-            return "n/a" if x is None else f"{x:.4g}"
+def trajectory_command(args: argparse.Namespace) -> int:
+    """The body of ``lockedopd trajectory`` (errors raise; :func:`run_trajectory` reports them)."""
+    from .trajectory import discover_run_checkpoints, final_update_similarity, plot_trajectory, trajectory_metrics
 
-        for r in result["per_step"]:
-            print(
-                f"| {r['step']} | {f(r['stable_rank_median'])} | {f(r['update_fro_norm'])} | "
-                f"{f(r['hill_alpha_median'])} | {f(r['subspace_similarity_mean'])} |"
-            )
-        if "reference" in result:
-            print(f"\nfinal-update subspace similarity vs {args.reference}: {f(result['reference']['mean'])}")
-        for note in run["notes"]:
-            print(f"note: {note}", file=sys.stderr)
-        print(f"\nwrote {json_out}\nwrote {png_out}")
-        return 0
-    except KeyboardInterrupt:
-        print("lockedopd trajectory: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001
-        return _fail("trajectory", exc)
+    progress = not getattr(args, "no_progress", False)
+    top_k = getattr(args, "top_k", 16)
+    include = getattr(args, "include", None)
+    run = discover_run_checkpoints(args.run_dir)
+    if not run["checkpoints"]:
+        raise ValueError(
+            f"run {args.run_dir} has no model checkpoints after step-000000"
+            + (f" ({len(run['notes'])} skipped: {run['notes'][0]})" if run["notes"] else "")
+        )
+    result = trajectory_metrics(run["base"], run["checkpoints"], top_k=top_k, include=include, progress=progress)
+    result["notes"] = run["notes"]
+    if getattr(args, "reference", None):
+        ref = discover_run_checkpoints(args.reference)
+        if not ref["checkpoints"]:
+            raise ValueError(f"reference run {args.reference} has no model checkpoints after step-000000")
+        result["reference"] = final_update_similarity(
+            run["base"],
+            run["checkpoints"][-1][1],
+            ref["base"],
+            ref["checkpoints"][-1][1],
+            top_k=top_k,
+            include=include,
+            progress=progress,
+        )
+        result["reference"]["run_dir"] = str(args.reference)
+    run_dir = Path(args.run_dir)
+    json_out = _write_json(result, args.json_out or run_dir / "trajectory_metrics.json")
+    png_out = plot_trajectory(result, args.plot or run_dir / "trajectory_metrics.png")
+    print("| step | stable rank (median) | ‖ΔW‖_F | Hill α̂ (median) | sim to final |")
+    print("|---|---|---|---|---|")
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.4g}"
+
+    for r in result["per_step"]:
+        print(
+            f"| {r['step']} | {f(r['stable_rank_median'])} | {f(r['update_fro_norm'])} | "
+            f"{f(r['hill_alpha_median'])} | {f(r['subspace_similarity_mean'])} |"
+        )
+    if "reference" in result:
+        print(f"\nfinal-update subspace similarity vs {args.reference}: {f(result['reference']['mean'])}")
+    for note in run["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"\nwrote {json_out}\nwrote {png_out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

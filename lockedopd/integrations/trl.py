@@ -64,9 +64,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapter import SubspaceLockedConfig
+from ..atomic_io import atomic_file
 from ..distributed import init_distributed, weights_fingerprint
 from ..optim import WarmupCarry
-from ..phases import LockedPhase, load_locked_phase, write_lock_files
+from ..phases import COEFFICIENT_OPTIMIZERS, LockedPhase, load_locked_phase, write_lock_files
 from ..subspace import SubspaceTracker, load_basis
 from ..subspace.basis import check_lock_mode
 from ..subspace.policy import LockPolicy, TrackerSettings
@@ -167,7 +168,10 @@ class SubspaceLockCallback(TrainerCallback):
         at_step: Pin the lock step (ignores stability).  ``None``: lock when stable.
         basis_path: Where to write the basis; default ``{args.output_dir}/basis.safetensors``.
         mode: lock mode of the carried moments (``"right"`` or ``"two_sided"``); the locked phase must use it.
-        lr_scale: ``"auto"`` (per matrix, from the warmup AdamW state) or one number, as ``lock.lr_scale``.
+        lr_scale: ``"auto"`` (per matrix, from the warmup AdamW state; 1 for ``optimizer="factored"``) or one
+            number, as ``lock.lr_scale``.
+        optimizer: the locked phase's coefficient optimizer, as ``lock.optimizer``: ``"coefficients"``
+            (:class:`~lockedopd.LockedAdamW`) or ``"factored"`` (:class:`~lockedopd.optim.FactoredSubspaceAdamW`).
         stop_training: Stop the run once the lock files are written (the warmup is then one Trainer run).
         save_on_train_end: Write the lock files at the end of a run that never locked.
         log_prefix: Prefix of the metric names merged into the trainer's logs.
@@ -190,6 +194,7 @@ class SubspaceLockCallback(TrainerCallback):
         basis_path: str | os.PathLike | None = None,
         mode: str = "right",
         lr_scale: float | str = "auto",
+        optimizer: str = "coefficients",
         stop_training: bool = True,
         save_on_train_end: bool = True,
         log_prefix: str = "subspace/",
@@ -212,7 +217,10 @@ class SubspaceLockCallback(TrainerCallback):
         self.seed = seed
         self.at_step = at_step
         self.mode = check_lock_mode(mode)
-        self.lr_scale = lr_scale
+        if optimizer not in COEFFICIENT_OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is not one of {list(COEFFICIENT_OPTIMIZERS)}.")
+        self.optimizer = optimizer
+        self.lr_scale = 1.0 if optimizer == "factored" and lr_scale == "auto" else lr_scale
         self.requested_basis_path = None if basis_path is None else Path(basis_path)
         self.stop_training = stop_training
         self.save_on_train_end = save_on_train_end
@@ -296,7 +304,7 @@ class SubspaceLockCallback(TrainerCallback):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> LockedPhase:
-        """The locked phase of the warmed-up ``model``: PEFT adapter + :class:`~lockedopd.LockedAdamW` continuing
+        """The locked phase of the warmed-up ``model``: PEFT adapter + the coefficient optimizer continuing
         the warmup (moments and per-matrix lr scales from the files written at the lock), as in OPDTrainer.
 
         Pass ``model=phase.model, optimizers=(phase.optimizer, None)`` to the second trainer; ``lr`` is its base
@@ -304,7 +312,8 @@ class SubspaceLockCallback(TrainerCallback):
         """
         if self.basis_path is None:
             raise RuntimeError("SubspaceLockCallback has not written a basis yet; run the warmup first.")
-        return load_locked_phase(model, self.basis_path, lr=lr, mode=self.mode, betas=betas, eps=eps)
+        return load_locked_phase(model, self.basis_path, lr=lr, mode=self.mode, betas=betas, eps=eps,
+                                 optimizer=self.optimizer)  # fmt: skip
 
     def locked_peft_config(self, mode: str = "right", **kwargs: Any) -> SubspaceLockedConfig:
         """:func:`locked_peft_config` of the basis this callback wrote."""
@@ -357,17 +366,18 @@ class SubspaceLockCallback(TrainerCallback):
             return control
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if checkpoint.is_dir():
-            torch.save(
-                {
-                    "version": _STATE_VERSION,
-                    "tracker": self.tracker.state_dict(),
-                    "locked_step": self.locked_step,
-                    "lock_reason": self.lock_reason,
-                    "basis_path": None if self.basis_path is None else str(self.basis_path),
-                    "n_logged_checks": self._n_logged_checks,
-                },
-                checkpoint / TRACKER_STATE_FILENAME,
-            )
+            with atomic_file(checkpoint / TRACKER_STATE_FILENAME) as tmp:
+                torch.save(
+                    {
+                        "version": _STATE_VERSION,
+                        "tracker": self.tracker.state_dict(),
+                        "locked_step": self.locked_step,
+                        "lock_reason": self.lock_reason,
+                        "basis_path": None if self.basis_path is None else str(self.basis_path),
+                        "n_logged_checks": self._n_logged_checks,
+                    },
+                    tmp,
+                )
         return control
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

@@ -16,6 +16,7 @@ from lockedopd.opd.objective_registry import OBJECTIVES, get_objective
 from lockedopd.subspace.basis import LOCK_MODES
 from lockedopd.subspace.policy import TrackerSettings
 from lockedopd.teachers.registry import AUTO_BACKEND, teacher_backend, teacher_backend_choices
+from lockedopd.teachers.vllm_server import check_server_url
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -176,9 +177,11 @@ class LockConfig(TrackerSettings):
             (PEFT LoRA of rank ``rank`` on the same modules, fresh: a baseline; ``at_step: 0`` = LoRA from step 0).
         basis_source: ``"tracker"`` (the warmup's top-r subspace) or ``"random"`` (a random orthonormal basis of the
             same rank: the control that shows the subspace, not the rank, carries the gain).
-        optimizer: ``"coefficients"`` (LockedAdamW on A or C: the small-memory method) or ``"projected_full"`` (the
-            full weights stay trainable; AdamW keeps full W-space moments of the projected gradient and every update
-            is projected onto the subspace: memory-heavy, an upper bound for benchmarks).
+        optimizer: ``"coefficients"`` (LockedAdamW: Adam on each coefficient of A or C), ``"factored"``
+            (:class:`lockedopd.optim.FactoredSubspaceAdamW`: the W-space AdamW step of the projected gradient, its
+            second moment kept as row and column sums; coefficient-size state; ``lr_scale: auto`` = 1) or
+            ``"projected_full"`` (the full weights stay trainable; AdamW keeps full W-space moments of the projected
+            gradient and every update is projected onto the subspace: memory-heavy, an upper bound for benchmarks).
         lora_alpha: LoRA's alpha (``null`` = rank, scaling 1) for ``adapter: lora``.
     """
 
@@ -349,7 +352,7 @@ class OPDConfig:
             "lock.mode": (self.lock.mode, LOCK_MODES),
             "lock.adapter": (self.lock.adapter, ("subspace", "lora")),
             "lock.basis_source": (self.lock.basis_source, ("tracker", "random")),
-            "lock.optimizer": (self.lock.optimizer, ("coefficients", "projected_full")),
+            "lock.optimizer": (self.lock.optimizer, ("coefficients", "factored", "projected_full")),
             "optimizer": (self.optimizer, ("adamw", "galore")),
             "galore.proj_type": (self.galore.proj_type, ("std", "reverse_std", "left", "right")),
             "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
@@ -359,6 +362,8 @@ class OPDConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"config: {key}={value!r} is not one of {list(allowed)}.")
+        if self.teacher.backend == "vllm_server":
+            check_server_url(self.teacher.server_url)
         positive = {
             "max_steps": self.max_steps,
             "batch_size": self.batch_size,

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lockedopd.adapter.model import locked_layers
-from lockedopd.checkpoint import atomic_save_safetensors, atomic_write_text
+from lockedopd.atomic_io import atomic_copy, atomic_directory, atomic_write_text
+from lockedopd.checkpoint import atomic_save_safetensors
 from lockedopd.distributed import DistContext, weights_fingerprint
 from lockedopd.optim import WarmupCarry
 from lockedopd.params import optimizer_state_bytes, trainable_parameters
@@ -45,9 +44,10 @@ from lockedopd.phases import (
     enter_lora_phase,
     enter_projected_phase,
     leave_locked_phase,
+    load_preset_bases,
     write_lock_files,
 )
-from lockedopd.subspace.basis import SubspaceBasis
+from lockedopd.subspace.basis import SubspaceBasis, check_rank_fits
 from lockedopd.subspace.policy import LockPolicy
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,12 @@ class LockController:
 
             m = config.monitor
             self.monitor = TrajectoryMonitor(every=m.every, capture_threshold=m.capture_threshold, patience=m.patience)
+        self.shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in self.target_names}
+        check_rank_fits(self.settings.rank, self.shapes)
+        self.preset_bases = None  # lock.basis_path, read and checked now: before the run writes anything
+        if self.settings.basis_path is not None:
+            self.preset_bases = load_preset_bases(self.settings.basis_path, self.settings.mode, self.settings.rank,
+                                                  self.shapes)  # fmt: skip
         if self.settings.basis_path is None and self.settings.at_step != 0:
             self._start_policy(model, at_step=self.settings.at_step)
 
@@ -128,9 +134,8 @@ class LockController:
     # --------------------------------------------------------------------------------------------- the phases
     def start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> PhaseChange | None:
         """Before step 0 of a fresh run: lock at once when ``lock.basis_path`` is set or ``lock.at_step`` is 0."""
-        if self.settings.basis_path is not None:
-            bases, _ = SubspaceBasis.load_all(self.settings.basis_path, mode=self.settings.mode)
-            return self.lock(0, model, optimizer, bases, reason="basis_path")
+        if self.preset_bases is not None:
+            return self.lock(0, model, optimizer, dict(self.preset_bases), reason="basis_path")
         if self.settings.at_step == 0:
             return self.lock(0, model, optimizer, {}, reason="at_step")
         return None
@@ -229,11 +234,14 @@ class LockController:
                 )  # fmt: skip
             else:
                 full_params = {name: model.get_submodule(name).weight for name in bases}
+                if s.optimizer == "factored" and scale == "auto":
+                    scale = 1.0  # its steps already have W-space AdamW's size: the warmup's lr continues
                 carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, bases, lr_scale=scale)
                 if main:
                     write_lock_files(basis_file, bases, meta, carry)
                 self.dist.barrier()  # the adapter reads the basis file
-                self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, **self._adam())
+                self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, optimizer=s.optimizer,
+                                                 **self._adam())  # fmt: skip
             if main:
                 atomic_copy(basis_file, self.basis_file)
         lock_files = None
@@ -253,7 +261,7 @@ class LockController:
         self.lock_step, self.lock_reason = step, reason
         self.events.append({"step": step, "event": "lock", "reason": reason})
         if self.locked.kind != "projected_full" and main:
-            self.locked.model.save_pretrained(self.run_dir / "adapter")
+            self.save_adapter()
         self.dist.barrier()
         logger.info("locked at step %d (%s, %s): rank %d", step, reason, self.locked.kind, s.rank)
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
@@ -391,7 +399,8 @@ class LockController:
                     model, bases, None, lr=lr, weight_decay=self.config.weight_decay, **self._adam()
                 )
             else:
-                self.locked = enter_locked_phase(model, bases, basis_file, None, lr=lr, **self._adam())
+                self.locked = enter_locked_phase(model, bases, basis_file, None, lr=lr, optimizer=s.optimizer,
+                                                 **self._adam())  # fmt: skip
         if kind != "projected_full":
             trained = self.locked.trainable()
             saved = tensors.get("coefficients", {})
@@ -440,10 +449,16 @@ class LockController:
             out["tracker_memory_bytes"] = self.policy.tracker.memory_bytes()
         return out
 
+    def save_adapter(self) -> Path:
+        """Write the locked phase's adapter to ``adapter/`` (PEFT format), replacing the previous one atomically."""
+        with atomic_directory(self.run_dir / "adapter") as tmp:
+            self.locked.model.save_pretrained(tmp)
+        return self.run_dir / "adapter"
+
     def finish(self, summary: dict[str, Any]) -> None:
         """End of training: save the final adapter (PEFT format) next to the run's other results."""
         if self.locked is not None and self.locked.kind != "projected_full":
-            self.locked.model.save_pretrained(self.run_dir / "adapter")
+            self.save_adapter()
         atomic_write_text(self.run_dir / "lock.json", json.dumps(self.summary(), indent=2))
         from lockedopd.diagnostics.run_report import write_trajectory_report
 
@@ -457,14 +472,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_copy(source: Path, destination: Path) -> None:
-    """Copy ``source`` to ``destination`` through a temporary file in the destination's directory."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, destination)
 
 
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -23,13 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lockedopd.checkpoint import (
-    atomic_write_text,
-    checkpoint_dir,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from lockedopd.atomic_io import atomic_write_text, recover_interrupted_writes
+from lockedopd.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
 from lockedopd.distributed import DistContext, init_distributed
 from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
@@ -63,29 +59,50 @@ def step_seed(seed: int, step: int, micro: int = 0) -> int:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per step; on resume, entries after the resumed step are dropped."""
+    """``metrics.jsonl``: one JSON object per step, appended and flushed to disk as each step ends.
+
+    On resume the entries after the resumed step are dropped (they are recomputed), and a torn last line — what a
+    kill in the middle of an append leaves — is dropped with a warning. A damaged line elsewhere is refused: the
+    log is not ours to guess at.
+    """
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
         if resume_step is None:
             atomic_write_text(path, "")
         else:
-            kept = [
-                line
-                for line in (path.read_text().splitlines() if path.exists() else [])
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            kept = [line for line, record in self._parse() if record.get("step", 0) <= resume_step]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def _parse(self) -> list[tuple[str, dict[str, Any]]]:
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        parsed = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                parsed.append((line, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                if number == len(lines):
+                    logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", self.path,
+                                   len(line))  # fmt: skip
+                    continue
+                raise ValueError(
+                    f"{self.path} line {number} is not JSON ({exc.msg}); the log is damaged before its last line: "
+                    "restore it, or start the run again in a new output_dir."
+                ) from exc
+        return parsed
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record and flush it to disk."""
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+            os.fsync(fh.fileno())
 
     def read(self) -> list[dict[str, Any]]:
         """All records so far."""
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [record for _, record in self._parse()]
 
 
 class OPDTrainer:
@@ -552,11 +569,15 @@ class OPDTrainer:
             )
         allowed = {key: list(change) for key, change in changes.items() if key != "resume"}
         if allowed and self.dist.is_main:
-            with open(self.run_dir / "config_changes.jsonl", "a") as handle:
-                handle.write(json.dumps({"resumed_from_step": step, "changes": allowed}) + "\n")
+            log = self.run_dir / "config_changes.jsonl"
+            earlier = log.read_text() if log.is_file() else ""
+            atomic_write_text(log, earlier + json.dumps({"resumed_from_step": step, "changes": allowed}) + "\n")
 
     def _resume_point(self) -> int | None:
         """Restore the newest complete checkpoint when ``resume`` is set; returns its step or None."""
+        if self.dist.is_main:  # a kill mid-write leaves temporaries and set-aside directories
+            recover_interrupted_writes(self.run_dir)
+        self.dist.barrier()
         if not self.config.resume:
             if list_checkpoints(self.run_dir):
                 raise FileExistsError(

@@ -54,12 +54,16 @@ class WarmupCarry:
         exp_avg / exp_avg_sq: module name → moments carried into coefficient space (see
             :meth:`SubspaceBasis.reduce_moments`).
         lr_scales: module name → learning-rate multiplier of its coefficients (every locked matrix has one).
+        row_sq / col_sq: module name → the row sums (out) and column sums (in) of the warmup's full second moment
+            v_W: what :class:`lockedopd.optim.FactoredSubspaceAdamW` continues from.
     """
 
     steps: dict[str, float] = field(default_factory=dict)
     exp_avg: dict[str, Tensor] = field(default_factory=dict)
     exp_avg_sq: dict[str, Tensor] = field(default_factory=dict)
     lr_scales: dict[str, float] = field(default_factory=dict)
+    row_sq: dict[str, Tensor] = field(default_factory=dict)
+    col_sq: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     @torch.no_grad()
@@ -107,6 +111,9 @@ class WarmupCarry:
                 carry.exp_avg[name], carry.exp_avg_sq[name] = basis.reduce_moments(
                     state["exp_avg"], state["exp_avg_sq"], grad_scale
                 )
+                v_full = state["exp_avg_sq"].to(torch.promote_types(state["exp_avg_sq"].dtype, torch.float32))
+                carry.row_sq[name] = v_full.sum(dim=1) * (grad_scale * grad_scale)
+                carry.col_sq[name] = v_full.sum(dim=0) * (grad_scale * grad_scale)
             if lr_scale == "auto":
                 group = group_of.get(id(weight))
                 if group is None:
@@ -124,6 +131,9 @@ class WarmupCarry:
         for name in self.exp_avg:
             tensors[f"{name}.exp_avg"] = self.exp_avg[name].detach().cpu().contiguous()
             tensors[f"{name}.exp_avg_sq"] = self.exp_avg_sq[name].detach().cpu().contiguous()
+        for name in self.row_sq:
+            tensors[f"{name}.row_sq"] = self.row_sq[name].detach().cpu().contiguous()
+            tensors[f"{name}.col_sq"] = self.col_sq[name].detach().cpu().contiguous()
         meta = {"format": CARRY_FORMAT, "steps": json.dumps(self.steps), "lr_scales": json.dumps(self.lr_scales)}
         path = Path(path)
         atomic_save_safetensors(tensors, path, meta)
@@ -150,4 +160,7 @@ class WarmupCarry:
         for name in steps:
             carry.exp_avg[name] = tensors[f"{name}.exp_avg"]
             carry.exp_avg_sq[name] = tensors[f"{name}.exp_avg_sq"]
+            if f"{name}.row_sq" in tensors:  # carries written before the factored optimizer existed lack them
+                carry.row_sq[name] = tensors[f"{name}.row_sq"]
+                carry.col_sq[name] = tensors[f"{name}.col_sq"]
         return carry

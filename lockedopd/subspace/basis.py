@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import os
     from pathlib import Path
 
-__all__ = ["LOCK_MODES", "SubspaceBasis", "check_lock_mode", "check_orthonormal"]
+__all__ = ["LOCK_MODES", "SubspaceBasis", "check_lock_mode", "check_orthonormal", "check_rank_fits"]
 
 LOCK_MODES = ("right", "two_sided")
 """The ways an update can be locked: ``right`` (ΔW = A·Vᵀ) and ``two_sided`` (ΔW = U·C·Vᵀ)."""
@@ -259,6 +259,18 @@ class SubspaceBasis:
     def from_pairs(pairs: Mapping[str, tuple[Tensor | None, Tensor]], mode: str) -> dict[str, SubspaceBasis]:
         """``{name: (U, V)}`` → ``{name: SubspaceBasis}`` sorted by name."""
         return {name: SubspaceBasis(pairs[name][1], pairs[name][0], mode) for name in sorted(pairs)}
+
+
+def check_rank_fits(rank: int, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse a lock rank above min(out, in) of a target matrix (no rank-r update subspace exists there)."""
+    too_small = {name: shape for name, shape in shapes.items() if rank > min(shape)}
+    if too_small:
+        name, shape = next(iter(sorted(too_small.items())))
+        smallest = min(min(shape) for shape in shapes.values())
+        raise ValueError(
+            f"rank {rank} (lock.rank) is larger than {len(too_small)} target matrices allow (e.g. {name}: "
+            f"{shape[0]} x {shape[1]}); set the rank <= {smallest} or leave those modules out of the targets."
+        )
 
 
 def change_moment_basis(

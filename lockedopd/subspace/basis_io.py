@@ -13,12 +13,13 @@ The safetensors metadata holds at least ``rank`` and ``step`` (as strings, safet
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lockedopd.atomic_io import atomic_file
 
 __all__ = ["BASIS_FORMAT", "check_orthonormal", "load_basis", "save_basis"]
 
@@ -126,16 +127,8 @@ def save_basis(
     meta["rank"] = str(rank)
     meta.setdefault("format", BASIS_FORMAT)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

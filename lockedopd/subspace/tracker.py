@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..distributed import full_tensor
+from .basis import check_rank_fits
 from .sketch import (
     LowRankFactors,
     default_sketch_sizes,
@@ -115,6 +116,7 @@ class SubspaceTracker:
         self.seed = seed
 
         self.module_names: list[str] = self._select_modules(target_modules)
+        check_rank_fits(rank, {name: tuple(self.model.get_submodule(name).weight.shape) for name in self.module_names})
         self._seeds: dict[str, int] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._y0: dict[str, torch.Tensor] = {}

@@ -48,10 +48,30 @@ class VLLMServerError(RuntimeError):
     """The vLLM server kept answering with a server-side (5xx) error, or sent an unreadable response."""
 
 
-class _HTTPStatusError(Exception):
-    def __init__(self, status: int, body: str) -> None:
-        super().__init__(f"HTTP {status}: {body}")
+class _HTTPStatusError(VLLMServerError):
+    def __init__(self, status: int, body: str, url: str = "") -> None:
+        super().__init__(f"{url} answered HTTP {status}: {' '.join(body.split())[:300]}".strip())
         self.status, self.body = status, body
+
+
+MAX_RESPONSE_BYTES = 64 << 20
+"""Default bound on one response body: a scoring answer is a few MiB at most; more is a wrong server or an attack."""
+MAX_LOGPROB = 1e-3
+"""A log-probability above this (beyond float rounding of 0) is not one: the answer is refused."""
+
+
+def check_server_url(url: str) -> str:
+    """Return ``url`` without a trailing slash if it is an ``http://`` or ``https://`` URL with a host, else raise
+    ``ValueError`` naming the fix (``urllib`` would also open ``file://`` and ``ftp://`` URLs)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(str(url))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"teacher.server_url={url!r} is not an http(s) URL with a host; give the vLLM server's root URL, e.g. "
+            "http://127.0.0.1:8000."
+        )
+    return str(url).rstrip("/")
 
 
 def server_args(
@@ -131,13 +151,22 @@ def parse_prompt_logprobs(raw: Sequence[dict[str, Any] | None] | None) -> list[P
             continue
         entry = {}
         for key, value in position.items():
-            token_id = int(str(key).rsplit(":", 1)[-1])
-            if isinstance(value, dict):
-                logprob, rank = float(value["logprob"]), value.get("rank")
-            else:  # a bare number
-                logprob, rank = float(value), None
+            try:
+                token_id = int(str(key).rsplit(":", 1)[-1])
+                if isinstance(value, dict):
+                    logprob, rank = float(value["logprob"]), value.get("rank")
+                else:  # a bare number
+                    logprob, rank = float(value), None
+            except (KeyError, TypeError, ValueError) as exc:
+                raise VLLMServerError(f"unreadable prompt_logprobs entry {key!r}: {value!r} ({exc})") from None
             if logprob <= _CLAMPED_NEG_INF:
                 logprob = -math.inf
+            elif not math.isfinite(logprob) or logprob > MAX_LOGPROB:
+                raise VLLMServerError(
+                    f"the server sent log-prob {logprob} for token {token_id} at prompt position {len(out)}; a "
+                    "log-probability is finite and <= 0, so the teacher's answer is refused (check the served model "
+                    "and its dtype)."
+                )
             entry[token_id] = (logprob, None if rank is None else int(rank))
         out.append(entry)
     return out
@@ -161,6 +190,7 @@ class VLLMServerTeacher(PromptLogprobScorer):
         tokenizer: optional local tokenizer (anything with ``encode(text, add_special_tokens=False)``); if given,
             a probe text is tokenized both locally and by the server's ``/tokenize`` and must match.
         top_k_max: the largest ``top_k`` to allow (the server's ``--max-logprobs``, 20 by default).
+        max_response_bytes: a longer response body is refused (:data:`MAX_RESPONSE_BYTES` by default).
     """
 
     def __init__(
@@ -175,18 +205,26 @@ class VLLMServerTeacher(PromptLogprobScorer):
         expected_vocab_size: int | None = None,
         tokenizer: Any = None,
         top_k_max: int = 20,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         if concurrency < 1 or max_seqs_per_request < 1:
             raise ValueError("VLLMServerTeacher: concurrency and max_seqs_per_request must be >= 1.")
         if max_retries < 0 or backoff_s < 0 or timeout_s <= 0:
             raise ValueError("VLLMServerTeacher: need max_retries >= 0, backoff_s >= 0 and timeout_s > 0.")
-        self.base_url = base_url.rstrip("/")
+        self.base_url = check_server_url(base_url)
+        self.max_response_bytes = int(max_response_bytes)
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.concurrency, self.max_seqs_per_request, self.top_k_max = concurrency, max_seqs_per_request, top_k_max
         # never route loopback/cluster traffic through an HTTP(S)_PROXY from the environment
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-        served = self._request("GET", "/v1/models").get("data", [])
+        try:
+            served = self._request("GET", "/v1/models").get("data", [])
+        except _HTTPStatusError as exc:
+            raise VLLMServerError(
+                f"{self.base_url} is not a vLLM OpenAI server ({exc}); point teacher.server_url at one, started with "
+                f"{start_command(port=_port_of(self.base_url))}"
+            ) from None
         if not served:
             raise VLLMServerError(f"the vLLM server at {self.base_url} lists no models under /v1/models.")
         if model is None:
@@ -236,22 +274,30 @@ class VLLMServerTeacher(PromptLogprobScorer):
             req = urllib.request.Request(url, data=data, headers=headers, method=method)
             try:
                 with self._opener.open(req, timeout=self.timeout_s) as resp:
-                    body = resp.read()
+                    body = resp.read(self.max_response_bytes + 1)
             except urllib.error.HTTPError as exc:
-                text = exc.read().decode(errors="replace")
+                text = exc.read(64 << 10).decode(errors="replace")
                 if exc.code < 500:
-                    raise _HTTPStatusError(exc.code, text) from None
-                last = _HTTPStatusError(exc.code, text)
+                    raise _HTTPStatusError(exc.code, text, url) from None
+                last = _HTTPStatusError(exc.code, text, url)
                 logger.warning("vLLM server %s answered %s (attempt %d)", url, exc.code, attempt + 1)
                 continue
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
                 last = exc
                 logger.debug("vLLM server %s unreachable (attempt %d): %s", url, attempt + 1, exc)
                 continue
+            if len(body) > self.max_response_bytes:
+                raise VLLMServerError(
+                    f"{url} answered with more than {self.max_response_bytes} bytes; not a scoring answer (raise "
+                    "max_response_bytes only if you send very long sequences)."
+                )
             try:
-                return json.loads(body)
-            except json.JSONDecodeError as exc:
+                answer = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise VLLMServerError(f"{url} answered with non-JSON: {body[:200]!r}") from exc
+            if not isinstance(answer, dict):
+                raise VLLMServerError(f"{url} answered with JSON that is not an object: {body[:200]!r}")
+            return answer
         tries = f"{self.max_retries + 1} attempt(s)"
         if isinstance(last, _HTTPStatusError):
             raise VLLMServerError(f"the vLLM server at {url} failed {tries}: {last}") from None
