@@ -66,8 +66,11 @@ def shard_locked_phase(
     model (gather it first, e.g. ``{k: full_tensor(v) for k, v in sharded.state_dict().items()}``); its optimizer
     is replaced, since sharding replaces the parameters it held.
     """
-    if phase.kind != "subspace":
-        raise ValueError(f"shard_locked_phase shards a subspace-locked phase, not a {phase.kind} one.")
+    if phase.kind != "subspace" or not isinstance(phase.optimizer, LockedAdamW):
+        raise ValueError(
+            f"shard_locked_phase shards a subspace-locked phase trained by LockedAdamW (lock.optimizer=coefficients), "
+            f"not a {phase.kind} phase with {type(phase.optimizer).__name__}."
+        )
     fully_shard_layers(phase.model, **fsdp_kwargs)
     mode = next(iter(phase.bases.values())).mode
     optimizer = LockedAdamW.from_carry(
