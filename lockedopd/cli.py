@@ -30,11 +30,15 @@ def _add_distill_parser(subparsers) -> None:
 
 
 def _run_distill(args) -> int:
+    from lockedopd.distributed import shutdown_distributed
     from lockedopd.opd import OPDTrainer, load_config
 
     config = load_config(args.config, args.overrides)
     trainer = OPDTrainer.from_config(config)
     summary = trainer.train()
+    shutdown_distributed()  # with several processes: close the group they trained in
+    if not trainer.dist.is_main:  # one report per run, not one per process
+        return 0
     print(json.dumps(summary, indent=2))
     before, after = summary.get("initial_reverse_kl"), summary.get("final_reverse_kl")
     if before is not None and after is not None:

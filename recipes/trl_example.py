@@ -3,6 +3,8 @@
 Runs on CPU in well under a minute with tiny random Llamas and a character tokenizer built in code (no downloads):
 
     python recipes/trl_example.py [--output-dir runs/trl_example] [--rank 4] [--warmup-steps 20] [--locked-steps 10]
+    torchrun --nproc_per_node 2 recipes/trl_example.py          # 2 processes, DDP on the CPU (gloo)
+    accelerate launch --config_file recipes/accelerate/fsdp2.yaml recipes/trl_example.py --gpu   # FSDP2, GPUs
 
 Run 1 trains all student weights on-policy against the teacher with a ``SubspaceLockCallback``; once the top-r
 subspace of ``ΔW = W_t - W_0`` is stable (or at ``--warmup-steps``) it writes ``basis.safetensors`` and stops.
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup-steps", type=int, default=20, help="upper bound of the warmup (max_warmup_steps)")
     parser.add_argument("--locked-steps", type=int, default=10)
     parser.add_argument("--mode", choices=["right", "two_sided"], default="right")
+    parser.add_argument("--gpu", action="store_true", help="train on the GPUs (e.g. under an FSDP2 or ZeRO config)")
     opts = parser.parse_args(argv)
 
     from datasets import Dataset
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
             logging_steps=5,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
+            use_cpu=not opts.gpu,
             bf16=False,
             gradient_checkpointing=False,
             disable_tqdm=True,
@@ -79,7 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- run 2: the locked phase on the warmed-up model; only the subspace coefficients train, with LockedAdamW
     # continuing the warmup optimizer (moments and per-matrix lr scales from the files written at the lock)
-    phase = lock.locked_phase(warmup.model, lr=3e-3)
+    warmed = warmup.model
+    if any(type(p).__name__ == "DTensor" for p in warmed.parameters()):  # FSDP2 shards: the lock needs whole weights
+        from lockedopd.distributed import full_tensor
+
+        whole = {key: full_tensor(value.detach()).cpu() for key, value in warmed.state_dict().items()}
+        warmed = build_tiny_llama(len(tokenizer), num_layers=2, hidden_size=64, intermediate_size=128, seed=0,
+                                  tokenizer=tokenizer)  # fmt: skip
+        warmed.load_state_dict(whole)
+    phase = lock.locked_phase(warmed, lr=3e-3)
     locked = DistillationTrainer(
         model=phase.model,
         optimizers=(phase.optimizer, None),

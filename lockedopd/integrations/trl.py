@@ -36,8 +36,10 @@ Example::
                                  processing_class=tokenizer)
     locked.train()
 
-The callback unwraps accelerate/DDP/``torch.compile`` wrappers before reading weights.  Each process runs the
-same (deterministic) tracker so that all ranks stop at the same step; only the main process writes files.
+The callback unwraps accelerate/DDP/``torch.compile`` wrappers before reading weights.  Under several processes
+(DDP) each process runs the tracker, but the main process's decision is broadcast at every step and its bases at the
+lock, where every process also checks that its weights are the main process's (a SHA-256 of their bytes): all ranks
+lock at the same step with the same basis; only the main process writes files.
 Sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported: the tracker needs whole 2-D weight matrices.
 
 Metrics of every subspace check (``subspace/median_similarity``, ``subspace/min_similarity``,
@@ -63,6 +65,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapter import SubspaceLockedConfig
 from ..atomic_io import atomic_file
+from ..distributed import init_distributed, weights_fingerprint
 from ..optim import WarmupCarry
 from ..phases import COEFFICIENT_OPTIMIZERS, LockedPhase, load_locked_phase, write_lock_files
 from ..subspace import SubspaceTracker, load_basis
@@ -265,9 +268,13 @@ class SubspaceLockCallback(TrainerCallback):
     def _lock(self, args: TrainingArguments, state: TrainerState, reason: str, **kwargs: Any) -> None:
         path = self._resolve_basis_path(args)
         step = int(state.global_step)
-        bases = self.policy.bases(self.mode)
+        dist = init_distributed()
+        bases = dist.broadcast_object(self.policy.bases(self.mode) if dist.is_main else None)
         carry = None
         optimizer, model = kwargs.get("optimizer"), kwargs.get("model")
+        if dist.enabled and model is not None:
+            weights = {name: unwrap_model(model).get_submodule(name).weight for name in bases}
+            dist.check_same(f"the weights of the locked matrices at step {step}", weights_fingerprint(weights))
         if optimizer is not None and model is not None:
             optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
             model = unwrap_model(model)
@@ -335,7 +342,7 @@ class SubspaceLockCallback(TrainerCallback):
         step = int(state.global_step)
         if step <= self.tracker.last_step:  # e.g. a second on_step_end call for the same step
             return control
-        decision = self.policy.observe(step)
+        decision = init_distributed().broadcast_object(self.policy.observe(step))  # the main process decides
         self._collect_check_metrics()
         if decision is not None:
             self._lock(args, state, decision.reason, **kwargs)

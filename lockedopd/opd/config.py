@@ -94,10 +94,15 @@ class RolloutConfig:
     ``vllm_locked_sync``: after the lock, ``"lora"`` sends only the adapter (r·(in+out) numbers per matrix) and
     vLLM samples through its LoRA kernels; ``"full"`` merges and copies all weights every step and samples
     without LoRA (on CPU that is faster: SmolLM2 locked step 11.9 s vs 18.7 s, vLLM's CPU LoRA kernels being slow).
+    ``seeding`` (``hf`` backend): ``"batch"`` seeds torch's RNG once per micro-batch and samples the whole batch from
+    it (the original behaviour; one process only); ``"prompt"`` gives the i-th prompt of a micro-batch its own
+    stream, seeded ``seed + i`` (what the ``vllm`` backend always does), so a micro-batch split over several
+    processes samples exactly what one process samples: needed for more than one process.
     """
 
     backend: str = "hf"
     vllm_locked_sync: str = "lora"
+    seeding: str = "batch"
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
@@ -238,7 +243,8 @@ class OPDConfig:
         output_dir: run directory (config, metrics.jsonl, checkpoints, plots).
         seed: every random draw of the run derives from it (resume-exact).
         max_steps: optimizer steps.
-        batch_size: prompts per micro-batch; ``grad_accum_steps`` micro-batches make one step.
+        batch_size: prompts per micro-batch over all processes (each of N processes samples its share of them, so a
+            config means the same run at any number of processes); ``grad_accum_steps`` micro-batches make one step.
         lr / lr_scheduler / lr_warmup_steps / min_lr_ratio: learning-rate schedule (constant, linear, cosine).
         weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW settings.
         max_grad_norm: gradient clipping (0 disables).
@@ -341,6 +347,7 @@ class OPDConfig:
             "teacher.eval_backend": (self.teacher.eval_backend, (None, "hf")),
             "rollout.backend": (self.rollout.backend, ("hf", "vllm")),
             "rollout.vllm_locked_sync": (self.rollout.vllm_locked_sync, ("lora", "full")),
+            "rollout.seeding": (self.rollout.seeding, ("batch", "prompt")),
             "teacher.vllm_scoring": (self.teacher.vllm_scoring, ("hidden_states", "prompt_logprobs")),
             "lock.mode": (self.lock.mode, LOCK_MODES),
             "lock.adapter": (self.lock.adapter, ("subspace", "lora")),

@@ -12,6 +12,10 @@ says so (stable subspace, ``lock.max_warmup_steps`` or exactly ``lock.at_step``)
 and hands the trainer a :class:`PhaseChange` — the model to run, its optimizer and the phase name — which the
 trainer applies. The controller never assigns the trainer's attributes. The same applies to an unlock or relock
 after a drift of the trajectory monitor.
+
+With several processes (data parallel, identical weights everywhere) only the main process runs the policy; its
+decision and its bases are broadcast, every process checks at the lock that its target weights are the main
+process's (a SHA-256 of their bytes), and only the main process writes files (the others wait for them).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 from lockedopd.adapter.model import locked_layers
 from lockedopd.atomic_io import atomic_copy, atomic_directory, atomic_write_text
 from lockedopd.checkpoint import atomic_save_safetensors
+from lockedopd.distributed import DistContext, weights_fingerprint
 from lockedopd.optim import WarmupCarry
 from lockedopd.params import optimizer_state_bytes, trainable_parameters
 from lockedopd.phases import (
@@ -69,10 +74,14 @@ class LockController:
         model: the student as it starts training (its target matrices' W_0 are sketched now).
         target_names: the full module names of the target matrices.
         lr_at: the learning rate of a 0-based optimizer step.
+        dist: this process's place in a multi-process run (default: one process).
     """
 
-    def __init__(self, config, run_dir: Path, model: nn.Module, target_names: list[str], lr_at) -> None:
+    def __init__(
+        self, config, run_dir: Path, model: nn.Module, target_names: list[str], lr_at, dist: DistContext | None = None
+    ) -> None:
         self.config = config
+        self.dist = dist if dist is not None else DistContext()
         self.settings = config.lock
         self.run_dir = Path(run_dir)
         self.target_names = list(target_names)
@@ -113,6 +122,8 @@ class LockController:
         return self.run_dir / "lock" / f"gen-{generation}"
 
     def _start_policy(self, model: nn.Module, at_step: int | None) -> None:
+        if not self.dist.is_main:  # the main process decides for all; the others need no sketches
+            return
         self.policy = LockPolicy(self.settings, at_step=at_step)
         self.policy.start(model, self.target_names, seed=self.config.seed)
 
@@ -161,14 +172,21 @@ class LockController:
                 return record, change
         if phase != "warmup":
             return record, None
-        decision = self.policy.observe(step - self.track_origin)  # after a relock, bounds count from the relock
-        check = self.policy.check_at(step - self.track_origin)
+        decision = check = None
+        if self.policy is not None:
+            decision = self.policy.observe(step - self.track_origin)  # after a relock, bounds count from the relock
+            check = self.policy.check_at(step - self.track_origin)
+            if check is not None:
+                check = {"median_similarity": check["median_similarity"], "fraction_stable": check["fraction_stable"]}
+        decision, check = self.dist.broadcast_object((decision, check))
         if check is not None:
             record["subspace_similarity"] = check["median_similarity"]
             record["subspace_stable_fraction"] = check["fraction_stable"]
         if decision is None:
             return record, None
-        change = self.lock(step, model, optimizer, self.policy.bases(self.settings.mode), reason=decision.reason)
+        bases = self.policy.bases(self.settings.mode) if self.policy is not None else None
+        bases = self.dist.broadcast_object(bases)
+        change = self.lock(step, model, optimizer, bases, reason=decision.reason)
         record.update(locked_now=True, lock_step=step, lock_reason=decision.reason)
         return record, change
 
@@ -187,10 +205,14 @@ class LockController:
         """
         s, c = self.settings, self.config
         lr, scale = self.lr_at(step), s.lr_scale
+        main = self.dist.is_main
+        if self.dist.enabled:
+            weights = {name: model.get_submodule(name).weight for name in self.target_names}
+            self.dist.check_same(f"the target weights at the step-{step} lock", weights_fingerprint(weights))
         generation = sum(1 for event in self.events if event["event"] == "lock")
         basis_file = self.lock_dir(generation) / "basis.safetensors"
         base_file = self.lock_dir(generation) / "base_model.safetensors"
-        if s.optimizer != "projected_full":  # the frozen base of an adapter: W at the lock, warmup update folded in
+        if s.optimizer != "projected_full" and main:  # the frozen base of an adapter: W at the lock (warmup folded in)
             atomic_save_safetensors(model.state_dict(), base_file, {"step": step})
         if s.adapter == "lora":
             self.locked = enter_lora_phase(
@@ -203,7 +225,9 @@ class LockController:
             bases = {name: bases[name].with_mode(s.mode) for name in sorted(bases)}
             meta = {"step": step, "rank": s.rank, "mode": s.mode, "reason": reason, "source": s.basis_source}
             if s.optimizer == "projected_full":
-                write_lock_files(basis_file, bases, meta)
+                if main:
+                    write_lock_files(basis_file, bases, meta)
+                self.dist.barrier()
                 self.locked = enter_projected_phase(
                     model, bases, warmup_optimizer, lr=lr, lr_scale=1.0 if scale == "auto" else float(scale),
                     weight_decay=c.weight_decay, **self._adam(),
@@ -213,15 +237,21 @@ class LockController:
                 if s.optimizer == "factored" and scale == "auto":
                     scale = 1.0  # its steps already have W-space AdamW's size: the warmup's lr continues
                 carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, bases, lr_scale=scale)
-                write_lock_files(basis_file, bases, meta, carry)
+                if main:
+                    write_lock_files(basis_file, bases, meta, carry)
+                self.dist.barrier()  # the adapter reads the basis file
                 self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, optimizer=s.optimizer,
                                                  **self._adam())  # fmt: skip
-            atomic_copy(basis_file, self.basis_file)
-        self.lock_files = {
-            "dir": str(self.lock_dir(generation).relative_to(self.run_dir)),
-            "basis_sha256": file_sha256(basis_file) if basis_file.is_file() else None,
-            "base_sha256": file_sha256(base_file) if base_file.is_file() else None,
-        }
+            if main:
+                atomic_copy(basis_file, self.basis_file)
+        lock_files = None
+        if main:
+            lock_files = {
+                "dir": str(self.lock_dir(generation).relative_to(self.run_dir)),
+                "basis_sha256": file_sha256(basis_file) if basis_file.is_file() else None,
+                "base_sha256": file_sha256(base_file) if base_file.is_file() else None,
+            }
+        self.lock_files = self.dist.broadcast_object(lock_files)
         warmup_optimizer.state.clear()
         trained = {id(p) for p in self.locked.trainable().values()}
         for p in model.parameters():
@@ -230,8 +260,9 @@ class LockController:
         self.policy = None
         self.lock_step, self.lock_reason = step, reason
         self.events.append({"step": step, "event": "lock", "reason": reason})
-        if self.locked.kind != "projected_full":
+        if self.locked.kind != "projected_full" and main:
             self.save_adapter()
+        self.dist.barrier()
         logger.info("locked at step %d (%s, %s): rank %d", step, reason, self.locked.kind, s.rank)
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 
 @dataclass
@@ -138,11 +139,17 @@ class HFStudentSampler(StudentSampler):
     Args:
         model: a causal LM (or a PEFT wrapper of one) with ``generate``; sampled in eval mode, its mode restored.
         do_sample: ``False`` decodes greedily (temperature and top-p are then ignored).
+        seed_per_row: ``False`` (default): ``seed`` seeds torch's global RNG once and ``generate`` samples the whole
+            batch from it, so a row's sample depends on the rest of the batch. ``True``: row ``i`` draws from its
+            own stream, seeded ``seed + i`` (as the vLLM sampler does), through :class:`PerRowSampling` — a row's
+            sample then depends only on its prompt and seed, so a batch split over processes samples what the
+            whole batch samples in one process (``rollout.seeding=prompt``).
     """
 
-    def __init__(self, model: nn.Module, do_sample: bool = True) -> None:
+    def __init__(self, model: nn.Module, do_sample: bool = True, seed_per_row: bool = False) -> None:
         self.model = model
         self.do_sample = do_sample
+        self.seed_per_row = seed_per_row
 
     @torch.no_grad()
     def sample(self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, seed: int | None) -> Rollout:
@@ -157,18 +164,26 @@ class HFStudentSampler(StudentSampler):
         for i, ids in enumerate(prompt_ids):
             input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
             attention_mask[i, width - len(ids) :] = 1
-        if seed is not None:
+        per_row = do_sample and self.seed_per_row
+        if per_row and seed is None:
+            raise ValueError("HFStudentSampler(seed_per_row=True) needs a seed: row i is seeded seed + i.")
+        if seed is not None and not per_row:
             torch.manual_seed(seed)
         was_training = model.training
         model.eval()
+        extra: dict[str, Any] = {}
+        if per_row:  # sampling happens in the processor (Gumbel-max); generate then picks the argmax
+            rows = PerRowSampling([seed + i for i in range(batch)], width, settings.temperature, settings.top_p)
+            extra = {"logits_processor": LogitsProcessorList([rows])}
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             max_new_tokens=settings.max_new_tokens,
-            do_sample=do_sample,
-            temperature=settings.temperature if do_sample else None,
-            top_p=settings.top_p if do_sample else None,
-            top_k=0 if do_sample else None,
+            do_sample=do_sample and not per_row,
+            temperature=settings.temperature if do_sample and not per_row else None,
+            top_p=settings.top_p if do_sample and not per_row else None,
+            top_k=0 if do_sample and not per_row else None,
+            **extra,
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
             return_dict_in_generate=True,
@@ -193,6 +208,42 @@ class HFStudentSampler(StudentSampler):
             prompt_lengths=[len(p) for p in prompt_ids],
             logprobs=logprobs,
         )
+
+
+class PerRowSampling(LogitsProcessor):
+    """Sampling with one random stream per row, for ``generate`` in greedy mode (Gumbel-max).
+
+    At generated position ``t`` row ``i`` adds Gumbel noise drawn from a generator seeded with
+    ``(seeds[i], t)`` to its logits (divided by ``temperature``, nucleus-filtered to ``top_p``), so the argmax that
+    greedy decoding then takes is a sample of softmax(logits / temperature) restricted to the nucleus. A row's draw
+    depends only on its seed and its own logits, never on which other rows share the batch.
+
+    Args:
+        seeds: one seed per row of the batch.
+        prompt_width: the padded prompt length (``t`` counts from it).
+        temperature / top_p: the sampling distribution.
+    """
+
+    def __init__(self, seeds: Sequence[int], prompt_width: int, temperature: float = 1.0, top_p: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"PerRowSampling: temperature must be > 0, got {temperature}.")
+        self.seeds = [int(s) for s in seeds]
+        self.prompt_width = prompt_width
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Noisy logits whose argmax is each row's sample at this position."""
+        t = input_ids.shape[1] - self.prompt_width
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            logits = TopPLogitsWarper(self.top_p)(input_ids, logits)
+        noise = torch.empty_like(logits, device="cpu")
+        for row, seed in enumerate(self.seeds):
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + t) % (2**63 - 1))
+            uniform = torch.rand(logits.shape[-1], generator=generator, dtype=torch.float64)
+            noise[row] = -torch.log(-torch.log(uniform.clamp(1e-300, 1.0 - 1e-16)))
+        return logits + noise.to(logits.device)
 
 
 def generate_rollout(model: nn.Module, *args: Any, do_sample: bool = True, **kwargs: Any) -> Rollout:

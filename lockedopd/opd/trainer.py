@@ -2,6 +2,11 @@
 
 Phases (``phase`` in metrics.jsonl): ``full`` (plain OPD, no lock configured), ``warmup`` (full parameters while
 the subspace tracker watches ΔW) and ``locked`` (only the coefficients of the SubspaceLockedAdapter train).
+
+Under ``torchrun`` / ``accelerate launch`` the loop runs data-parallel (:mod:`lockedopd.distributed`): each process
+samples and scores its contiguous share of every micro-batch of ``batch_size`` prompts, weights its loss by its share
+of the micro-batch's loss tokens, and the gradients are summed over processes, so the step is the one a single
+process takes on the whole micro-batch. Only the main process evaluates and writes the run directory.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import torch
 from torch import nn
 
 from lockedopd.atomic_io import atomic_write_text, recover_interrupted_writes
-from lockedopd.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lockedopd.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
+from lockedopd.distributed import DistContext, init_distributed
 from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
 from lockedopd.opd.evaluation import (
     EvalResult,
@@ -110,6 +116,8 @@ class OPDTrainer:
         train_prompts / eval_prompts: prompt records.
         eval_teacher: scores held-out evaluation instead of ``teacher`` (e.g. an in-process copy for the exact
             full-vocabulary KL while a vLLM teacher scores training); ``None`` = ``teacher``.
+        dist: this process's place in a multi-process run; ``None`` = :func:`lockedopd.distributed.init_distributed`
+            (one process unless launched by ``torchrun`` / ``accelerate launch``).
 
     Use :meth:`from_config` to build everything from a config, then :meth:`train`.
     """
@@ -123,9 +131,13 @@ class OPDTrainer:
         train_prompts: Sequence[PromptRecord],
         eval_prompts: Sequence[PromptRecord],
         eval_teacher: TeacherScorer | None = None,
+        dist: DistContext | None = None,
     ) -> None:
         if not train_prompts:
             raise ValueError("OPDTrainer: the training prompt set is empty; give data.train_path with prompts.")
+        self.dist = dist if dist is not None else init_distributed()
+        _check_world_size(config, self.dist)
+        self.dist.broadcast_parameters(student)  # every process starts from the main process's weights
         self.config = config
         self.model = student
         self.base_model = student
@@ -163,7 +175,7 @@ class OPDTrainer:
         if config.lock.enabled:
             from lockedopd.opd.locking import LockController
 
-            self.lock = LockController(config, self.run_dir, student, list(targets), self.lr_at)
+            self.lock = LockController(config, self.run_dir, student, list(targets), self.lr_at, dist=self.dist)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @classmethod
@@ -221,8 +233,13 @@ class OPDTrainer:
         for micro in range(c.grad_accum_steps):
             seed = step_seed(c.seed, step, micro)
             prompt_ids, records = self._sample_prompts(step, micro)
+            offset = 0  # global index of this process's first prompt: row i samples with seed + offset + i
+            if self.dist.enabled:
+                offset, prompt_ids = self.dist.shard(prompt_ids)
+                records = records[offset : offset + len(prompt_ids)]
             t0 = time.perf_counter()
-            sampler = self.sampler if self.sampler is not None else HFStudentSampler(self.model)
+            per_row = c.rollout.seeding == "prompt"
+            sampler = self.sampler if self.sampler is not None else HFStudentSampler(self.model, seed_per_row=per_row)
             rollout = sampler.generate(
                 prompt_ids,
                 self.pad_token_id,
@@ -230,7 +247,7 @@ class OPDTrainer:
                 c.rollout.max_new_tokens,
                 c.rollout.temperature,
                 c.rollout.top_p,
-                seed=seed,
+                seed=seed + offset,
             )
             t1 = time.perf_counter()
             scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
@@ -249,6 +266,8 @@ class OPDTrainer:
                 rewards,
                 generator=torch.Generator().manual_seed(seed),
             )
+            if self.dist.enabled:
+                out = self._share_of_micro_batch(out, len(prompt_ids))
             (out.loss / c.grad_accum_steps).backward()
             totals["loss"] += float(out.loss.detach()) / c.grad_accum_steps
             totals["reverse_kl"] += out.reverse_kl / c.grad_accum_steps
@@ -259,6 +278,9 @@ class OPDTrainer:
             if out.reward_mean is not None:
                 rewards_seen.append(out.reward_mean)
             del student_lp, out, scores
+        if self.dist.enabled:
+            self.dist.sum_gradients(p for p in self.model.parameters() if p.requires_grad)
+            totals["loss"] = self.dist.sum_floats([totals["loss"]])[0]
         params = self.trainable_parameters()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30))
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
@@ -288,6 +310,37 @@ class OPDTrainer:
             step_time_s=round(time.perf_counter() - started, 4),
         )
         return record
+
+    def _share_of_micro_batch(self, out, prompts: int):
+        """This process's part of a micro-batch split over processes, as the loss to back-propagate.
+
+        The objective is a mean over the micro-batch's loss tokens; a process's mean is weighted by its share of
+        them (summed gradients then equal the whole micro-batch's). The logged statistics become the micro-batch's:
+        token-weighted KLs, summed token counts, the prompt-weighted reward.
+        """
+        import dataclasses
+
+        exact = out.exact_reverse_kl
+        reward = out.reward_mean
+        kept, tokens, kl_sum, exact_sum, reward_sum, rows = self.dist.sum_floats(
+            [
+                out.kept_tokens,
+                out.tokens,
+                out.reverse_kl * out.tokens,
+                (exact or 0.0) * out.tokens,
+                (reward or 0.0) * prompts,
+                prompts,
+            ]
+        )
+        return dataclasses.replace(
+            out,
+            loss=out.loss * (out.kept_tokens / max(kept, 1.0)),
+            reverse_kl=kl_sum / max(tokens, 1.0),
+            tokens=int(tokens),
+            kept_tokens=int(kept),
+            exact_reverse_kl=None if exact is None else exact_sum / max(tokens, 1.0),
+            reward_mean=None if reward is None else reward_sum / max(rows, 1.0),
+        )
 
     def evaluate(self) -> EvalResult:
         """Held-out metrics of the current student.
@@ -339,11 +392,16 @@ class OPDTrainer:
     def train(self) -> dict[str, Any]:
         """Run (or resume) training to ``max_steps``; returns a summary (also written to ``summary.json``)."""
         c = self.config
+        main = self.dist.is_main
         resume_from = self._resume_point()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None or not (self.run_dir / "config.yaml").is_file():
-            atomic_write_text(self.run_dir / "config.yaml", _yaml_dump(config_to_dict(c)))
-        log = MetricsLog(self.run_dir / "metrics.jsonl", None if resume_from is None else self.step)
+        self.dist.barrier()  # every process has looked at the run directory before the main process writes to it
+        log = None  # metrics.jsonl: the main process's
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is None or not (self.run_dir / "config.yaml").is_file():
+                atomic_write_text(self.run_dir / "config.yaml", _yaml_dump(config_to_dict(c)))
+            log = MetricsLog(self.run_dir / "metrics.jsonl", None if resume_from is None else self.step)
+        self.dist.barrier()
         if c.rollout.backend == "vllm" and self.sampler is None:
             self._start_sampler()
         if resume_from is None:
@@ -351,11 +409,11 @@ class OPDTrainer:
                 change = self.lock.start(self.base_model, self.optimizer)
                 if change is not None:
                     self.apply_phase_change(change)
-            initial = self.evaluate() if self.eval_ids else None
+            initial = self.evaluate() if self.eval_ids and main else None
             if initial is not None:
                 log.write({"step": 0, "phase": self.phase, **initial.as_dict()})
             self.save()
-        progress = _progress(c.progress, total=c.max_steps, initial=self.step)
+        progress = _progress(c.progress and main, total=c.max_steps, initial=self.step)
         try:
             while self.step < c.max_steps:
                 record = self.training_step(self.step)
@@ -369,9 +427,10 @@ class OPDTrainer:
                     record["sync_s"] = round(self._sync_sampler(), 4)
                 is_last = self.step == c.max_steps
                 due = is_last or (c.eval_steps and self.step % c.eval_steps == 0) or record.get("locked_now")
-                if self.eval_ids and due:
+                if self.eval_ids and due and main:
                     record.update(self.evaluate().as_dict())
-                log.write(record)
+                if log is not None:
+                    log.write(record)
                 if is_last or (c.save_steps and self.step % c.save_steps == 0) or record.get("locked_now"):
                     self.save()
                 if progress is not None:
@@ -385,14 +444,16 @@ class OPDTrainer:
         finally:
             if progress is not None:
                 progress.close()
-        summary = self._summary(log.read())
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        from lockedopd.opd.plots import plot_training_curves
+        summary = None
+        if main:
+            summary = self._summary(log.read())
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            from lockedopd.opd.plots import plot_training_curves
 
-        plot_training_curves(log.read(), self.run_dir / "curves.png", lock_step=summary.get("lock_step"))
-        if self.lock is not None:
-            self.lock.finish(summary)
-        return summary
+            plot_training_curves(log.read(), self.run_dir / "curves.png", lock_step=summary.get("lock_step"))
+            if self.lock is not None:
+                self.lock.finish(summary)
+        return self.dist.broadcast_object(summary)  # every process returns the run's summary
 
     # --------------------------------------------------------------------------------------- vLLM rollouts
     def _start_sampler(self) -> None:
@@ -407,7 +468,7 @@ class OPDTrainer:
             self.base_model.config,
             weights,
             self.tokenizer,
-            self.run_dir / "vllm_student",
+            self.run_dir / ("vllm_student" if not self.dist.enabled else f"vllm_student-rank{self.dist.rank}"),
             lora_rank=c.lock.rank,
             max_model_len=context,
         )
@@ -454,6 +515,7 @@ class OPDTrainer:
             "final_reverse_kl": evals[-1]["eval_reverse_kl"] if evals else None,
             "eval_kl_exact": evals[-1]["eval_kl_exact"] if evals else None,
             "mean_step_time_s": _mean([r["step_time_s"] for r in records if "step_time_s" in r]),
+            "world_size": self.dist.world_size,
         }
         if self.lock is not None:
             summary.update(self.lock.summary())
@@ -461,16 +523,25 @@ class OPDTrainer:
 
     # ------------------------------------------------------------------------------------------ checkpointing
     def save(self) -> Path:
-        """Write checkpoint ``step-{step}`` atomically (weights, optimizer, RNG, phase)."""
+        """Write checkpoint ``step-{step}`` atomically (weights, optimizer, RNG, phase).
+
+        With several processes the main process writes it (their weights and optimizer states are the same) and the
+        others wait until it is complete.
+        """
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return checkpoint_dir(self.run_dir, self.step)
         tensors = {"model": self.effective_state_dict()}
         states = {
             "optimizer": self.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "pyv": random.getstate()[0]},
         }
-        trainer_state = {"step": self.step, "phase": self.phase}
+        trainer_state = {"step": self.step, "phase": self.phase, "world_size": self.dist.world_size}
         if self.lock is not None:
             self.lock.checkpoint_state(tensors, states, trainer_state)
-        return save_checkpoint(self.run_dir, self.step, tensors, states, trainer_state)
+        path = save_checkpoint(self.run_dir, self.step, tensors, states, trainer_state)
+        self.dist.barrier()
+        return path
 
     def effective_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights as a plain model's state dict (adapter deltas merged in when locked)."""
@@ -497,14 +568,16 @@ class OPDTrainer:
                 "output_dir."
             )
         allowed = {key: list(change) for key, change in changes.items() if key != "resume"}
-        if allowed:
+        if allowed and self.dist.is_main:
             log = self.run_dir / "config_changes.jsonl"
             earlier = log.read_text() if log.is_file() else ""
             atomic_write_text(log, earlier + json.dumps({"resumed_from_step": step, "changes": allowed}) + "\n")
 
     def _resume_point(self) -> int | None:
         """Restore the newest complete checkpoint when ``resume`` is set; returns its step or None."""
-        recover_interrupted_writes(self.run_dir)  # a kill mid-write leaves temporaries and set-aside directories
+        if self.dist.is_main:  # a kill mid-write leaves temporaries and set-aside directories
+            recover_interrupted_writes(self.run_dir)
+        self.dist.barrier()
         if not self.config.resume:
             if list_checkpoints(self.run_dir):
                 raise FileExistsError(
@@ -537,8 +610,39 @@ class OPDTrainer:
         rng = states["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate((rng["pyv"], tuple(rng["python"]), None))
+        saved_world = int(trainer_state.get("world_size", 1))
+        if saved_world != self.dist.world_size:  # the step does not depend on the split (see _check_world_size)
+            logger.info("resuming a run trained by %d processes with %d", saved_world, self.dist.world_size)
         logger.info("resumed %s from step %d (%s)", self.run_dir, self.step, self.phase)
         return step
+
+
+def _check_world_size(config: OPDConfig, dist: DistContext) -> None:
+    """Refuse settings that cannot mean the same run when ``batch_size`` prompts are split over processes."""
+    if not dist.enabled:
+        return
+    if config.rollout.backend == "hf" and config.rollout.seeding != "prompt":
+        raise ValueError(
+            f"{dist.world_size} processes: rollout.seeding=batch samples a micro-batch from one random stream, which "
+            "cannot be split over processes; set rollout.seeding=prompt (each prompt its own stream; use it at one "
+            "process too for the same run)."
+        )
+    if config.batch_size < dist.world_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} prompts cannot be split over {dist.world_size} processes (each needs at "
+            f"least one); raise batch_size to >= {dist.world_size} or start fewer processes."
+        )
+    per_process = []
+    if config.objective.token_keep_fraction < 1.0:
+        per_process.append("objective.token_keep_fraction (the kept tokens are chosen among each process's)")
+    if config.objective.reward_lambda < 1.0:
+        per_process.append("objective.reward_lambda (rewards are normalised over each process's prompts)")
+    if per_process:
+        logger.warning(
+            "with %d processes these act per process, so the run differs from a one-process run: %s",
+            dist.world_size,
+            "; ".join(per_process),
+        )
 
 
 def _is_tied_duplicate(model: nn.Module, name: str) -> bool:

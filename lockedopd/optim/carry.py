@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..distributed import full_tensor
 from ..subspace.basis import SubspaceBasis
 
 __all__ = ["CARRY_FORMAT", "WarmupCarry", "lr_scale_from_adam_state"]
@@ -96,7 +97,8 @@ class WarmupCarry:
         for name in sorted(bases):
             basis, weight = bases[name], full_params[name]
             state = optimizer.state.get(weight, {})
-            if state:
+            state = {key: full_tensor(value) if torch.is_tensor(value) else value for key, value in state.items()}
+            if state:  # (FSDP2-sharded moments are gathered above, one matrix at a time)
                 if "V" in state:
                     raise ValueError(
                         f"{name}: the warmup optimizer already projected this weight; nothing to transfer"

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ..distributed import shard_like
 from ..subspace.basis import LOCK_MODES, SubspaceBasis, change_moment_basis, check_lock_mode, check_orthonormal
 from .carry import WarmupCarry
 
@@ -353,10 +354,10 @@ class LockedAdamW(torch.optim.Optimizer):
                     f"{name}: carried moments have shape {tuple(m.shape)} but the coefficients {tuple(coef.shape)}; "
                     "the carry was taken for another mode or rank."
                 )
-            self.state[coef] = {
+            self.state[coef] = {  # (sharded like the coefficients when FSDP2 shards them)
                 "step": torch.tensor(carry.steps[name], dtype=torch.float32),
-                "exp_avg": m.to(device=coef.device, dtype=coef.dtype).contiguous(),
-                "exp_avg_sq": v.to(device=coef.device, dtype=coef.dtype).contiguous(),
+                "exp_avg": shard_like(m.to(device=coef.device, dtype=coef.dtype).contiguous(), coef),
+                "exp_avg_sq": shard_like(v.to(device=coef.device, dtype=coef.dtype).contiguous(), coef),
             }
 
     @classmethod

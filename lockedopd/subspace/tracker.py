@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..distributed import full_tensor
 from .basis import check_rank_fits
 from .sketch import (
     LowRankFactors,
@@ -59,7 +60,8 @@ class SubspaceTracker:
     returns True.
 
     Weights are read in whatever dtype/device they live in and cast to float64 one matrix at a time; sketches
-    live on the weight's device.  Sharded parameters (FSDP / ZeRO-3) must be gathered by the caller.
+    live on the weight's device.  FSDP2 shards (``DTensor``) are gathered one matrix at a time (a collective: every
+    process must run the tracker); other sharded parameters (FSDP1, ZeRO-3) must be gathered by the caller.
     """
 
     def __init__(
@@ -114,7 +116,7 @@ class SubspaceTracker:
         self.seed = seed
 
         self.module_names: list[str] = self._select_modules(target_modules)
-        check_rank_fits(rank, {name: tuple(self._weight(name).shape) for name in self.module_names})
+        check_rank_fits(rank, {name: tuple(self.model.get_submodule(name).weight.shape) for name in self.module_names})
         self._seeds: dict[str, int] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._y0: dict[str, torch.Tensor] = {}
@@ -171,7 +173,7 @@ class SubspaceTracker:
         weight = self.model.get_submodule(name).weight
         if weight.dim() != 2:
             raise ValueError(f"module {name!r} has a {weight.dim()}-D weight; expected a 2-D matrix")
-        return weight
+        return full_tensor(weight.detach())  # an FSDP2 shard is gathered here, one matrix at a time
 
     # ------------------------------------------------------------------ estimation
     def _estimate_one(self, name: str) -> LowRankFactors | None:
