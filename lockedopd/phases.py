@@ -167,7 +167,7 @@ def enter_locked_phase(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     adapter_name: str = ADAPTER_NAME,
-    optimizer: str = "coefficients",
+    optimizer: str = "factored",
 ) -> LockedPhase:
     """Wrap ``model`` in the subspace-locked adapter of ``basis_path`` and build the coefficient optimizer.
 
@@ -285,7 +285,7 @@ def load_locked_phase(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     adapter_name: str = ADAPTER_NAME,
-    optimizer: str = "coefficients",
+    optimizer: str = "factored",
 ) -> LockedPhase:
     """:func:`enter_locked_phase` from the files a lock wrote: the basis and, when present, its warmup carry.
 

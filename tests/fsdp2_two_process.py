@@ -48,7 +48,7 @@ def locked(model, basis_file: Path, carry, sharded: bool):
     from lockedopd.fsdp import shard_locked_phase
     from lockedopd.phases import load_locked_phase
 
-    phase = load_locked_phase(model, basis_file, lr=3e-3)
+    phase = load_locked_phase(model, basis_file, lr=3e-3, optimizer="coefficients")  # FSDP2 shards LockedAdamW
     if sharded:
         phase = shard_locked_phase(phase, carry, lr=3e-3)
     batch = torch.randint(3, 60, (4, 12), generator=torch.Generator().manual_seed(1))

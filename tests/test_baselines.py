@@ -27,7 +27,7 @@ METHODS = {
 STATE_BYTES = {  # Adam moments (2 x fp32) + one fp32 step per tensor (+ the V bases LockedAdamW keeps)
     "lora": sum(2 * 4 * RANK * (o + i) + 2 * 4 for o, i in SHAPES),
     "lora_after_warmup": sum(2 * 4 * RANK * (o + i) + 2 * 4 for o, i in SHAPES),
-    "random_basis": sum(2 * 4 * o * RANK + 4 for o, _ in SHAPES),
+    "random_basis": sum(4 * (o * RANK + o + i) + 4 for o, i in SHAPES),  # factored: m, row and column sums, step
     "projected_full": sum(2 * 4 * o * i + 4 * i * RANK + 4 for o, i in SHAPES),
 }
 

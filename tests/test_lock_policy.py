@@ -119,8 +119,8 @@ def test_carry_round_trips_and_enters_the_same_locked_phase(tmp_path, mode):
 
     import copy
 
-    direct = enter_locked_phase(copy.deepcopy(model), bases, path, carry, lr=1e-3)
-    from_files = load_locked_phase(copy.deepcopy(model), path, lr=1e-3, mode=mode)
+    direct = enter_locked_phase(copy.deepcopy(model), bases, path, carry, lr=1e-3, optimizer="coefficients")
+    from_files = load_locked_phase(copy.deepcopy(model), path, lr=1e-3, mode=mode, optimizer="coefficients")
     assert isinstance(from_files.optimizer, LockedAdamW)
     assert direct.lr_scales() == from_files.lr_scales() == carry.lr_scales
     for (name, p), q in zip(direct.coefficients().items(), from_files.coefficients().values()):
@@ -131,13 +131,14 @@ def test_carry_round_trips_and_enters_the_same_locked_phase(tmp_path, mode):
         assert group["lr"] == pytest.approx(1e-3 * group["lr_scale"])
     with pytest.raises(ValueError, match="another mode or rank"):
         other = "two_sided" if mode == "right" else "right"
-        enter_locked_phase(copy.deepcopy(model), {n: b.with_mode(other) for n, b in bases.items()}, path, carry, lr=1)
+        enter_locked_phase(copy.deepcopy(model), {n: b.with_mode(other) for n, b in bases.items()}, path, carry, lr=1,
+                           optimizer="coefficients")  # fmt: skip
 
 
 def test_leave_locked_phase_folds_the_adapter_and_lifts_the_moments(tmp_path):
     model, opt, bases = _warm()
     path = SubspaceBasis.save_all(tmp_path / "basis.safetensors", bases, {"step": 3})
-    phase = enter_locked_phase(model, bases, path, None, lr=1e-2)
+    phase = enter_locked_phase(model, bases, path, None, lr=1e-2, optimizer="coefficients")
     gen = torch.Generator().manual_seed(9)
     for _ in range(2):
         loss = phase.model.base_model.model.b(phase.model.base_model.model.a(torch.randn(4, 16, generator=gen))) ** 2

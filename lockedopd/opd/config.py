@@ -177,9 +177,10 @@ class LockConfig(TrackerSettings):
             (PEFT LoRA of rank ``rank`` on the same modules, fresh: a baseline; ``at_step: 0`` = LoRA from step 0).
         basis_source: ``"tracker"`` (the warmup's top-r subspace) or ``"random"`` (a random orthonormal basis of the
             same rank: the control that shows the subspace, not the rank, carries the gain).
-        optimizer: ``"coefficients"`` (LockedAdamW: Adam on each coefficient of A or C), ``"factored"``
-            (:class:`lockedopd.optim.FactoredSubspaceAdamW`: the W-space AdamW step of the projected gradient, its
-            second moment kept as row and column sums; coefficient-size state; ``lr_scale: auto`` = 1) or
+        optimizer: ``"factored"`` (the default: :class:`lockedopd.optim.FactoredSubspaceAdamW`, the W-space AdamW
+            step of the projected gradient, its second moment kept as row and column sums; coefficient-size state;
+            ``lr_scale: auto`` = 1; on the SmolLM2 recipe it kept all of full OPD's post-lock gain where
+            ``coefficients`` kept 0.79), ``"coefficients"`` (LockedAdamW: Adam on each coefficient of A or C) or
             ``"projected_full"`` (the full weights stay trainable; AdamW keeps full W-space moments of the projected
             gradient and every update is projected onto the subspace: memory-heavy, an upper bound for benchmarks).
         lora_alpha: LoRA's alpha (``null`` = rank, scaling 1) for ``adapter: lora``.
@@ -192,7 +193,7 @@ class LockConfig(TrackerSettings):
     lr_scale: float | str = "auto"
     adapter: str = "subspace"
     basis_source: str = "tracker"
-    optimizer: str = "coefficients"
+    optimizer: str = "factored"
     lora_alpha: float | None = None
 
 
@@ -310,10 +311,10 @@ class OPDConfig:
                 f"config: lock.at_step must be >= 1 or null, got {lock.at_step} (0 = lock before the first step needs "
                 "no warmup update: only with lock.adapter=lora or lock.basis_source=random; else use lock.basis_path)."
             )
-        if lock.adapter == "lora" and (lock.optimizer != "coefficients" or lock.basis_path or lock.mode != "right"):
+        if lock.adapter == "lora" and (lock.optimizer == "projected_full" or lock.basis_path or lock.mode != "right"):
             raise ValueError(
-                "config: lock.adapter=lora trains a fresh LoRA with AdamW; it takes no lock.basis_path, "
-                "lock.optimizer=projected_full or lock.mode=two_sided. Drop those settings."
+                "config: lock.adapter=lora trains a fresh LoRA with AdamW (lock.optimizer does not apply); it takes "
+                "no lock.basis_path, lock.optimizer=projected_full or lock.mode=two_sided. Drop those settings."
             )
         if lock.lora_alpha is not None and lock.lora_alpha <= 0:
             raise ValueError(f"config: lock.lora_alpha must be > 0 or null, got {lock.lora_alpha}.")
