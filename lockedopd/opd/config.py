@@ -121,6 +121,10 @@ class ObjectiveConfig:
         token_keep_mode: ``"top"`` (highest per-token KL) or ``"random"``.
         reward_lambda: λ in A = λ·A_OPD + (1−λ)·A_reward; 1 = pure OPD.
         reward_fn: ``"module:function"`` or a built-in name (``"contains_answer"``) for the verifiable reward.
+        chunk_size: compute the student's log-softmax, the teacher's full log-probs and the objective over chunks of
+            this many completion tokens, each chunk checkpointed, so no ``[tokens × vocab]`` tensor of the batch
+            exists at once (:mod:`lockedopd.opd.chunked_loss`; same value and gradient up to rounding); the
+            in-process teacher then returns hidden states instead of full log-probs. 0 = off (one pass).
     """
 
     name: str = "pg"
@@ -131,6 +135,7 @@ class ObjectiveConfig:
     token_keep_mode: str = "top"
     reward_lambda: float = 1.0
     reward_fn: str | None = None
+    chunk_size: int = 0
 
 
 @dataclass
@@ -405,6 +410,10 @@ class OPDConfig:
         if not 0.0 < self.objective.token_keep_fraction <= 1.0:
             raise ValueError(
                 f"config: objective.token_keep_fraction must be in (0, 1], got {self.objective.token_keep_fraction}."
+            )
+        if self.objective.chunk_size < 0:
+            raise ValueError(
+                f"config: objective.chunk_size must be >= 0 (0 = unchunked), got {self.objective.chunk_size}."
             )
         if not 0.0 <= self.objective.reward_lambda <= 1.0:
             raise ValueError(f"config: objective.reward_lambda must be in [0, 1], got {self.objective.reward_lambda}.")

@@ -154,7 +154,7 @@ def evaluate_reverse_kl(
         n = int(mask.sum())
         sampled_sum += float(masked_mean(sampled, mask)) * n
         if exact:
-            kl_sum += float(masked_mean(reverse_kl_per_token(student_lp, scores.full_logprobs), mask)) * n
+            kl_sum += float(masked_mean(reverse_kl_per_token(student_lp, scores.dense_full_logprobs()), mask)) * n
         tokens += n
         rows += len(chunk)
     student.train(was_training)
@@ -332,8 +332,9 @@ def evaluate_fixed_text_kl(
         mask = rollout.completion_mask
         n = int(mask.sum())
         nll = -student_lp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-        sums["reverse"] += float(masked_mean(reverse_kl_per_token(student_lp, scores.full_logprobs), mask)) * n
-        sums["forward"] += float(masked_mean(forward_kl_per_token(student_lp, scores.full_logprobs), mask)) * n
+        teacher_lp = scores.dense_full_logprobs()
+        sums["reverse"] += float(masked_mean(reverse_kl_per_token(student_lp, teacher_lp), mask)) * n
+        sums["forward"] += float(masked_mean(forward_kl_per_token(student_lp, teacher_lp), mask)) * n
         sums["nll"] += float(masked_mean(nll, mask)) * n
         tokens += n
     student.train(was_training)

@@ -20,6 +20,7 @@ from torch import nn
 
 from lockedopd.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
+from lockedopd.opd.chunked_loss import rollout_opd_loss
 from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
 from lockedopd.opd.evaluation import (
     EvalResult,
@@ -27,8 +28,8 @@ from lockedopd.opd.evaluation import (
     evaluate_reverse_kl_seeds,
     load_or_make_fixed_text,
 )
-from lockedopd.opd.loss import compute_opd_loss, teacher_request
-from lockedopd.opd.rollout import HFStudentSampler, encode_prompts, student_completion_logprobs
+from lockedopd.opd.loss import teacher_request
+from lockedopd.opd.rollout import HFStudentSampler, encode_prompts
 from lockedopd.opd.schedule import lr_at_step
 from lockedopd.params import (
     build_adamw,
@@ -217,15 +218,8 @@ class OPDTrainer:
             if self.reward_fn is not None:
                 texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
                 rewards = torch.tensor(self.reward_fn(texts, [r.answer for r in records]), dtype=torch.float32)
-            student_lp = student_completion_logprobs(self.model, rollout)
-            out = compute_opd_loss(
-                student_lp,
-                rollout.completion_ids,
-                scores,
-                c.objective,
-                rewards,
-                generator=torch.Generator().manual_seed(seed),
-            )
+            generator = torch.Generator().manual_seed(seed)
+            out = rollout_opd_loss(self.model, rollout, scores, c.objective, rewards, generator=generator)
             (out.loss / c.grad_accum_steps).backward()
             totals["loss"] += float(out.loss.detach()) / c.grad_accum_steps
             totals["reverse_kl"] += out.reverse_kl / c.grad_accum_steps
@@ -235,7 +229,7 @@ class OPDTrainer:
                 exact.append(out.exact_reverse_kl)
             if out.reward_mean is not None:
                 rewards_seen.append(out.reward_mean)
-            del student_lp, out, scores
+            del out, scores
         params = self.trainable_parameters()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30))
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
