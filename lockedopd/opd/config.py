@@ -245,6 +245,8 @@ class OPDConfig:
         weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW settings.
         max_grad_norm: gradient clipping (0 disables).
         optimizer: the full-parameter optimizer: ``"adamw"`` or ``"galore"`` (a baseline; see ``galore``).
+        gradient_checkpointing: recompute the student's decoder-layer activations in the backward instead of keeping
+            them (both phases; :mod:`lockedopd.activation_checkpointing`): less memory, one more forward per step.
         target_modules: student Linear modules trained (all other weights frozen).
         save_steps / eval_steps: checkpoint and held-out eval period (0 disables; the last step always saves).
         resume: continue from the newest complete checkpoint in ``output_dir``.
@@ -277,6 +279,7 @@ class OPDConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     save_steps: int = 5
     eval_steps: int = 5
@@ -528,10 +531,13 @@ RESUMABLE_CHANGES = frozenset(
         "reference_run",
         "output_dir",
         "teacher.server_url",
+        "gradient_checkpointing",
+        "objective.chunk_size",
     }
 )
 """Settings a resumed run may change: they extend, observe or move the run, or say where the same teacher is served
-(a restarted vLLM server may listen elsewhere); the training path stays the same."""
+(a restarted vLLM server may listen elsewhere), or trade memory for time with the same math (activation
+checkpointing, loss chunks); the training path stays the same."""
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lockedopd.activation_checkpointing import enable_activation_checkpointing
 from lockedopd.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
 from lockedopd.opd.chunked_loss import rollout_opd_loss
@@ -126,6 +127,8 @@ class OPDTrainer:
         self.sampler = None  # vLLM student sampler (rollout.backend=vllm), started by train()
         self._sampler_base = None  # which base weights the sampler holds: (phase, lock step)
         self.step = 0
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(student)
         targets = self.target_parameters()
         params, betas = freeze_all_but(student, targets.values()), (config.adam_beta1, config.adam_beta2)
         if config.optimizer == "galore":
