@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from lockedopd.opd.objective_registry import OBJECTIVES, get_objective
+from lockedopd.quantization import BASE_DTYPES
 from lockedopd.subspace.basis import LOCK_MODES
 from lockedopd.subspace.policy import TrackerSettings
 from lockedopd.teachers.registry import AUTO_BACKEND, teacher_backend, teacher_backend_choices
@@ -180,6 +181,10 @@ class LockConfig(TrackerSettings):
             full weights stay trainable; AdamW keeps full W-space moments of the projected gradient and every update
             is projected onto the subspace: memory-heavy, an upper bound for benchmarks).
         lora_alpha: LoRA's alpha (``null`` = rank, scaling 1) for ``adapter: lora``.
+        base_dtype: the locked matrices' frozen weights after the lock (the warmup update folded in): ``"keep"``
+            (the student's dtype), ``"bf16"``, ``"int8"`` or ``"nf4"`` (bitsandbytes, QLoRA-style; the coefficients
+            stay float32). What the rounding loses is logged and written to ``lock.json`` (``base_quantization``).
+            Needs ``monitor.enabled: false`` (the monitor takes gradients of the full-precision base weights).
     """
 
     enabled: bool = False
@@ -191,6 +196,7 @@ class LockConfig(TrackerSettings):
     basis_source: str = "tracker"
     optimizer: str = "coefficients"
     lora_alpha: float | None = None
+    base_dtype: str = "keep"
 
 
 @dataclass
@@ -244,7 +250,8 @@ class OPDConfig:
         lr / lr_scheduler / lr_warmup_steps / min_lr_ratio: learning-rate schedule (constant, linear, cosine).
         weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW settings.
         max_grad_norm: gradient clipping (0 disables).
-        optimizer: the full-parameter optimizer: ``"adamw"`` or ``"galore"`` (a baseline; see ``galore``).
+        optimizer: the full-parameter optimizer: ``"adamw"``, ``"adamw8bit"`` (bitsandbytes' 8-bit AdamW: ~4× less
+            state; its moments are dequantized for the lock's carry) or ``"galore"`` (a baseline; see ``galore``).
         gradient_checkpointing: recompute the student's decoder-layer activations in the backward instead of keeping
             them (both phases; :mod:`lockedopd.activation_checkpointing`): less memory, one more forward per step.
         target_modules: student Linear modules trained (all other weights frozen).
@@ -326,6 +333,15 @@ class OPDConfig:
                 f"lock.adapter={lock.adapter} / lock.optimizer={lock.optimizer} do not have; set "
                 "rollout.vllm_locked_sync=full."
             )
+        if lock.base_dtype != "keep" and (
+            lock.adapter != "subspace" or lock.optimizer != "coefficients" or self.monitor.enabled
+        ):
+            raise ValueError(
+                f"config: lock.base_dtype={lock.base_dtype} keeps the frozen base quantized, which only the subspace "
+                "adapter trained by its coefficients supports, and the trajectory monitor needs the full-precision "
+                "base's gradients: set lock.adapter=subspace, lock.optimizer=coefficients and monitor.enabled=false "
+                "(or lock.base_dtype=keep)."
+            )
         if self.optimizer == "galore" and lock.enabled:
             raise ValueError(
                 "config: optimizer=galore is a whole-run baseline (GaLore refreshes its own projections); set "
@@ -351,7 +367,8 @@ class OPDConfig:
             "lock.adapter": (self.lock.adapter, ("subspace", "lora")),
             "lock.basis_source": (self.lock.basis_source, ("tracker", "random")),
             "lock.optimizer": (self.lock.optimizer, ("coefficients", "projected_full")),
-            "optimizer": (self.optimizer, ("adamw", "galore")),
+            "optimizer": (self.optimizer, ("adamw", "adamw8bit", "galore")),
+            "lock.base_dtype": (self.lock.base_dtype, BASE_DTYPES),
             "galore.proj_type": (self.galore.proj_type, ("std", "reverse_std", "left", "right")),
             "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
             "student.dtype": (self.student.dtype, ("float32", "bfloat16")),

@@ -207,7 +207,10 @@ class LockController:
                 full_params = {name: model.get_submodule(name).weight for name in bases}
                 carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, bases, lr_scale=scale)
                 write_lock_files(basis_file, bases, meta, carry)
-                self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, **self._adam())
+                self.locked = enter_locked_phase(
+                    model, bases, basis_file, carry, lr=lr, base_dtype=s.base_dtype, **self._adam()
+                )
+                self._log_quantization()
             atomic_copy(basis_file, self.basis_file)
         self.lock_files = {
             "dir": str(self.lock_dir(generation).relative_to(self.run_dir)),
@@ -226,6 +229,15 @@ class LockController:
             self.locked.model.save_pretrained(self.run_dir / "adapter")
         logger.info("locked at step %d (%s, %s): rank %d", step, reason, self.locked.kind, s.rank)
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
+
+    def _log_quantization(self) -> None:
+        """Say what rounding the frozen base to ``lock.base_dtype`` lost (also in ``lock.json``)."""
+        report = self.locked.quantization
+        if report is not None and report.base_dtype != "keep":
+            logger.info(
+                "frozen base rounded to %s: relative error ||Q(W) - W|| / ||W|| = %.3g, %d -> %d bytes",
+                report.base_dtype, report.relative_error(), report.bytes_before, report.bytes_after,
+            )  # fmt: skip
 
     def _random_bases(self, model: nn.Module) -> dict[str, SubspaceBasis]:
         """The control: random orthonormal bases of the lock's rank for every target matrix (seeded by the run)."""
@@ -360,7 +372,9 @@ class LockController:
                     model, bases, None, lr=lr, weight_decay=self.config.weight_decay, **self._adam()
                 )
             else:
-                self.locked = enter_locked_phase(model, bases, basis_file, None, lr=lr, **self._adam())
+                self.locked = enter_locked_phase(
+                    model, bases, basis_file, None, lr=lr, base_dtype=s.base_dtype, **self._adam()
+                )
         if kind != "projected_full":
             trained = self.locked.trainable()
             saved = tensors.get("coefficients", {})
@@ -405,6 +419,9 @@ class LockController:
         }
         if self.monitor is not None:
             out["monitor"] = self.monitor.summary()
+        quantization = self.locked.quantization if self.locked is not None else None
+        if quantization is not None and quantization.base_dtype != "keep":
+            out["base_quantization"] = quantization.as_dict()
         if self.policy is not None:
             out["tracker_memory_bytes"] = self.policy.tracker.memory_bytes()
         return out

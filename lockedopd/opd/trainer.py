@@ -139,6 +139,10 @@ class OPDTrainer:
                 params, config.lr, g.rank or config.lock.rank, g.update_proj_gap, g.scale, g.proj_type, betas,
                 config.adam_eps, config.weight_decay,
             )  # fmt: skip
+        elif config.optimizer == "adamw8bit":
+            from lockedopd.quantization import build_adamw8bit
+
+            self.optimizer = build_adamw8bit(params, config.lr, betas, config.adam_eps, config.weight_decay)
         else:
             self.optimizer = build_adamw(params, config.lr, betas, config.adam_eps, config.weight_decay)
         if config.lock.enabled:
