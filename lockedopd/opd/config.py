@@ -33,6 +33,9 @@ class ModelConfig:
         drop_every: remove every n-th decoder layer (2 = every other, 3 = every third); a layer-pruned student.
         keep_layers: explicit decoder layer indices to keep (overrides ``drop_every``).
         dtype: ``float32`` or ``bfloat16``.
+        architecture: a named architecture of :data:`lockedopd.plan.ARCHITECTURES` (e.g. ``qwen3-8b``) that
+            ``lockedopd plan`` reads the sizes from when ``source``'s config.json is not on this machine (training
+            itself always loads ``source``).
     """
 
     source: str = "tiny"
@@ -45,6 +48,7 @@ class ModelConfig:
     drop_every: int | None = None
     keep_layers: list[int] | None = None
     dtype: str = "float32"
+    architecture: str | None = None
 
 
 @dataclass
