@@ -153,3 +153,38 @@ def test_chunked_loss_holds_one_chunk_of_vocabulary_sized_tensors():
     assert peak_chunk < peak_full - 3 * one_copy
     # the teacher hands over (B, C, H) hidden states instead of (B, C, V) log-probs
     assert teacher_chunk < teacher_full - one_copy
+
+
+def test_held_out_evaluation_in_chunks_gives_the_same_kls():
+    from lockedopd.diagnostics.memory import PeakLiveBytes
+    from lockedopd.models import build_tiny_llama
+    from lockedopd.opd.evaluation import evaluate_reverse_kl
+    from lockedopd.opd.rollout import StudentSampler, rollout_from_completions
+
+    vocab, batch, completion = 4096, 4, 32
+    student = build_tiny_llama(vocab, num_layers=1, seed=0, init_std=0.2)
+    teacher_model = build_tiny_llama(vocab, num_layers=1, seed=1, init_std=0.2)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [[1, 2, 3 + i] for i in range(batch)]
+    completions = [torch.randint(3, vocab, (completion - i,), generator=generator).tolist() for i in range(batch)]
+    sampled = rollout_from_completions(prompts, completions, None, 0, None)
+
+    class Sampled(StudentSampler):  # fixed samples, so the peaks count scoring and KL only
+        def sample(self, prompt_ids, settings, seed):
+            return sampled
+
+    results = {}
+    for chunk_size in (0, 16):
+        teacher = HFTeacher(teacher_model, keep_hidden_states=chunk_size > 0)
+        with PeakLiveBytes() as live:
+            result = evaluate_reverse_kl(
+                student, teacher, prompts, 0, None, completion, batch, seed=4, sampler=Sampled(), chunk_size=chunk_size
+            )
+        results[chunk_size] = (result, live.peak_bytes)
+    (plain, plain_peak), (chunked, chunked_peak) = results[0], results[16]
+    assert chunked.tokens == plain.tokens == sampled.num_tokens
+    assert chunked.reverse_kl == pytest.approx(plain.reverse_kl, abs=TOL) and plain.reverse_kl > 0.1
+    assert chunked.sampled_reverse_kl == pytest.approx(plain.sampled_reverse_kl, abs=TOL)
+    one_copy = batch * completion * vocab * 4  # one float32 (B, C, V) tensor: 2 MiB
+    # unchunked: the teacher's (B, C, V) log-probs, the student's log-probs and the KL's terms at once
+    assert chunked_peak < plain_peak - 2 * one_copy, (plain_peak, chunked_peak, one_copy)

@@ -100,6 +100,49 @@ def teacher_full_logprobs_reader(
     return None
 
 
+def _token_statistics(
+    flat_hidden: torch.Tensor,
+    output_layer: nn.Module,
+    flat_ids: torch.Tensor,
+    teacher_lp: Callable[[int, int], torch.Tensor] | None,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    shape: torch.Size,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sampled-token student log-probs and exact reverse KL laid out ``shape`` (zeros off the flat tokens), one
+    chunk of tokens at a time, without gradients."""
+    device = flat_hidden.device
+    student_tok = torch.zeros(shape, device=device)
+    exact_kl = None if teacher_lp is None else torch.zeros(shape, device=device)
+    with torch.no_grad():
+        for s, e in token_chunks(rows.numel(), chunk_size):
+            lp = torch.log_softmax(output_layer(flat_hidden[s:e]).float(), dim=-1)
+            student_tok[rows[s:e], cols[s:e]] = obj.gather_token_logprobs(lp, flat_ids[s:e])
+            if exact_kl is not None:
+                exact_kl[rows[s:e], cols[s:e]] = obj.reverse_kl_per_token(lp, teacher_lp(s, e))
+    return student_tok, exact_kl
+
+
+@torch.no_grad()
+def completion_kl_statistics(
+    model: nn.Module, rollout: Rollout, scores: TeacherScores, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per completion token, ``chunk_size`` tokens at a time and without gradients: the student's log-prob of the
+    sampled token and the exact reverse KL(π_S ‖ π_T) (``None`` when ``scores`` lack the full distribution).
+
+    Returns two ``(B, C)`` tensors, zero on padding: what held-out evaluation needs, with no ``(B, C, V)`` tensor.
+    """
+    hidden, output_layer = student_completion_hidden(model, rollout)
+    mask = scores.mask.to(hidden.device)
+    rows, cols = mask.nonzero(as_tuple=True)
+    flat_ids = rollout.completion_ids.to(hidden.device)[rows, cols]
+    teacher_lp = teacher_full_logprobs_reader(scores, rows, cols, hidden.device)
+    return _token_statistics(
+        hidden[rows, cols], output_layer, flat_ids, teacher_lp, rows, cols, mask.shape, chunk_size
+    )
+
+
 def compute_chunked_opd_loss(
     model: nn.Module,
     rollout: Rollout,
@@ -146,14 +189,9 @@ def compute_chunked_opd_loss(
         return torch.log_softmax(output_layer(h).float(), dim=-1)
 
     # statistics pass: sampled-token log-probs and exact KL of every token, no graph kept
-    student_tok = torch.zeros(mask.shape, device=device)
-    exact_kl = None if teacher_lp is None else torch.zeros(mask.shape, device=device)
-    with torch.no_grad():
-        for s, e in spans:
-            lp = student_lp(flat_hidden[s:e])
-            student_tok[rows[s:e], cols[s:e]] = obj.gather_token_logprobs(lp, flat_ids[s:e])
-            if exact_kl is not None:
-                exact_kl[rows[s:e], cols[s:e]] = obj.reverse_kl_per_token(lp, teacher_lp(s, e))
+    student_tok, exact_kl = _token_statistics(
+        flat_hidden, output_layer, flat_ids, teacher_lp, rows, cols, mask.shape, config.chunk_size
+    )
     teacher_tok = scores.token_logprobs.to(device)
     advantages = obj.opd_advantages(student_tok, teacher_tok)
     sampled_kl = -advantages

@@ -552,13 +552,10 @@ RESUMABLE_CHANGES = frozenset(
         "reference_run",
         "output_dir",
         "teacher.server_url",
-        "gradient_checkpointing",
-        "objective.chunk_size",
     }
 )
 """Settings a resumed run may change: they extend, observe or move the run, or say where the same teacher is served
-(a restarted vLLM server may listen elsewhere), or trade memory for time with the same math (activation
-checkpointing, loss chunks); the training path stays the same."""
+(a restarted vLLM server may listen elsewhere); the training path stays the same."""
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch import nn
 from lockedopd.activation_checkpointing import enable_activation_checkpointing
 from lockedopd.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
-from lockedopd.opd.chunked_loss import rollout_opd_loss
+from lockedopd.opd.chunked_loss import compute_chunked_opd_loss
 from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
 from lockedopd.opd.evaluation import (
     EvalResult,
@@ -29,8 +29,8 @@ from lockedopd.opd.evaluation import (
     evaluate_reverse_kl_seeds,
     load_or_make_fixed_text,
 )
-from lockedopd.opd.loss import teacher_request
-from lockedopd.opd.rollout import HFStudentSampler, encode_prompts
+from lockedopd.opd.loss import compute_opd_loss, teacher_request
+from lockedopd.opd.rollout import HFStudentSampler, encode_prompts, student_completion_logprobs
 from lockedopd.opd.schedule import lr_at_step
 from lockedopd.params import (
     build_adamw,
@@ -226,7 +226,12 @@ class OPDTrainer:
                 texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
                 rewards = torch.tensor(self.reward_fn(texts, [r.answer for r in records]), dtype=torch.float32)
             generator = torch.Generator().manual_seed(seed)
-            out = rollout_opd_loss(self.model, rollout, scores, c.objective, rewards, generator=generator)
+            if c.objective.chunk_size > 0:  # no (B, C, V) tensor: the loss over checkpointed chunks of tokens
+                out = compute_chunked_opd_loss(self.model, rollout, scores, c.objective, rewards, generator)
+            else:
+                student_lp = student_completion_logprobs(self.model, rollout)
+                out = compute_opd_loss(student_lp, rollout.completion_ids, scores, c.objective, rewards, generator)
+                del student_lp
             (out.loss / c.grad_accum_steps).backward()
             totals["loss"] += float(out.loss.detach()) / c.grad_accum_steps
             totals["reverse_kl"] += out.reverse_kl / c.grad_accum_steps
@@ -290,6 +295,7 @@ class OPDTrainer:
             temperature=c.rollout.temperature,
             exact=self._exact_eval(),
             sampler=self.sampler,
+            chunk_size=c.objective.chunk_size,
         )
         if c.eval_fixed_text:
             fixed = getattr(self, "_fixed_text", None)
