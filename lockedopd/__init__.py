@@ -4,7 +4,10 @@
 lockedopd.SubspaceLockedConfig(...))`` and ``PeftModel.from_pretrained(...)`` work.
 """
 
-from lockedopd import teachers
+from lockedopd import (
+    quiet_imports,  # noqa: F401  (first: before peft imports bitsandbytes)
+    teachers,
+)
 from lockedopd.adapter import SubspaceLockedConfig, SubspaceLockedLayer, SubspaceLockedModel, export_lora
 from lockedopd.diagnostics.monitor import TrajectoryMonitor
 from lockedopd.integrations import SubspaceLockCallback, locked_peft_config

@@ -1,4 +1,4 @@
-"""``lockedopd`` command line: ``distill``, ``diagnose``, ``trajectory``, ``bench``."""
+"""``lockedopd`` command line: ``distill``, ``diagnose``, ``trajectory``, ``bench``, ``plan``."""
 
 from __future__ import annotations
 
@@ -100,6 +100,9 @@ def _add_optional_parsers(subparsers) -> None:
         return
     add_diagnose_parser(subparsers)
     add_trajectory_parser(subparsers)
+    from lockedopd.plan import add_plan_parser
+
+    add_plan_parser(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,11 +67,17 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by an optimizer's state tensors (moments, bases), counted in its ``state_dict()``.
 
     The state dict is what a checkpoint holds, and it turns objects kept in the state (GaLore's projectors) into the
-    tensors they hold, so those count too.
+    tensors they hold, so those count too; bitsandbytes nests its 8-bit moments, block scales and code books one dict
+    deeper, and those count as well.
     """
-    total = 0
-    for state in optimizer.state_dict()["state"].values():
+
+    def tensor_bytes(state: dict) -> int:
+        total = 0
         for value in state.values():
             if torch.is_tensor(value):
                 total += value.numel() * value.element_size()
-    return total
+            elif isinstance(value, dict):
+                total += tensor_bytes(value)
+        return total
+
+    return sum(tensor_bytes(state) for state in optimizer.state_dict()["state"].values())

@@ -30,6 +30,7 @@ from lockedopd.adapter import SubspaceLockedConfig
 from lockedopd.adapter.model import base_module_name, locked_coefficients
 from lockedopd.optim import FactoredSubspaceAdamW, LockedAdamW, WarmupCarry
 from lockedopd.params import build_adamw, freeze_all_but, select_target_linears
+from lockedopd.quantization import QuantizationReport, adam_state_fp32, dense_weight, is_quantized, quantize_linears
 from lockedopd.subspace.basis import SubspaceBasis, check_lock_mode
 
 __all__ = [
@@ -100,6 +101,7 @@ class LockedPhase:
     bases: dict[str, SubspaceBasis]
     adapter_name: str = ADAPTER_NAME
     kind: str = "subspace"
+    quantization: QuantizationReport | None = None
 
     def coefficients(self) -> dict[str, nn.Parameter]:
         """The trainable coefficients (A: out×r, or C: r×r) of each locked module, sorted by name (subspace only)."""
@@ -131,11 +133,21 @@ class LockedPhase:
             return dict(self.model.state_dict())
         inner = self.model.get_base_model()
         tag = f".{self.adapter_name}"
-        return {
+        state = {
             key.replace(".base_layer.", "."): value
             for key, value in inner.state_dict().items()
             if f"{tag}." not in key and not key.endswith(tag)
         }
+        if self.quantization is not None and self.quantization.base_dtype != "keep":
+            # a quantized base (lock.base_dtype) is handed out dequantized, as the plain model's weights
+            for name, layer in tuner_layers(self.model).items():
+                base = layer.get_base_layer()
+                if not is_quantized(base):
+                    continue
+                for key in [k for k in state if k.startswith(f"{name}.") and k != f"{name}.bias"]:
+                    del state[key]
+                state[f"{name}.weight"] = dense_weight(base, self.quantization.original_dtype)
+        return state
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
@@ -168,6 +180,7 @@ def enter_locked_phase(
     eps: float = 1e-8,
     adapter_name: str = ADAPTER_NAME,
     optimizer: str = "factored",
+    base_dtype: str = "keep",
 ) -> LockedPhase:
     """Wrap ``model`` in the subspace-locked adapter of ``basis_path`` and build the coefficient optimizer.
 
@@ -182,6 +195,9 @@ def enter_locked_phase(
         optimizer: one of :data:`COEFFICIENT_OPTIMIZERS`: ``coefficients`` (:class:`LockedAdamW`, Adam on each
             coefficient) or ``factored`` (:class:`FactoredSubspaceAdamW`, W-space Adam's step with a factored second
             moment).
+        base_dtype: keep the locked matrices' frozen weights as they are (``"keep"``) or round them to ``"bf16"``,
+            ``"int8"`` or ``"nf4"`` first (:func:`lockedopd.quantization.quantize_linears`; the loss is reported in
+            the phase's ``quantization``); the coefficients stay float32.
     """
     import peft
 
@@ -196,6 +212,7 @@ def enter_locked_phase(
     ranks = {basis.rank for basis in bases.values()}
     if len(ranks) != 1:
         raise ValueError(f"enter_locked_phase: the bases have different ranks {sorted(ranks)}; use one rank.")
+    quantization = quantize_linears(model, bases, base_dtype)
     config = SubspaceLockedConfig(r=ranks.pop(), mode=mode, target_modules=list(bases), basis_path=str(basis_path))
     peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     coefficients = locked_coefficients(peft_model, adapter_name)
@@ -204,7 +221,8 @@ def enter_locked_phase(
         built = FactoredSubspaceAdamW.from_carry(coefficients, bases, carry, lr=lr, betas=betas, eps=eps)
     else:
         built = LockedAdamW.from_carry(coefficients, carry, mode=mode, lr=lr, betas=betas, eps=eps)
-    return LockedPhase(peft_model, built, {name: bases[name] for name in sorted(bases)}, adapter_name)
+    bases = {name: bases[name] for name in sorted(bases)}
+    return LockedPhase(peft_model, built, bases, adapter_name, quantization=quantization)
 
 
 def enter_lora_phase(
@@ -266,7 +284,7 @@ def enter_projected_phase(
     optimizer = LockedAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if warmup_optimizer is not None:
         for w in weights.values():
-            state = warmup_optimizer.state.get(w, {})
+            state = adam_state_fp32(warmup_optimizer.state.get(w, {}))
             if state:
                 optimizer.state[w].update(
                     step=torch.tensor(float(state["step"]), dtype=torch.float32),

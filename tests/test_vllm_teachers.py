@@ -338,6 +338,23 @@ def test_hidden_state_engine_full_vocabulary_parity(tiny, tiny_hidden_engine):
 
 @needs_vllm
 @pytest.mark.vllm
+def test_hidden_state_engine_hands_over_hidden_states_for_chunked_losses(tiny, tiny_hidden_engine):
+    """keep_hidden_states=True: (B, C, H) hidden states + the output layer instead of (B, C, V) log-probs."""
+    from lockedopd.teachers.vllm_hidden import VLLMHiddenStateTeacher
+
+    model, tok = tiny
+    teacher = tiny_hidden_engine
+    seqs, plens = ragged_batch(len(tok), lengths=(10, 21, 33, 5), prompt_lengths=(4, 9, 1, 5))
+    dense = teacher.score(seqs, plens, top_k=4, full_logprobs=True)
+    lean = VLLMHiddenStateTeacher(llm=teacher.llm, model=teacher.model_name, keep_hidden_states=True)
+    got = lean.score(seqs, plens, top_k=4, full_logprobs=True)
+    assert got.full_logprobs is None and got.full_hidden.hidden.shape == (4, 32, model.config.hidden_size)
+    assert (got.dense_full_logprobs() - dense.full_logprobs)[dense.mask].abs().max().item() < 1e-6
+    assert torch.equal(got.token_logprobs, dense.token_logprobs) and torch.equal(got.topk_ids, dense.topk_ids)
+
+
+@needs_vllm
+@pytest.mark.vllm
 @pytest.mark.real_model
 def test_hidden_state_engine_parity_smollm2():
     pytest.importorskip("vllm", reason=NO_VLLM_REASON)

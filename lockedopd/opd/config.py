@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from lockedopd.opd.objective_registry import OBJECTIVES, get_objective
+from lockedopd.quantization import BASE_DTYPES
 from lockedopd.subspace.basis import LOCK_MODES
 from lockedopd.subspace.policy import TrackerSettings
 from lockedopd.teachers.registry import AUTO_BACKEND, teacher_backend, teacher_backend_choices
@@ -33,6 +34,9 @@ class ModelConfig:
         drop_every: remove every n-th decoder layer (2 = every other, 3 = every third); a layer-pruned student.
         keep_layers: explicit decoder layer indices to keep (overrides ``drop_every``).
         dtype: ``float32`` or ``bfloat16``.
+        architecture: a named architecture of :data:`lockedopd.plan.ARCHITECTURES` (e.g. ``qwen3-8b``) that
+            ``lockedopd plan`` reads the sizes from when ``source``'s config.json is not on this machine (training
+            itself always loads ``source``).
     """
 
     source: str = "tiny"
@@ -45,6 +49,7 @@ class ModelConfig:
     drop_every: int | None = None
     keep_layers: list[int] | None = None
     dtype: str = "float32"
+    architecture: str | None = None
 
 
 @dataclass
@@ -127,6 +132,10 @@ class ObjectiveConfig:
         token_keep_mode: ``"top"`` (highest per-token KL) or ``"random"``.
         reward_lambda: λ in A = λ·A_OPD + (1−λ)·A_reward; 1 = pure OPD.
         reward_fn: ``"module:function"`` or a built-in name (``"contains_answer"``) for the verifiable reward.
+        chunk_size: compute the student's log-softmax, the teacher's full log-probs and the objective over chunks of
+            this many completion tokens, each chunk checkpointed, so no ``[tokens × vocab]`` tensor of the batch
+            exists at once (:mod:`lockedopd.opd.chunked_loss`; same value and gradient up to rounding); the
+            in-process teacher then returns hidden states instead of full log-probs. 0 = off (one pass).
     """
 
     name: str = "pg"
@@ -137,6 +146,7 @@ class ObjectiveConfig:
     token_keep_mode: str = "top"
     reward_lambda: float = 1.0
     reward_fn: str | None = None
+    chunk_size: int = 0
 
 
 @dataclass
@@ -184,6 +194,10 @@ class LockConfig(TrackerSettings):
             ``"projected_full"`` (the full weights stay trainable; AdamW keeps full W-space moments of the projected
             gradient and every update is projected onto the subspace: memory-heavy, an upper bound for benchmarks).
         lora_alpha: LoRA's alpha (``null`` = rank, scaling 1) for ``adapter: lora``.
+        base_dtype: the locked matrices' frozen weights after the lock (the warmup update folded in): ``"keep"``
+            (the student's dtype), ``"bf16"``, ``"int8"`` or ``"nf4"`` (bitsandbytes, QLoRA-style; the coefficients
+            stay float32). What the rounding loses is logged and written to ``lock.json`` (``base_quantization``).
+            Needs ``monitor.enabled: false`` (the monitor takes gradients of the full-precision base weights).
     """
 
     enabled: bool = False
@@ -195,6 +209,7 @@ class LockConfig(TrackerSettings):
     basis_source: str = "tracker"
     optimizer: str = "factored"
     lora_alpha: float | None = None
+    base_dtype: str = "keep"
 
 
 @dataclass
@@ -249,7 +264,10 @@ class OPDConfig:
         lr / lr_scheduler / lr_warmup_steps / min_lr_ratio: learning-rate schedule (constant, linear, cosine).
         weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW settings.
         max_grad_norm: gradient clipping (0 disables).
-        optimizer: the full-parameter optimizer: ``"adamw"`` or ``"galore"`` (a baseline; see ``galore``).
+        optimizer: the full-parameter optimizer: ``"adamw"``, ``"adamw8bit"`` (bitsandbytes' 8-bit AdamW: ~4× less
+            state; its moments are dequantized for the lock's carry) or ``"galore"`` (a baseline; see ``galore``).
+        gradient_checkpointing: recompute the student's decoder-layer activations in the backward instead of keeping
+            them (both phases; :mod:`lockedopd.activation_checkpointing`): less memory, one more forward per step.
         target_modules: student Linear modules trained (all other weights frozen).
         save_steps / eval_steps: checkpoint and held-out eval period (0 disables; the last step always saves).
         resume: continue from the newest complete checkpoint in ``output_dir``.
@@ -282,6 +300,7 @@ class OPDConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     save_steps: int = 5
     eval_steps: int = 5
@@ -328,6 +347,15 @@ class OPDConfig:
                 f"lock.adapter={lock.adapter} / lock.optimizer={lock.optimizer} do not have; set "
                 "rollout.vllm_locked_sync=full."
             )
+        if lock.base_dtype != "keep" and (
+            lock.adapter != "subspace" or lock.optimizer != "coefficients" or self.monitor.enabled
+        ):
+            raise ValueError(
+                f"config: lock.base_dtype={lock.base_dtype} keeps the frozen base quantized, which only the subspace "
+                "adapter trained by its coefficients supports, and the trajectory monitor needs the full-precision "
+                "base's gradients: set lock.adapter=subspace, lock.optimizer=coefficients and monitor.enabled=false "
+                "(or lock.base_dtype=keep)."
+            )
         if self.optimizer == "galore" and lock.enabled:
             raise ValueError(
                 "config: optimizer=galore is a whole-run baseline (GaLore refreshes its own projections); set "
@@ -354,7 +382,8 @@ class OPDConfig:
             "lock.adapter": (self.lock.adapter, ("subspace", "lora")),
             "lock.basis_source": (self.lock.basis_source, ("tracker", "random")),
             "lock.optimizer": (self.lock.optimizer, ("coefficients", "factored", "projected_full")),
-            "optimizer": (self.optimizer, ("adamw", "galore")),
+            "optimizer": (self.optimizer, ("adamw", "adamw8bit", "galore")),
+            "lock.base_dtype": (self.lock.base_dtype, BASE_DTYPES),
             "galore.proj_type": (self.galore.proj_type, ("std", "reverse_std", "left", "right")),
             "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
             "student.dtype": (self.student.dtype, ("float32", "bfloat16")),
@@ -418,6 +447,10 @@ class OPDConfig:
         if not 0.0 < self.objective.token_keep_fraction <= 1.0:
             raise ValueError(
                 f"config: objective.token_keep_fraction must be in (0, 1], got {self.objective.token_keep_fraction}."
+            )
+        if self.objective.chunk_size < 0:
+            raise ValueError(
+                f"config: objective.chunk_size must be >= 0 (0 = unchunked), got {self.objective.chunk_size}."
             )
         if not 0.0 <= self.objective.reward_lambda <= 1.0:
             raise ValueError(f"config: objective.reward_lambda must be in [0, 1], got {self.objective.reward_lambda}.")

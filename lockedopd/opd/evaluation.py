@@ -125,14 +125,19 @@ def evaluate_reverse_kl(
     temperature: float = 1.0,
     exact: bool = True,
     sampler: StudentSampler | None = None,
+    chunk_size: int = 0,
 ) -> EvalResult:
     """Sample the student on held-out prompts (seeded, temperature ``temperature``) and measure KL to the teacher.
 
     With ``exact=True`` (needs a teacher that returns full log-probs) the per-token KL is the exact
     full-vocabulary reverse KL; otherwise the sampled estimate log π_S(y) − log π_T(y). Both are token-weighted.
     ``sampler`` (e.g. a :class:`~lockedopd.opd.vllm_rollout.VLLMStudentSampler`) samples instead of
-    :class:`~lockedopd.opd.rollout.HFStudentSampler` on ``student``.
+    :class:`~lockedopd.opd.rollout.HFStudentSampler` on ``student``. ``chunk_size > 0`` computes the KLs that many
+    completion tokens at a time (:func:`~lockedopd.opd.chunked_loss.completion_kl_statistics`): no ``(B, C, V)``
+    tensor, same values up to rounding.
     """
+    from lockedopd.opd.chunked_loss import completion_kl_statistics
+
     if not prompt_ids:
         raise ValueError("evaluate_reverse_kl: no held-out prompts.")
     kl_sum = sampled_sum = 0.0
@@ -147,14 +152,19 @@ def evaluate_reverse_kl(
             chunk, pad_token_id, eos_token_id, max_new_tokens, temperature=temperature, seed=seed + start
         )
         scores = teacher.score(rollout.sequences(), rollout.prompt_lengths, full_logprobs=exact)
-        student_lp = student_completion_logprobs(student, rollout)
         mask = rollout.completion_mask
-        student_tok = student_lp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+        if chunk_size > 0:
+            student_tok, exact_kl = completion_kl_statistics(student, rollout, scores, chunk_size)
+            student_tok, exact_kl = student_tok.cpu(), None if exact_kl is None else exact_kl.cpu()
+        else:
+            student_lp = student_completion_logprobs(student, rollout)
+            student_tok = student_lp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+            exact_kl = reverse_kl_per_token(student_lp, scores.dense_full_logprobs()) if exact else None
         sampled = student_tok - scores.token_logprobs
         n = int(mask.sum())
         sampled_sum += float(masked_mean(sampled, mask)) * n
         if exact:
-            kl_sum += float(masked_mean(reverse_kl_per_token(student_lp, scores.full_logprobs), mask)) * n
+            kl_sum += float(masked_mean(exact_kl, mask)) * n
         tokens += n
         rows += len(chunk)
     student.train(was_training)
@@ -199,6 +209,7 @@ def evaluate_reverse_kl_seeds(
     temperature: float = 1.0,
     exact: bool = True,
     sampler=None,
+    chunk_size: int = 0,
 ) -> EvalResult:
     """:func:`evaluate_reverse_kl` under each sampling seed of ``seeds``, averaged (:func:`mean_eval_results`).
 
@@ -209,7 +220,7 @@ def evaluate_reverse_kl_seeds(
     if not seeds:
         raise ValueError("evaluate_reverse_kl_seeds: give at least one sampling seed.")
     args = (student, teacher, prompt_ids, pad_token_id, eos_token_id, max_new_tokens, batch_size)
-    kwargs = {"temperature": temperature, "exact": exact, "sampler": sampler}
+    kwargs = {"temperature": temperature, "exact": exact, "sampler": sampler, "chunk_size": chunk_size}
     first = evaluate_reverse_kl(*args, seed=seeds[0], **kwargs)
     if len(seeds) == 1:
         return first
@@ -332,8 +343,9 @@ def evaluate_fixed_text_kl(
         mask = rollout.completion_mask
         n = int(mask.sum())
         nll = -student_lp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-        sums["reverse"] += float(masked_mean(reverse_kl_per_token(student_lp, scores.full_logprobs), mask)) * n
-        sums["forward"] += float(masked_mean(forward_kl_per_token(student_lp, scores.full_logprobs), mask)) * n
+        teacher_lp = scores.dense_full_logprobs()
+        sums["reverse"] += float(masked_mean(reverse_kl_per_token(student_lp, teacher_lp), mask)) * n
+        sums["forward"] += float(masked_mean(forward_kl_per_token(student_lp, teacher_lp), mask)) * n
         sums["nll"] += float(masked_mean(nll, mask)) * n
         tokens += n
     student.train(was_training)

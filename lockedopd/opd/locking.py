@@ -241,7 +241,8 @@ class LockController:
                     write_lock_files(basis_file, bases, meta, carry)
                 self.dist.barrier()  # the adapter reads the basis file
                 self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, optimizer=s.optimizer,
-                                                 **self._adam())  # fmt: skip
+                                                 base_dtype=s.base_dtype, **self._adam())  # fmt: skip
+                self._log_quantization()
             if main:
                 atomic_copy(basis_file, self.basis_file)
         lock_files = None
@@ -265,6 +266,15 @@ class LockController:
         self.dist.barrier()
         logger.info("locked at step %d (%s, %s): rank %d", step, reason, self.locked.kind, s.rank)
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
+
+    def _log_quantization(self) -> None:
+        """Say what rounding the frozen base to ``lock.base_dtype`` lost (also in ``lock.json``)."""
+        report = self.locked.quantization
+        if report is not None and report.base_dtype != "keep":
+            logger.info(
+                "frozen base rounded to %s: relative error ||Q(W) - W|| / ||W|| = %.3g, %d -> %d bytes",
+                report.base_dtype, report.relative_error(), report.bytes_before, report.bytes_after,
+            )  # fmt: skip
 
     def _random_bases(self, model: nn.Module) -> dict[str, SubspaceBasis]:
         """The control: random orthonormal bases of the lock's rank for every target matrix (seeded by the run)."""
@@ -400,7 +410,7 @@ class LockController:
                 )
             else:
                 self.locked = enter_locked_phase(model, bases, basis_file, None, lr=lr, optimizer=s.optimizer,
-                                                 **self._adam())  # fmt: skip
+                                                 base_dtype=s.base_dtype, **self._adam())  # fmt: skip
         if kind != "projected_full":
             trained = self.locked.trainable()
             saved = tensors.get("coefficients", {})
@@ -445,6 +455,9 @@ class LockController:
         }
         if self.monitor is not None:
             out["monitor"] = self.monitor.summary()
+        quantization = self.locked.quantization if self.locked is not None else None
+        if quantization is not None and quantization.base_dtype != "keep":
+            out["base_quantization"] = quantization.as_dict()
         if self.policy is not None:
             out["tracker_memory_bytes"] = self.policy.tracker.memory_bytes()
         return out

@@ -54,9 +54,10 @@ def compute_opd_loss(
             f"student log-probs {tuple(student_logprobs.shape[:2])} and teacher scores {tuple(mask.shape)} do not "
             "cover the same completions; score the rollout's own sequences."
         )
-    if scores.full_logprobs is not None and scores.full_logprobs.shape[-1] != student_logprobs.shape[-1]:
+    teacher_full = scores.dense_full_logprobs()
+    if teacher_full is not None and teacher_full.shape[-1] != student_logprobs.shape[-1]:
         raise ValueError(
-            f"teacher vocabulary ({scores.full_logprobs.shape[-1]}) differs from the student's "
+            f"teacher vocabulary ({teacher_full.shape[-1]}) differs from the student's "
             f"({student_logprobs.shape[-1]}): teacher and student must share one tokenizer."
         )
     student_tok = obj.gather_token_logprobs(student_logprobs, completion_ids.to(device))
@@ -65,7 +66,7 @@ def compute_opd_loss(
     sampled_kl = -advantages
 
     exact_kl = None
-    teacher_full = None if scores.full_logprobs is None else scores.full_logprobs.to(device)
+    teacher_full = None if teacher_full is None else teacher_full.to(device)
     if teacher_full is not None:
         exact_kl = obj.reverse_kl_per_token(student_logprobs, teacher_full).detach()
 

@@ -78,12 +78,16 @@ class Objective:
         reward_in_advantage: a policy gradient on ``inputs.advantages``, into which a verifiable reward is mixed
             (``objective.reward_lambda < 1``); otherwise the reward's policy-gradient loss is mixed into the loss:
             λ·loss + (1−λ)·loss_reward.
+        token_mean: the loss is a mean over ``inputs.mask``'s tokens of per-token terms (every built-in objective),
+            so it can be computed over chunks of tokens and recombined (``objective.chunk_size > 0``,
+            :mod:`lockedopd.opd.chunked_loss`); register ``token_mean=False`` for a loss that mixes tokens.
     """
 
     name: str
     loss: ObjectiveFn
     needs: str
     reward_in_advantage: bool = False
+    token_mean: bool = True
 
     @property
     def needs_full_logprobs(self) -> bool:
@@ -96,7 +100,7 @@ class Objective:
 
     def check_scores(self, scores: TeacherScores) -> None:
         """Raise ``ValueError`` when the teacher's scores lack what this objective needs."""
-        if self.needs == FULL_LOGPROBS and scores.full_logprobs is None:
+        if self.needs == FULL_LOGPROBS and not scores.has_full_logprobs:
             raise ValueError(
                 f"objective {self.name!r} needs full-vocabulary teacher log-probs, which only the in-process teacher "
                 "(teacher.backend=hf) provides; use objective.name=pg or topk_reverse_kl with remote teachers."
@@ -112,7 +116,7 @@ OBJECTIVES: Registry[Objective] = Registry(
 
 
 def register_objective(
-    name: str, needs: str, reward_in_advantage: bool = False, replace: bool = False
+    name: str, needs: str, reward_in_advantage: bool = False, replace: bool = False, token_mean: bool = True
 ) -> Callable[[ObjectiveFn], ObjectiveFn]:
     """Decorator: register a loss function as the objective ``name``.
 
@@ -121,13 +125,14 @@ def register_objective(
         needs: :data:`SAMPLED_TOKEN`, :data:`TOP_K` or :data:`FULL_LOGPROBS`.
         reward_in_advantage: see :class:`Objective`.
         replace: allow replacing an existing registration (otherwise a second registration is an error).
+        token_mean: see :class:`Objective` (``False`` refuses ``objective.chunk_size > 0``).
     """
     if needs not in TEACHER_NEEDS:
         raise ValueError(f"register_objective: needs={needs!r} is not one of {list(TEACHER_NEEDS)}.")
     OBJECTIVES.check_new(name, replace)
 
     def decorator(loss: ObjectiveFn) -> ObjectiveFn:
-        OBJECTIVES.register(name, Objective(name, loss, needs, reward_in_advantage), replace)
+        OBJECTIVES.register(name, Objective(name, loss, needs, reward_in_advantage, token_mean), replace)
         return loss
 
     return decorator

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lockedopd.activation_checkpointing import enable_activation_checkpointing
 from lockedopd.atomic_io import atomic_write_text, recover_interrupted_writes
 from lockedopd.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
 from lockedopd.distributed import DistContext, init_distributed
+from lockedopd.opd.chunked_loss import compute_chunked_opd_loss
 from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
 from lockedopd.opd.evaluation import (
     EvalResult,
@@ -160,6 +162,8 @@ class OPDTrainer:
         self.sampler = None  # vLLM student sampler (rollout.backend=vllm), started by train()
         self._sampler_base = None  # which base weights the sampler holds: (phase, lock step)
         self.step = 0
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(student)
         targets = self.target_parameters()
         params, betas = freeze_all_but(student, targets.values()), (config.adam_beta1, config.adam_beta2)
         if config.optimizer == "galore":
@@ -170,6 +174,10 @@ class OPDTrainer:
                 params, config.lr, g.rank or config.lock.rank, g.update_proj_gap, g.scale, g.proj_type, betas,
                 config.adam_eps, config.weight_decay,
             )  # fmt: skip
+        elif config.optimizer == "adamw8bit":
+            from lockedopd.quantization import build_adamw8bit
+
+            self.optimizer = build_adamw8bit(params, config.lr, betas, config.adam_eps, config.weight_decay)
         else:
             self.optimizer = build_adamw(params, config.lr, betas, config.adam_eps, config.weight_decay)
         if config.lock.enabled:
@@ -257,15 +265,13 @@ class OPDTrainer:
             if self.reward_fn is not None:
                 texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
                 rewards = torch.tensor(self.reward_fn(texts, [r.answer for r in records]), dtype=torch.float32)
-            student_lp = student_completion_logprobs(self.model, rollout)
-            out = compute_opd_loss(
-                student_lp,
-                rollout.completion_ids,
-                scores,
-                c.objective,
-                rewards,
-                generator=torch.Generator().manual_seed(seed),
-            )
+            generator = torch.Generator().manual_seed(seed)
+            if c.objective.chunk_size > 0:  # no (B, C, V) tensor: the loss over checkpointed chunks of tokens
+                out = compute_chunked_opd_loss(self.model, rollout, scores, c.objective, rewards, generator)
+            else:
+                student_lp = student_completion_logprobs(self.model, rollout)
+                out = compute_opd_loss(student_lp, rollout.completion_ids, scores, c.objective, rewards, generator)
+                del student_lp
             if self.dist.enabled:
                 out = self._share_of_micro_batch(out, len(prompt_ids))
             (out.loss / c.grad_accum_steps).backward()
@@ -277,7 +283,7 @@ class OPDTrainer:
                 exact.append(out.exact_reverse_kl)
             if out.reward_mean is not None:
                 rewards_seen.append(out.reward_mean)
-            del student_lp, out, scores
+            del out, scores
         if self.dist.enabled:
             self.dist.sum_gradients(p for p in self.model.parameters() if p.requires_grad)
             totals["loss"] = self.dist.sum_floats([totals["loss"]])[0]
@@ -365,6 +371,7 @@ class OPDTrainer:
             temperature=c.rollout.temperature,
             exact=self._exact_eval(),
             sampler=self.sampler,
+            chunk_size=c.objective.chunk_size,
         )
         if c.eval_fixed_text:
             fixed = getattr(self, "_fixed_text", None)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import full_tensor
+from ..quantization import adam_state_fp32
 from ..subspace.basis import SubspaceBasis
 
 __all__ = ["CARRY_FORMAT", "WarmupCarry", "lr_scale_from_adam_state"]
@@ -78,7 +79,8 @@ class WarmupCarry:
         """Read the carry from a warmup AdamW over the full weights ``full_params[name]``.
 
         Args:
-            optimizer: the warmup's ``torch.optim.AdamW`` (or an optimizer with the same state keys).
+            optimizer: the warmup's ``torch.optim.AdamW``, an optimizer with the same state keys, or bitsandbytes'
+                (8-bit) AdamW, whose moments are dequantized (:func:`lockedopd.quantization.adam_state_fp32`).
             full_params: module name → the weight W the warmup trained.
             bases: module name → its locked :class:`SubspaceBasis`.
             lr_scale: ``"auto"`` (per matrix, :func:`lr_scale_from_adam_state`) or one number for all matrices.
@@ -96,7 +98,7 @@ class WarmupCarry:
         carry = cls()
         for name in sorted(bases):
             basis, weight = bases[name], full_params[name]
-            state = optimizer.state.get(weight, {})
+            state = adam_state_fp32(optimizer.state.get(weight, {}))  # bitsandbytes' 8-bit moments dequantized
             state = {key: full_tensor(value) if torch.is_tensor(value) else value for key, value in state.items()}
             if state:  # (FSDP2-sharded moments are gathered above, one matrix at a time)
                 if "V" in state:

@@ -19,7 +19,12 @@ from lockedopd.teachers.vllm_server import VLLMServerTeacher
 def build_hf_teacher(context: TeacherBuildContext) -> TeacherScorer:
     """:class:`HFTeacher` on the teacher model built in this process."""
     spec = context.config.teacher
-    return HFTeacher(context.build_model(), batch_size=spec.batch_size, temperature=spec.temperature)
+    return HFTeacher(
+        context.build_model(),
+        batch_size=spec.batch_size,
+        temperature=spec.temperature,
+        keep_hidden_states=context.config.objective.chunk_size > 0,
+    )
 
 
 def vllm_scorer_class(teacher_config: Any) -> type[VLLMHiddenStateTeacher] | type[VLLMTeacher]:
@@ -32,7 +37,11 @@ def build_vllm_teacher(context: TeacherBuildContext) -> TeacherScorer:
     """The in-process vLLM engine scorer that ``teacher.vllm_scoring`` picks."""
     config = context.config
     if vllm_scorer_class(config.teacher) is VLLMHiddenStateTeacher:
-        return VLLMHiddenStateTeacher(context.model_dir(), temperature=config.teacher.temperature)
+        return VLLMHiddenStateTeacher(
+            context.model_dir(),
+            temperature=config.teacher.temperature,
+            keep_hidden_states=config.objective.chunk_size > 0,
+        )
     return VLLMTeacher(context.model_dir(), top_k_max=max(config.objective.top_k, 1))
 
 

@@ -22,6 +22,38 @@ import torch
 
 
 @dataclass
+class HiddenStateLogprobs:
+    """The teacher's full-vocabulary log-probs kept as final hidden states plus the output layer.
+
+    ``(B, C, V)`` log-probs are the largest tensor of an exact-KL step (Qwen3's 151k vocabulary × 4k positions ×
+    8 rows is ~20 GB in float32); ``(B, C, H)`` hidden states are ``V / H`` times smaller. Consumers turn the rows
+    they need into log-probs (:meth:`logprobs`), e.g. one chunk of completion positions at a time
+    (``objective.chunk_size``).
+
+    Attributes:
+        hidden: ``(B, C, H)`` final hidden states at the completion positions (after the final norm; zeros on padding).
+        output_weight: ``(V, H)`` the teacher's output layer (shared with the teacher, not copied).
+        mask: ``(B, C)`` bool, True on real completion positions.
+        temperature: logits are divided by it before the log-softmax.
+    """
+
+    hidden: torch.Tensor
+    output_weight: torch.Tensor
+    mask: torch.Tensor
+    temperature: float = 1.0
+
+    def logprobs_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 log-probs ``(..., V)`` of hidden states ``(..., H)`` (rows of :attr:`hidden`)."""
+        weight = self.output_weight
+        logits = torch.nn.functional.linear(hidden.to(device=weight.device, dtype=weight.dtype), weight).float()
+        return torch.log_softmax(logits / self.temperature, dim=-1)
+
+    def dense(self) -> torch.Tensor:
+        """All ``(B, C, V)`` log-probs at once (zeros on padding), as ``TeacherScores.full_logprobs`` holds them."""
+        return self.logprobs_of(self.hidden).cpu() * self.mask.unsqueeze(-1)
+
+
+@dataclass
 class TeacherScores:
     """What a teacher returns for a batch of student completions.
 
@@ -33,6 +65,9 @@ class TeacherScores:
         mask: ``(B, C)`` bool, True on real completion tokens.
         full_logprobs: ``(B, C, V)`` float32 full-vocabulary log-probs, only when asked for and only from
             in-process teachers (remote servers cannot ship the whole vocabulary).
+        full_hidden: the same distribution kept as hidden states + output layer (:class:`HiddenStateLogprobs`),
+            instead of ``full_logprobs``, from scorers built with ``keep_hidden_states=True``; see
+            :meth:`dense_full_logprobs`.
     """
 
     token_logprobs: torch.Tensor
@@ -40,6 +75,18 @@ class TeacherScores:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     full_logprobs: torch.Tensor | None = None
+    full_hidden: HiddenStateLogprobs | None = None
+
+    @property
+    def has_full_logprobs(self) -> bool:
+        """Whether the teacher's full distribution is here, as log-probs or as hidden states."""
+        return self.full_logprobs is not None or self.full_hidden is not None
+
+    def dense_full_logprobs(self) -> torch.Tensor | None:
+        """``(B, C, V)`` full log-probs, materialised from :attr:`full_hidden` when that is how they came."""
+        if self.full_logprobs is not None or self.full_hidden is None:
+            return self.full_logprobs
+        return self.full_hidden.dense()
 
     def __post_init__(self) -> None:
         if self.token_logprobs.shape != self.mask.shape:
@@ -170,6 +217,26 @@ class CompletionScoreWriter:
     def result(self) -> TeacherScores:
         """The collected batch."""
         return TeacherScores(self.token_logprobs, self.mask, self.topk_ids, self.topk_logprobs, self.full)
+
+
+#: Model-config keys that change logits after the output layer; such models cannot be scored from hidden states.
+LOGIT_POSTPROCESSING_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def check_plain_output_layer(config, who: str) -> None:
+    """Raise ``ValueError`` when a model (its HF config, or config.json as a dict) post-processes its logits after
+    the output layer (Gemma's soft-capping, Cohere's logit scale): log-probs from hidden states would be wrong."""
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    config = config.get("text_config") or config
+    for key in LOGIT_POSTPROCESSING_KEYS:
+        if config.get(key) not in (None, 1, 1.0):
+            raise ValueError(
+                f"{who}: the model post-processes its logits ({key}={config[key]}), which log-probs computed from "
+                "hidden states and the output layer do not reproduce; use full log-probs (objective.chunk_size=0)."
+            )
 
 
 def validate_score_request(

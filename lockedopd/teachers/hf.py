@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lockedopd.teachers.base import CompletionScoreWriter, ScorerBase, ScoreRequest, TeacherScores
+from lockedopd.teachers.base import (
+    CompletionScoreWriter,
+    HiddenStateLogprobs,
+    ScorerBase,
+    ScoreRequest,
+    TeacherScores,
+    check_plain_output_layer,
+)
 
 
 class HFTeacher(ScorerBase):
@@ -16,6 +23,10 @@ class HFTeacher(ScorerBase):
         batch_size: sequences per forward pass (memory knob).
         dtype: cast the model to this dtype for scoring (log-probs are returned in float32).
         temperature: teacher logits are divided by it before the log-softmax.
+        keep_hidden_states: return the full distribution as hidden states + output layer
+            (:attr:`TeacherScores.full_hidden`, ``(B, C, H)``) instead of ``(B, C, V)`` log-probs, and compute logits
+            only at completion positions; the chunked loss (``objective.chunk_size``) turns them into log-probs one
+            chunk at a time.
     """
 
     returns_full_logprobs = True
@@ -26,6 +37,7 @@ class HFTeacher(ScorerBase):
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
         temperature: float = 1.0,
+        keep_hidden_states: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"HFTeacher: batch_size must be >= 1, got {batch_size}.")
@@ -41,6 +53,9 @@ class HFTeacher(ScorerBase):
         config = getattr(model, "config", None)
         self.vocab_size = int(getattr(config, "vocab_size", None) or model.get_output_embeddings().weight.shape[0])
         self.max_length = getattr(config, "max_position_embeddings", None)
+        self.keep_hidden_states = keep_hidden_states
+        if keep_hidden_states:
+            check_plain_output_layer(config, "HFTeacher(keep_hidden_states=True)")
 
     @property
     def device(self) -> torch.device:
@@ -52,7 +67,12 @@ class HFTeacher(ScorerBase):
         """Run the model on the sequences, ``batch_size`` at a time, and read the completion positions."""
         sequences, prompt_lengths = request.sequences, request.prompt_lengths
         completion_lengths = request.completion_lengths
-        out = CompletionScoreWriter(completion_lengths, self.vocab_size, request.top_k, request.full_logprobs)
+        as_hidden = self.keep_hidden_states and request.full_logprobs
+        out = CompletionScoreWriter(
+            completion_lengths, self.vocab_size, request.top_k, request.full_logprobs and not as_hidden
+        )
+        if as_hidden:
+            return self._score_from_hidden_states(request, out)
         batch = len(sequences)
         for start in range(0, batch, self.batch_size):
             rows = range(start, min(start + self.batch_size, batch))
@@ -73,3 +93,38 @@ class HFTeacher(ScorerBase):
                 pred = torch.log_softmax(logits[j, plen - 1 : plen - 1 + clen].float() / self.temperature, dim=-1)
                 out.add(i, pred, ids[j, plen : plen + clen])
         return out.result()
+
+    def _padded_batches(self, sequences):
+        """Yield ``(rows, ids, attention_mask)`` per ``batch_size`` sequences, right-padded."""
+        for start in range(0, len(sequences), self.batch_size):
+            rows = range(start, min(start + self.batch_size, len(sequences)))
+            chunk = [list(sequences[i]) for i in rows]
+            length = max(len(s) for s in chunk)
+            ids = torch.zeros(len(chunk), length, dtype=torch.long)
+            attn = torch.zeros(len(chunk), length, dtype=torch.long)
+            for j, seq in enumerate(chunk):
+                ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                attn[j, : len(seq)] = 1
+            yield rows, ids, attn
+
+    def _score_from_hidden_states(self, request: ScoreRequest, out: CompletionScoreWriter) -> TeacherScores:
+        """Run the decoder only; logits (one row's completion positions at a time) come from the output layer."""
+        completion_lengths = request.completion_lengths
+        output_layer = self.model.get_output_embeddings()
+        hidden = None
+        for rows, ids, attn in self._padded_batches(request.sequences):
+            states = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=attn.to(self.device))
+            states = states.last_hidden_state
+            if hidden is None:
+                hidden = states.new_zeros(len(completion_lengths), max(completion_lengths), states.shape[-1])
+            for j, i in enumerate(rows):
+                plen, clen = request.prompt_lengths[i], completion_lengths[i]
+                if clen == 0:
+                    continue
+                rows_hidden = states[j, plen - 1 : plen - 1 + clen]
+                hidden[i, :clen] = rows_hidden
+                pred = torch.log_softmax(output_layer(rows_hidden).float() / self.temperature, dim=-1)
+                out.add(i, pred, ids[j, plen : plen + clen])
+        scores = out.result()
+        scores.full_hidden = HiddenStateLogprobs(hidden, output_layer.weight.detach(), scores.mask, self.temperature)
+        return scores

@@ -21,11 +21,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from lockedopd.teachers.base import CompletionScoreWriter, ScorerBase, ScoreRequest, TeacherScores
+from lockedopd.teachers.base import (
+    LOGIT_POSTPROCESSING_KEYS,
+    CompletionScoreWriter,
+    HiddenStateLogprobs,
+    ScorerBase,
+    ScoreRequest,
+    TeacherScores,
+)
 from lockedopd.vllm_runtime import import_vllm, start_llm
 
-#: config.json keys that change logits after the output layer; such models cannot be scored from hidden states.
-LOGIT_POSTPROCESSING_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+__all__ = ["LOGIT_POSTPROCESSING_KEYS", "VLLMHiddenStateTeacher", "load_output_layer"]
 
 
 def load_output_layer(model_dir: str | os.PathLike) -> torch.Tensor:
@@ -74,6 +80,9 @@ class VLLMHiddenStateTeacher(ScorerBase):
         llm: an existing pooling ``vllm.LLM`` (``runner="pooling"``, ``PoolerConfig(task="token_embed",
             tok_pooling_type="ALL", use_activation=False)``) to reuse; ``model`` then only locates the output layer
             (default: the LLM's own model path).
+        keep_hidden_states: return the full distribution as the completion positions' hidden states + the output
+            layer (:attr:`TeacherScores.full_hidden`) instead of ``(B, C, V)`` log-probs; the chunked loss
+            (``objective.chunk_size``) turns them into log-probs one chunk at a time.
         **engine_kwargs: passed to ``vllm.LLM`` (e.g. ``gpu_memory_utilization``, ``tensor_parallel_size``).
 
     Scripts that create one should keep top-level code under ``if __name__ == "__main__":``.
@@ -88,6 +97,7 @@ class VLLMHiddenStateTeacher(ScorerBase):
         max_model_len: int | None = None,
         temperature: float = 1.0,
         llm: Any = None,
+        keep_hidden_states: bool = False,
         **engine_kwargs: Any,
     ) -> None:
         if temperature <= 0:
@@ -117,6 +127,7 @@ class VLLMHiddenStateTeacher(ScorerBase):
         self.vocab_size = int(model_config.get_vocab_size())
         self.max_length = int(model_config.max_model_len)
         self.temperature = temperature
+        self.keep_hidden_states = keep_hidden_states
         self.output_weight = output_weight if output_weight is not None else load_output_layer(self.model_name)
         if self.output_weight.shape[0] != self.vocab_size:
             raise ValueError(
@@ -129,7 +140,11 @@ class VLLMHiddenStateTeacher(ScorerBase):
         """vLLM returns each sequence's hidden states; the output layer turns the completion positions into logits."""
         sequences, prompt_lengths = request.sequences, request.prompt_lengths
         completion_lengths = request.completion_lengths
-        out = CompletionScoreWriter(completion_lengths, self.vocab_size, request.top_k, request.full_logprobs)
+        as_hidden = self.keep_hidden_states and request.full_logprobs
+        out = CompletionScoreWriter(
+            completion_lengths, self.vocab_size, request.top_k, request.full_logprobs and not as_hidden
+        )
+        hidden_rows = {}
         todo = [i for i, clen in enumerate(completion_lengths) if clen > 0]
         if not todo:
             return out.result()
@@ -144,7 +159,17 @@ class VLLMHiddenStateTeacher(ScorerBase):
                     "-token sequence; start the engine with tok_pooling_type='ALL' (one state per position)."
                 )
             # position p predicts token p + 1: completion token j comes from position plen - 1 + j
-            logits = hidden[plen - 1 : plen - 1 + clen].float() @ self.output_weight.T
+            rows_hidden = hidden[plen - 1 : plen - 1 + clen].float()
+            if as_hidden:
+                hidden_rows[i] = rows_hidden
+            logits = rows_hidden @ self.output_weight.T
             targets = torch.tensor([int(t) for t in sequences[i][plen:]], dtype=torch.long)
             out.add(i, torch.log_softmax(logits / self.temperature, dim=-1), targets)
-        return out.result()
+        scores = out.result()
+        if as_hidden:
+            width = max(completion_lengths)
+            stacked = torch.zeros(len(sequences), width, self.output_weight.shape[1])
+            for i, rows_hidden in hidden_rows.items():
+                stacked[i, : rows_hidden.shape[0]] = rows_hidden.cpu()
+            scores.full_hidden = HiddenStateLogprobs(stacked, self.output_weight, scores.mask, self.temperature)
+        return scores

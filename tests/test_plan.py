@@ -1,0 +1,104 @@
+"""`lockedopd plan`: per-device bytes from the model's sizes, checked against bytes counted on the tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lockedopd.diagnostics.memory import SavedTensorBytes
+from lockedopd.opd import OPDTrainer, load_config
+from lockedopd.opd.chunked_loss import rollout_opd_loss
+from lockedopd.opd.rollout import rollout_from_completions
+from lockedopd.params import optimizer_state_bytes
+from lockedopd.plan import ARCHITECTURES, architecture_of, plan_memory
+from tests.conftest import REPO, TINY_CONFIG
+
+PROMPT, COMPLETION, BATCH = 16, 12, 4
+SHAPE = [f"rollout.max_prompt_tokens={PROMPT}", f"rollout.max_new_tokens={COMPLETION}", f"batch_size={BATCH}"]
+
+
+def full_length_rollout(vocab: int, seed: int = 0):
+    """Every prompt and completion at its maximum length: the plan's bound is then the actual size."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (PROMPT,), generator=generator).tolist() for _ in range(BATCH)]
+    completions = [torch.randint(3, vocab, (COMPLETION,), generator=generator).tolist() for _ in range(BATCH)]
+    return rollout_from_completions(prompts, completions, None, 0, None)
+
+
+def measured_phase(trainer: OPDTrainer, rollout) -> dict[str, int]:
+    """Bytes counted on the live objects after one backward of the configured loss."""
+    model = trainer.model
+    scores = trainer.teacher.score(rollout.sequences(), rollout.prompt_lengths, **trainer.request)
+    model.train()
+    with SavedTensorBytes(exclude=[*model.parameters(), *model.buffers()]) as saved:
+        out = rollout_opd_loss(model, rollout, scores, trainer.config.objective)
+    out.loss.backward()
+    trained = trainer.trainable_parameters()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {
+        "weights": sum(p.numel() * p.element_size() for p in trainer.base_model.parameters()),
+        "gradients": sum(p.numel() * p.element_size() for p in trained),
+        "optimizer_state": optimizer_state_bytes(trainer.optimizer),
+        "saved_for_backward_bytes": saved.bytes,
+    }
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["objective.chunk_size=8", "gradient_checkpointing=true"], ["objective.name=pg"]],
+    ids=["exact-kl", "chunked-checkpointed", "pg"],
+)
+def test_plan_matches_bytes_counted_on_the_tiny_models(tmp_path, extra):
+    overrides = [f"output_dir={tmp_path}", "progress=false", "lock.enabled=true", "lock.at_step=1", *SHAPE, *extra]
+    config = load_config(TINY_CONFIG, overrides)
+    plan = plan_memory(config)["phases"]
+    trainer = OPDTrainer.from_config(config)
+    rollout = full_length_rollout(len(trainer.tokenizer))
+    measured = {"warmup": measured_phase(trainer, rollout)}
+    trainer.step = 1
+    _, change = trainer.lock.after_step(1, "warmup", trainer.base_model, trainer.optimizer)
+    trainer.apply_phase_change(change)
+    measured["locked"] = measured_phase(trainer, rollout)
+    measured["locked"]["weights"] = sum(
+        t.numel() * t.element_size() for t in [*trainer.model.parameters(), *trainer.model.buffers()]
+    )
+    planned_locked = plan["locked"]
+    planned_locked_weights = planned_locked["weights"] + planned_locked["bases"] + planned_locked["adapter"]
+    assert measured["warmup"]["weights"] == plan["warmup"]["weights"]
+    assert measured["locked"]["weights"] == pytest.approx(planned_locked_weights, rel=0.02)
+    for phase in ("warmup", "locked"):
+        for key in ("gradients", "optimizer_state"):
+            assert measured[phase][key] == pytest.approx(plan[phase][key], rel=0.02), (phase, key)
+        saved, planned = measured[phase]["saved_for_backward_bytes"], plan[phase]["saved_for_backward_bytes"]
+        assert planned == pytest.approx(saved, rel=0.2), (phase, saved, planned)
+
+
+def test_architectures_give_the_published_parameter_counts():
+    billions = {name: arch.num_parameters() / 1e9 for name, arch in ARCHITECTURES.items()}
+    assert billions["smollm2-135m"] == pytest.approx(0.1349, abs=0.001)
+    assert billions["qwen3-8b"] == pytest.approx(8.19, abs=0.01)
+    assert billions["qwen3-32b"] == pytest.approx(32.76, abs=0.01)
+    assert billions["llama-3.1-70b"] == pytest.approx(70.55, abs=0.01)
+    assert billions["llama-3.1-405b"] == pytest.approx(405.85, abs=0.1)
+
+
+def test_plan_of_the_qwen3_recipe_and_the_cli(tmp_path, capsys):
+    from lockedopd.cli import main
+
+    recipe = REPO / "recipes" / "configs" / "qwen3_8b_from_32b.yaml"
+    config = load_config(recipe, [f"output_dir={tmp_path}"])
+    assert architecture_of(config.student) == ARCHITECTURES["qwen3-8b"]
+    one = plan_memory(config)
+    eight = plan_memory(config, world_size=8, fsdp=True)
+    for phase in ("warmup", "locked"):
+        assert eight["phases"][phase]["total_bytes"] < one["phases"][phase]["total_bytes"]
+    assert one["phases"]["locked"]["total_bytes"] < one["phases"]["warmup"]["total_bytes"]
+    assert one["phases"]["warmup"]["teacher"] == 0 and one["teacher_separate_bytes"] > 60e9  # vLLM's own GPUs
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(recipe), "--world-size", "8", "--fsdp", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["phases"]["locked"]["total_bytes"] == eight["phases"]["locked"]["total_bytes"]
+    assert "locked" in capsys.readouterr().out
