@@ -8,7 +8,8 @@ applied. Each phase's bytes are the sum of:
 - ``weights``: every parameter in the student's dtype; locked: the frozen base (target matrices in
   ``lock.base_dtype``), plus ``bases`` (the float32 U/V) and ``adapter`` (the float32 coefficients);
 - ``gradients`` and ``optimizer_state`` of what trains (AdamW: two moments in the weights' dtype; ``adamw8bit``: one
-  byte per moment plus block scales; ``LockedAdamW``: two float32 moments of the coefficients); ``tracker``: the
+  byte per moment plus block scales; ``lock.optimizer=factored``: one float32 moment of the coefficients plus the
+  row and column sums of the second moment; ``coefficients`` (LockedAdamW): two float32 moments); ``tracker``: the
   warmup's float64 sketches;
 - ``activations``: what autograd saves per decoder layer of a Llama-type block for ``N`` tokens of the device's
   micro-batch (``prompt + completion`` at their maxima): warmup ``4NI + 4NH + 4N·q + N·heads`` values (MLP
@@ -242,12 +243,16 @@ def plan_memory(config, world_size: int = 1, fsdp: bool = False) -> dict[str, An
         basis_numel = arch.num_layers * sum(
             i * rank + (o * rank if lock.mode == "two_sided" else 0) for o, i in shapes
         )
+        if lock.optimizer == "factored":  # m of the coefficients + the row (out) and column (in) sums of v_W
+            locked_optimizer_numel = coefficient_numel + arch.num_layers * sum(o + i for o, i in shapes)
+        else:  # LockedAdamW: two moments of the coefficients
+            locked_optimizer_numel = 2 * coefficient_numel
         phases["locked"] = {
             "weights": ((params - target_numel) * width + base) / shard + gathered,
             "bases": basis_numel * 4 / shard,
             "adapter": coefficient_numel * 4 / shard,
             "gradients": coefficient_numel * 4 / shard + (coefficient_numel * 4 if world_size > 1 and not fsdp else 0),
-            "optimizer_state": 2 * coefficient_numel * 4 / shard,
+            "optimizer_state": locked_optimizer_numel * 4 / shard,
             "activations": peak,
             "logits": logits_peak,
             "teacher": teacher,

@@ -314,13 +314,25 @@ def test_locked_peft_config_checks_rank(tmp_path, tokenizer):
         SubspaceLockCallback(at_step=0)
 
 
+def _distillation_trainer(out, steps, model, teacher, prompts, tokenizer, **kwargs):
+    """A TRL DistillationTrainer on the tiny models: batch 8, lr 3e-3 constant, 10-token completions."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    args = DistillationConfig(
+        **{**_common_args(out, steps), "per_device_train_batch_size": 8, "learning_rate": 3e-3, "logging_steps": 100},
+        max_completion_length=10, beta=1.0, lr_scheduler_type="constant",
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=prompts,
+                                   processing_class=tokenizer, **kwargs)  # fmt: skip
+
+
 def test_trl_locked_phase_uses_locked_adamw_with_opd_trainers_lr_scale(tmp_path, tokenizer):
     """The TRL two-run path locks as OPDTrainer does: LockedAdamW, the warmup's moments, the same per-matrix lr
     scales (one function computes them for both loops); and it lowers held-out KL clearly more than the plain
     AdamW the trainer would build from ``peft_config``."""
     import copy
-
-    from trl import DistillationConfig, DistillationTrainer
 
     from lockedopd.opd.evaluation import evaluate_reverse_kl
     from lockedopd.opd.rollout import encode_prompts
@@ -343,17 +355,7 @@ def test_trl_locked_phase_uses_locked_adamw_with_opd_trainers_lr_scale(tmp_path,
         return evaluate_reverse_kl(model, scorer, eval_ids, pad, eos, 10, 16, seed=5).reverse_kl
 
     def trainer(model, out, steps, **kwargs):
-        args = DistillationConfig(
-            **{**_common_args(tmp_path / out, steps), "per_device_train_batch_size": 8, "learning_rate": 3e-3,
-               "logging_steps": 100},
-            max_completion_length=10, beta=1.0, lr_scheduler_type="constant",
-        )  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return DistillationTrainer(
-                model=model, teacher_model=teacher, args=args, train_dataset=prompts, processing_class=tokenizer,
-                **kwargs,
-            )  # fmt: skip
+        return _distillation_trainer(tmp_path / out, steps, model, teacher, prompts, tokenizer, **kwargs)
 
     lock = SubspaceLockCallback(rank=4, check_every=2, at_step=6, optimizer="coefficients")
     warmup = trainer(tiny(0), "warmup", 14, callbacks=[lock])
@@ -395,8 +397,6 @@ def test_trl_locked_phase_with_the_factored_optimizer(tmp_path, tokenizer):
     from the warmup's first moment and the row/column sums of its second moment, and trains inside span(V)."""
     import copy
 
-    from trl import DistillationConfig, DistillationTrainer
-
     from lockedopd.optim import FactoredSubspaceAdamW
 
     teacher = build_tiny_llama(len(tokenizer), num_layers=2, hidden_size=32, intermediate_size=64, seed=1,
@@ -404,15 +404,7 @@ def test_trl_locked_phase_with_the_factored_optimizer(tmp_path, tokenizer):
     prompts = datasets.Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(10) for b in range(10)]})
 
     def trainer(model, out, steps, **kwargs):
-        args = DistillationConfig(
-            **{**_common_args(tmp_path / out, steps), "per_device_train_batch_size": 8, "learning_rate": 3e-3,
-               "logging_steps": 100},
-            max_completion_length=10, beta=1.0, lr_scheduler_type="constant",
-        )  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=prompts,
-                                       processing_class=tokenizer, **kwargs)  # fmt: skip
+        return _distillation_trainer(tmp_path / out, steps, model, teacher, prompts, tokenizer, **kwargs)
 
     with pytest.raises(ValueError, match="optimizer='adam' is not one of"):
         SubspaceLockCallback(rank=4, optimizer="adam")

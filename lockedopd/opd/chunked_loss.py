@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lockedopd.opd import objectives as obj
 from lockedopd.opd.config import ObjectiveConfig
-from lockedopd.opd.loss import LossOutput, compute_opd_loss
+from lockedopd.opd.loss import LossOutput, compute_opd_loss, kept_tokens_and_reward_advantages
 from lockedopd.opd.objective_registry import ObjectiveInputs, get_objective
 from lockedopd.opd.rollout import Rollout, position_ids_from_mask, student_completion_logprobs
 from lockedopd.teachers.base import TeacherScores, check_plain_output_layer
@@ -195,20 +195,7 @@ def compute_chunked_opd_loss(
     teacher_tok = scores.token_logprobs.to(device)
     advantages = obj.opd_advantages(student_tok, teacher_tok)
     sampled_kl = -advantages
-    keep = mask
-    if config.token_keep_fraction < 1.0:
-        keep = obj.sparsify_token_mask(
-            exact_kl if exact_kl is not None else sampled_kl,
-            mask,
-            config.token_keep_fraction,
-            config.token_keep_mode,
-            generator,
-        )
-    reward_adv = None
-    if config.reward_lambda < 1.0:
-        if rewards is None:
-            raise ValueError("objective.reward_lambda < 1 needs rewards for the batch.")
-        reward_adv = obj.group_normalized_rewards(rewards).to(device)
+    keep, reward_adv = kept_tokens_and_reward_advantages(exact_kl, sampled_kl, mask, config, rewards, generator)
     adv = advantages
     if reward_adv is not None and objective.reward_in_advantage:
         adv = obj.mix_advantages(advantages, reward_adv, config.reward_lambda)

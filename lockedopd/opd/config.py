@@ -348,13 +348,13 @@ class OPDConfig:
                 "rollout.vllm_locked_sync=full."
             )
         if lock.base_dtype != "keep" and (
-            lock.adapter != "subspace" or lock.optimizer != "coefficients" or self.monitor.enabled
+            lock.adapter != "subspace" or lock.optimizer == "projected_full" or self.monitor.enabled
         ):
             raise ValueError(
                 f"config: lock.base_dtype={lock.base_dtype} keeps the frozen base quantized, which only the subspace "
                 "adapter trained by its coefficients supports, and the trajectory monitor needs the full-precision "
-                "base's gradients: set lock.adapter=subspace, lock.optimizer=coefficients and monitor.enabled=false "
-                "(or lock.base_dtype=keep)."
+                "base's gradients: set lock.adapter=subspace, lock.optimizer=factored or coefficients and "
+                "monitor.enabled=false (or lock.base_dtype=keep)."
             )
         if self.optimizer == "galore" and lock.enabled:
             raise ValueError(

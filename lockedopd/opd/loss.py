@@ -29,6 +29,33 @@ class LossOutput:
     reward_mean: float | None = None
 
 
+def kept_tokens_and_reward_advantages(
+    exact_kl: torch.Tensor | None,
+    sampled_kl: torch.Tensor,
+    mask: torch.Tensor,
+    config: ObjectiveConfig,
+    rewards: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens the loss keeps (``objective.token_keep_fraction``, ranked by the exact KL where there is one, else
+    the sampled-token KL) and the group-normalised reward advantages (``None`` unless ``reward_lambda < 1``)."""
+    keep = mask
+    if config.token_keep_fraction < 1.0:
+        keep = obj.sparsify_token_mask(
+            exact_kl if exact_kl is not None else sampled_kl,
+            mask,
+            config.token_keep_fraction,
+            config.token_keep_mode,
+            generator,
+        )
+    reward_adv = None
+    if config.reward_lambda < 1.0:
+        if rewards is None:
+            raise ValueError("objective.reward_lambda < 1 needs rewards for the batch.")
+        reward_adv = obj.group_normalized_rewards(rewards).to(mask.device)
+    return keep, reward_adv
+
+
 def compute_opd_loss(
     student_logprobs: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -70,21 +97,7 @@ def compute_opd_loss(
     if teacher_full is not None:
         exact_kl = obj.reverse_kl_per_token(student_logprobs, teacher_full).detach()
 
-    keep = mask
-    if config.token_keep_fraction < 1.0:
-        keep = obj.sparsify_token_mask(
-            exact_kl if exact_kl is not None else sampled_kl,
-            mask,
-            config.token_keep_fraction,
-            config.token_keep_mode,
-            generator,
-        )
-
-    reward_adv = None
-    if config.reward_lambda < 1.0:
-        if rewards is None:
-            raise ValueError("objective.reward_lambda < 1 needs rewards for the batch.")
-        reward_adv = obj.group_normalized_rewards(rewards).to(device)
+    keep, reward_adv = kept_tokens_and_reward_advantages(exact_kl, sampled_kl, mask, config, rewards, generator)
 
     objective = get_objective(config.name)
     objective.check_scores(scores)
