@@ -314,7 +314,7 @@ def test_locked_peft_config_checks_rank(tmp_path, tokenizer):
         SubspaceLockCallback(at_step=0)
 
 
-def _distillation_trainer(out, steps, model, teacher, prompts, tokenizer, **kwargs):
+def _prompt_distillation_trainer(out, steps, model, teacher, prompts, tokenizer, **kwargs):
     """A TRL DistillationTrainer on the tiny models: batch 8, lr 3e-3 constant, 10-token completions."""
     from trl import DistillationConfig, DistillationTrainer
 
@@ -355,7 +355,7 @@ def test_trl_locked_phase_uses_locked_adamw_with_opd_trainers_lr_scale(tmp_path,
         return evaluate_reverse_kl(model, scorer, eval_ids, pad, eos, 10, 16, seed=5).reverse_kl
 
     def trainer(model, out, steps, **kwargs):
-        return _distillation_trainer(tmp_path / out, steps, model, teacher, prompts, tokenizer, **kwargs)
+        return _prompt_distillation_trainer(tmp_path / out, steps, model, teacher, prompts, tokenizer, **kwargs)
 
     lock = SubspaceLockCallback(rank=4, check_every=2, at_step=6, optimizer="coefficients")
     warmup = trainer(tiny(0), "warmup", 14, callbacks=[lock])
@@ -404,7 +404,7 @@ def test_trl_locked_phase_with_the_factored_optimizer(tmp_path, tokenizer):
     prompts = datasets.Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(10) for b in range(10)]})
 
     def trainer(model, out, steps, **kwargs):
-        return _distillation_trainer(tmp_path / out, steps, model, teacher, prompts, tokenizer, **kwargs)
+        return _prompt_distillation_trainer(tmp_path / out, steps, model, teacher, prompts, tokenizer, **kwargs)
 
     with pytest.raises(ValueError, match="optimizer='adam' is not one of"):
         SubspaceLockCallback(rank=4, optimizer="adam")

@@ -247,11 +247,4 @@ def compute_chunked_opd_loss(
         loss = part if loss is None else loss + part
     if loss is None:  # no kept token: a zero that still reaches the parameters, as the unchunked masked mean does
         loss = hidden.sum() * 0.0
-    return LossOutput(
-        loss=loss,
-        reverse_kl=float(obj.masked_mean(sampled_kl, mask)),
-        tokens=int(mask.sum()),
-        kept_tokens=int(keep.sum()),
-        exact_reverse_kl=None if exact_kl is None else float(obj.masked_mean(exact_kl, mask)),
-        reward_mean=None if rewards is None else float(rewards.float().mean()),
-    )
+    return LossOutput.of(loss, sampled_kl, mask, keep, exact_kl, rewards)

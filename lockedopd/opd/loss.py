@@ -28,6 +28,26 @@ class LossOutput:
     exact_reverse_kl: float | None = None
     reward_mean: float | None = None
 
+    @classmethod
+    def of(
+        cls,
+        loss: torch.Tensor,
+        sampled_kl: torch.Tensor,
+        mask: torch.Tensor,
+        keep: torch.Tensor,
+        exact_kl: torch.Tensor | None,
+        rewards: torch.Tensor | None,
+    ) -> LossOutput:
+        """``loss`` with its statistics: mean sampled (and exact) KL over ``mask``, token counts, mean reward."""
+        return cls(
+            loss=loss,
+            reverse_kl=float(obj.masked_mean(sampled_kl, mask)),
+            tokens=int(mask.sum()),
+            kept_tokens=int(keep.sum()),
+            exact_reverse_kl=None if exact_kl is None else float(obj.masked_mean(exact_kl, mask)),
+            reward_mean=None if rewards is None else float(rewards.float().mean()),
+        )
+
 
 def kept_tokens_and_reward_advantages(
     exact_kl: torch.Tensor | None,
@@ -121,11 +141,4 @@ def compute_opd_loss(
         reward_loss = obj.policy_gradient_loss(student_tok, reward_adv.unsqueeze(-1).expand_as(student_tok), keep)
         loss = config.reward_lambda * loss + (1.0 - config.reward_lambda) * reward_loss
 
-    return LossOutput(
-        loss=loss,
-        reverse_kl=float(obj.masked_mean(sampled_kl, mask)),
-        tokens=int(mask.sum()),
-        kept_tokens=int(keep.sum()),
-        exact_reverse_kl=None if exact_kl is None else float(obj.masked_mean(exact_kl, mask)),
-        reward_mean=None if rewards is None else float(rewards.float().mean()),
-    )
+    return LossOutput.of(loss, sampled_kl, mask, keep, exact_kl, rewards)
