@@ -279,7 +279,7 @@ def test_non_finite_values_stop_the_run_before_the_optimizer_step(tmp_path, monk
         tiny_config(tmp_path, "lr=.inf")
     import lockedopd.opd.trainer as trainer_module
 
-    original = trainer_module.compute_opd_loss
+    original = trainer_module.rollout_opd_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -289,7 +289,7 @@ def test_non_finite_values_stop_the_run_before_the_optimizer_step(tmp_path, monk
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_module, "compute_opd_loss", poisoned)
+    monkeypatch.setattr(trainer_module, "rollout_opd_loss", poisoned)
     with pytest.raises(
         FloatingPointError, match="step 3: the loss .* is not finite; the optimizer step was not taken"
     ) as info:

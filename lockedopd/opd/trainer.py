@@ -29,7 +29,7 @@ from lockedopd.atomic_io import atomic_write_text, recover_interrupted_writes
 from lockedopd.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
 from lockedopd.distributed import DistContext, init_distributed
-from lockedopd.opd.chunked_loss import compute_chunked_opd_loss
+from lockedopd.opd.chunked_loss import rollout_opd_loss
 from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
 from lockedopd.opd.evaluation import (
     EvalResult,
@@ -37,8 +37,8 @@ from lockedopd.opd.evaluation import (
     evaluate_reverse_kl_seeds,
     load_or_make_fixed_text,
 )
-from lockedopd.opd.loss import compute_opd_loss, teacher_request
-from lockedopd.opd.rollout import HFStudentSampler, encode_prompts, student_completion_logprobs
+from lockedopd.opd.loss import teacher_request
+from lockedopd.opd.rollout import HFStudentSampler, encode_prompts
 from lockedopd.opd.schedule import lr_at_step
 from lockedopd.params import (
     build_adamw,
@@ -266,12 +266,8 @@ class OPDTrainer:
                 texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
                 rewards = torch.tensor(self.reward_fn(texts, [r.answer for r in records]), dtype=torch.float32)
             generator = torch.Generator().manual_seed(seed)
-            if c.objective.chunk_size > 0:  # no (B, C, V) tensor: the loss over checkpointed chunks of tokens
-                out = compute_chunked_opd_loss(self.model, rollout, scores, c.objective, rewards, generator)
-            else:
-                student_lp = student_completion_logprobs(self.model, rollout)
-                out = compute_opd_loss(student_lp, rollout.completion_ids, scores, c.objective, rewards, generator)
-                del student_lp
+            # objective.chunk_size > 0: no (B, C, V) tensor, the loss over checkpointed chunks of tokens
+            out = rollout_opd_loss(self.model, rollout, scores, c.objective, rewards, generator)
             if self.dist.enabled:
                 out = self._share_of_micro_batch(out, len(prompt_ids))
             (out.loss / c.grad_accum_steps).backward()
