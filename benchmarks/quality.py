@@ -330,12 +330,11 @@ def full_kl_at(full_cell: dict[str, Any], step: int) -> tuple[float, bool]:
 def share_of_full_gain(method_cell: dict[str, Any], full_cell: dict[str, Any]) -> float | None:
     """(KL_full(L) - KL_end(method)) / (KL_full(L) - KL_end(full)), L = the method's lock step; None if undefined.
 
-    Both cells are of the same training seed; KL_full(L) comes from :func:`full_kl_at`. None when the method never
-    locked or full OPD made no progress after L.
+    Both cells are of the same training seed; KL_full(L) comes from :func:`full_kl_at`. A method that never locks
+    (GaLore, or any whole-run optimizer) is measured over the whole run, L = 0. None when full OPD made no progress
+    after L.
     """
-    lock_step = method_cell.get("lock_step")
-    if lock_step is None:
-        return None
+    lock_step = method_cell.get("lock_step") or 0
     start, _ = full_kl_at(full_cell, lock_step)
     end_full = full_cell["eval_reverse_kl"][full_cell["final_step"]]
     end_method = method_cell["eval_reverse_kl"][method_cell["final_step"]]
@@ -373,7 +372,7 @@ def aggregate(cells: dict[str, dict[int, dict[str, Any]]], methods: list[str]) -
                 value = share_of_full_gain(by_seed[s], full[s])
                 if value is not None:
                     shares[str(s)] = value
-                    if full_kl_at(full[s], by_seed[s]["lock_step"])[1]:
+                    if full_kl_at(full[s], by_seed[s]["lock_step"] or 0)[1]:
                         interpolated.append(s)
             else:
                 missing.append(s)

@@ -136,8 +136,9 @@ def test_share_of_full_gain_on_a_hand_made_results_set():
         "full": {0: _cell(0, {0: 4.0, 4: 3.4, 8: 3.0, 30: 2.0}), 1: _cell(1, {0: 4.0, 8: 2.5, 30: 1.5})},
         "locked": {0: _cell(0, {0: 4.0, 8: 3.0, 30: 2.2}, 8), 1: _cell(1, {0: 4.0, 8: 2.5, 30: 1.6}, 8)},
         "early": {0: _cell(0, {0: 4.0, 6: 3.2, 30: 2.0}, 6)},
+        "whole_run": {0: _cell(0, {0: 4.0, 30: 2.5})},  # never locks (GaLore): measured from step 0
     }
-    methods = quality.aggregate(cells, ["full", "locked", "early"])
+    methods = quality.aggregate(cells, ["full", "locked", "early", "whole_run"])
     share = methods["locked"]["share_of_full_gain"]
     assert share["per_seed"] == {"0": pytest.approx(0.8), "1": pytest.approx(0.9)}
     assert share["mean"] == pytest.approx(0.85)
@@ -151,6 +152,7 @@ def test_share_of_full_gain_on_a_hand_made_results_set():
     early = methods["early"]["share_of_full_gain"]
     assert early["per_seed"]["0"] == pytest.approx((3.2 - 2.0) / (3.2 - 2.0))
     assert early["seeds_with_interpolated_kl_lock"] == [0] and early["low"] is None
+    assert methods["whole_run"]["share_of_full_gain"]["per_seed"] == {"0": pytest.approx((4.0 - 2.5) / (4.0 - 2.0))}
     with pytest.raises(ValueError, match="eval_steps"):
         quality.full_kl_at(cells["full"][1], 40)
 
