@@ -29,7 +29,7 @@ from lockedopd.opd.rollout import HFStudentSampler
 from tests.conftest import REPO, TINY_CONFIG
 
 pytestmark = pytest.mark.distributed
-SETTINGS = ["progress=false", "rollout.seeding=prompt", "save_steps=2", "max_steps=9"]  # lock at 6, 3 locked steps
+SETTINGS = ["progress=false", "save_steps=2", "max_steps=9"]  # lock at 6, 3 locked steps
 
 
 def torchrun(out: Path, *overrides: str, wait: bool = True) -> subprocess.Popen:
@@ -146,7 +146,7 @@ def test_shard_bounds_cover_every_item_once():
 
 
 def test_settings_that_cannot_be_split_are_refused(tmp_path):
-    config = load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "progress=false"])
+    config = load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "progress=false", "rollout.seeding=batch"])
     with pytest.raises(ValueError, match="rollout.seeding=prompt"):
         _trainer_with(config, DistContext(world_size=2, rank=1))
     config = load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "rollout.seeding=prompt", "batch_size=2"])
