@@ -9,9 +9,9 @@ Runs on CPU in well under a minute with tiny random Llamas and a character token
 Run 1 trains all student weights on-policy against the teacher with a ``SubspaceLockCallback``; once the top-r
 subspace of ``ΔW = W_t - W_0`` is stable (or at ``--warmup-steps``) it writes ``basis.safetensors`` and stops.
 Run 2 continues from the warmed-up weights in the locked phase (``lock.locked_phase``): the subspace-locked PEFT
-adapter, and LockedAdamW over the r-dimensional coefficients with the warmup's moments and per-matrix learning-rate
-scales, as ``lockedopd distill`` does.  Swap in real models (same vocabulary for student and teacher) and a real
-prompt dataset for actual use.
+adapter, and the coefficient optimizer (``FactoredSubspaceAdamW``, the default) over the r-dimensional coefficients
+with the warmup's moments, as ``lockedopd distill`` does.  Swap in real models (same vocabulary for student and
+teacher) and a real prompt dataset for actual use.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     warmup.train()
     print(f"warmup: locked at step {lock.locked_step} ({lock.lock_reason}); basis -> {lock.basis_path}")
 
-    # ---- run 2: the locked phase on the warmed-up model; only the subspace coefficients train, with LockedAdamW
-    # continuing the warmup optimizer (moments and per-matrix lr scales from the files written at the lock)
+    # ---- run 2: the locked phase on the warmed-up model; only the subspace coefficients train, the coefficient
+    # optimizer continuing the warmup optimizer (moments and lr scales from the files written at the lock)
     warmed = warmup.model
     if any(type(p).__name__ == "DTensor" for p in warmed.parameters()):  # FSDP2 shards: the lock needs whole weights
         from lockedopd.distributed import full_tensor

@@ -10,13 +10,14 @@ Two-run design.  Locked OPD is two Trainer runs on the same model:
    the run (``control.should_training_stop = True``).
 2. **Locked phase**: start a second trainer on the *warmed-up* model in its locked phase:
    :meth:`SubspaceLockCallback.locked_phase` (or :func:`lockedopd.phases.load_locked_phase` in a new process) wraps
-   it in the :class:`~lockedopd.SubspaceLockedConfig` adapter and builds :class:`~lockedopd.LockedAdamW` over the
-   coefficients with the warmup's moments and a learning-rate scale per matrix, read from the files the callback
-   wrote at the lock — exactly what :class:`lockedopd.OPDTrainer` does (:mod:`lockedopd.phases`). Pass
-   ``model=phase.model, optimizers=(phase.optimizer, None)``; the trainer's scheduler scales each matrix's
-   learning rate. (``peft_config=locked_peft_config(basis_path)`` still works, with the trainer's plain AdamW on
-   the coefficients: README measured it stalling, 2.82 against 2.18.) Only the coefficients inside the frozen
-   subspace train; the base weights stay untouched.
+   it in the :class:`~lockedopd.SubspaceLockedConfig` adapter and builds the coefficient optimizer
+   (:class:`~lockedopd.optim.FactoredSubspaceAdamW` by default, :class:`~lockedopd.LockedAdamW` with
+   ``optimizer="coefficients"``) over the coefficients with the warmup's moments and a learning-rate scale per
+   matrix, read from the files the callback wrote at the lock — exactly what :class:`lockedopd.OPDTrainer` does
+   (:mod:`lockedopd.phases`). Pass ``model=phase.model, optimizers=(phase.optimizer, None)``; the trainer's
+   scheduler scales each matrix's learning rate. (``peft_config=locked_peft_config(basis_path)`` still works, with
+   the trainer's plain AdamW on the coefficients: README measured it stalling, 2.82 against 2.18.) Only the
+   coefficients inside the frozen subspace train; the base weights stay untouched.
 
 Example::
 
@@ -30,7 +31,7 @@ Example::
                                  processing_class=tokenizer, callbacks=[lock])
     warmup.train()  # stops once the subspace is stable; writes run/warmup/basis.safetensors
 
-    phase = lock.locked_phase(warmup.model, lr=1e-5)  # PEFT adapter + LockedAdamW (moments, lr scales)
+    phase = lock.locked_phase(warmup.model, lr=1e-5)  # PEFT adapter + coefficient optimizer (moments, lr scales)
     locked = DistillationTrainer(model=phase.model, optimizers=(phase.optimizer, None), teacher_model=teacher,
                                  args=DistillationConfig(output_dir="run/locked", ...), train_dataset=prompts,
                                  processing_class=tokenizer)
