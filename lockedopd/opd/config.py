@@ -369,8 +369,6 @@ class OPDConfig:
             )
 
     def _validate_fsdp(self) -> None:
-        if not isinstance(self.fsdp, bool):
-            raise ValueError(f"config: fsdp must be true or false, got {self.fsdp!r}.")
         if not self.fsdp:
             return
         lock = self.lock
