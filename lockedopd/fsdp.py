@@ -195,9 +195,9 @@ def plain_copy(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module
         raise ValueError(
             f"{cls.__name__} is not a transformers model; fsdp=true needs one (it rebuilds it at the lock)."
         )
-    dtype = next(iter(state.values())).dtype if state else None
-    with torch.random.fork_rng():
-        copy = cls._from_config(config, torch_dtype=dtype) if dtype is not None else cls._from_config(config)
+    dtype = next((value.dtype for value in state.values() if value.is_floating_point()), None)
+    with torch.random.fork_rng():  # (its random initialisation is overwritten below)
+        copy = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
     missing, unexpected = copy.load_state_dict(dict(state), strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [key for key in missing if not (tied and key.endswith("lm_head.weight"))]

@@ -357,7 +357,6 @@ class OPDTrainer:
         them (summed gradients then equal the whole micro-batch's). The logged statistics become the micro-batch's:
         token-weighted KLs, summed token counts, the prompt-weighted reward.
         """
-
         exact = out.exact_reverse_kl
         reward = out.reward_mean
         kept, tokens, kl_sum, exact_sum, reward_sum, rows = self.dist.sum_floats(
@@ -388,7 +387,6 @@ class OPDTrainer:
         single-seed run uses. With ``eval_fixed_text`` it adds KL on the teacher's greedy completions of the held-out
         prompts (made once, cached at ``eval_fixed_text_path`` or ``output_dir/fixed_text.json``).
         """
-
         c = self.config
         result = evaluate_reverse_kl_seeds(
             self.model,
