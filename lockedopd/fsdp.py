@@ -19,8 +19,13 @@
   :func:`gathered_merged_state_dict` and :func:`gather_optimizer_state_dict` gather them (every process), the main
   process writes; :func:`load_full_state_dict` and :func:`shard_optimizer_state` put them back onto the shards.
 
-Checked on the CPU with gloo (``tests/test_distributed.py``). Costs measured there are in the README section "More
-than one process".
+Checked on the CPU with gloo (``tests/test_distributed.py``): a 2-process ``fsdp=true`` run of the tiny recipe
+trains the 1-process run's weights within 6.5e-8 relative and resumes bit-identically in either phase. Measured
+(``benchmarks/fsdp_gather.py``, 2 processes on 2 busy cores, a 21.1M-parameter Llama): the gather before a rollout
+0.46–0.55 s, the per-matrix gathers of one tracker check 0.35–0.38 s (all 56 targets), a whole tracker check
+0.7–1.6 s. The rollout's gather comes every micro-batch and the tracker's every ``lock.check_every`` warmup steps,
+so the rollout's is the larger cost per step. The price of sampling on gathered weights: each process holds the whole
+student while it samples, evaluates, and at the lock.
 """
 
 from __future__ import annotations
