@@ -9,12 +9,14 @@
   end early stops early), and FSDP2 all-gathers a layer in every forward. :func:`unsharded` therefore gathers every
   layer once before sampling, keeps them whole through any number of forwards (no collective: FSDP2's pre-forward
   ``unshard`` is a no-op on an unsharded group, and with ``reshard_after_forward`` off its post-forward keeps the
-  weights), and reshards after — what verl does for its rollouts. Held-out evaluation on the main process runs
-  inside it too.
+  weights), and reshards after — what verl does for its rollouts. ``HFStudentSampler`` calls ``generate`` with
+  ``synced_gpus=False`` (transformers turns it on for an FSDP module, and would then all-reduce a "finished" flag
+  every token). Held-out evaluation on the main process runs inside it too.
 * Lock: the warmed-up weights are gathered into a plain copy of the model (:func:`plain_copy`), the locked phase is
-  entered on it as without FSDP, and :func:`shard_locked_phase` shards the PEFT model — the frozen base and the
-  coefficients A (out × r, split by rows like W) — while the bases V, which are buffers, stay whole on every
-  process; the locked optimizer's state moves onto the shards (:func:`shard_optimizer_state`).
+  entered on it as without FSDP, and :func:`shard_locked_phase` shards the model inside the PEFT wrapper (the root
+  that ``generate`` enters) — the frozen base and the coefficients A (out × r, split by rows like W) — while the
+  bases V, which are buffers, stay whole on every process; the locked optimizer's state moves onto the shards
+  (:func:`shard_optimizer_state`).
 * Checkpoints hold whole tensors, as an unsharded run writes them: :func:`gather_state_dict`,
   :func:`gathered_merged_state_dict` and :func:`gather_optimizer_state_dict` gather them (every process), the main
   process writes; :func:`load_full_state_dict` and :func:`shard_optimizer_state` put them back onto the shards.
