@@ -25,6 +25,7 @@ __all__ = [
     "DistContext",
     "full_tensor",
     "init_distributed",
+    "is_row_sharded",
     "shard_bounds",
     "shard_like",
     "shutdown_distributed",
@@ -146,6 +147,15 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     except ImportError:  # pragma: no cover - torch without DTensor
         return tensor
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def is_row_sharded(tensor: torch.Tensor) -> bool:
+    """True for an FSDP2 shard split by rows (a ``DTensor`` placed ``Shard(0)`` on a 1-D mesh)."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(tensor, DTensor) and tuple(tensor.placements) == (Shard(0),)
 
 
 def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

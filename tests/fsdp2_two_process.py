@@ -4,9 +4,10 @@ CPU (gloo) with the subspace tracker on the sharded weights, beside the same war
 Both processes train on the same batch, so FSDP2's averaged gradient is the unsharded one. The tracker gathers one
 matrix at a time from its shards, and the warmup carry gathers the sharded AdamW moments. Then the locked phase:
 the warmed-up weights gathered, the lock files written, the PEFT model sharded (frozen base and coefficients; the
-bases stay whole) and LockedAdamW continuing the carry, for two steps. The main process writes ``OUT/fsdp2.json``:
-the largest differences between the sharded and the unsharded run's weights, bases, carried moments and locked
-coefficients, the stability checks of both, and the share of each matrix a process holds.
+bases stay whole) and LockedAdamW continuing the carry (moments moved onto the shards), for two steps. The main
+process writes ``OUT/fsdp2.json``: the largest differences between the sharded and the unsharded run's weights,
+bases, carried moments and locked coefficients, the stability checks of both, and the share of each matrix a
+process holds.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ def warmup(model, sharded: bool):
     return model, tracker, optimizer, bases
 
 
-def locked(model, basis_file: Path, carry, sharded: bool):
+def locked(model, basis_file: Path, sharded: bool):
     from lockedopd.distributed import full_tensor
     from lockedopd.fsdp import shard_locked_phase
     from lockedopd.phases import load_locked_phase
 
-    phase = load_locked_phase(model, basis_file, lr=3e-3, optimizer="coefficients")  # FSDP2 shards LockedAdamW
-    if sharded:
-        phase = shard_locked_phase(phase, carry, lr=3e-3)
+    phase = load_locked_phase(model, basis_file, lr=3e-3, optimizer="coefficients")  # the carry file's moments
+    if sharded:  # (the trainer's test, fsdp=true, runs the default factored optimizer)
+        phase = shard_locked_phase(phase)
     batch = torch.randint(3, 60, (4, 12), generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(2):
@@ -89,7 +90,7 @@ def main(out: Path) -> None:
     warmed = {key: full_tensor(value.detach()) for key, value in model.state_dict().items()}
     plain = student()
     plain.load_state_dict(warmed)
-    phase, coefficients, losses, frozen = locked(plain, basis_file, carry, sharded=True)
+    phase, coefficients, losses, frozen = locked(plain, basis_file, sharded=True)
     bases_whole = all(not hasattr(b, "device_mesh") for b in phase.model.buffers())
     coefficient_rows = {n: int(c.to_local().shape[0]) for n, c in phase.coefficients().items()}
     if not dist.is_main:
@@ -98,7 +99,7 @@ def main(out: Path) -> None:
     ref_model, ref_tracker, ref_optimizer, ref_bases = warmup(student(), sharded=False)
     ref_params = {name: ref_model.get_submodule(name).weight for name in names}
     ref_carry = WarmupCarry.from_optimizer(ref_optimizer, ref_params, ref_bases)
-    _, ref_coefficients, ref_losses, _ = locked(ref_model, basis_file, None, sharded=False)
+    _, ref_coefficients, ref_losses, _ = locked(ref_model, basis_file, sharded=False)
 
     def max_diff(a, b):
         return max(float((a[n].double() - b[n].double()).abs().max()) for n in names)

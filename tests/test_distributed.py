@@ -203,3 +203,99 @@ def test_fsdp2_warmup_lock_and_locked_phase_match_the_unsharded_run(tmp_path):
     assert report["coefficient_max_abs_diff"] <= 1e-5 * report["coefficient_max_abs"]
     assert report["locked_losses"] == pytest.approx(report["ref_locked_losses"], rel=1e-6)
     assert report["locked_losses"][1] < report["locked_losses"][0]
+
+
+FSDP = ["fsdp=true", "monitor.enabled=false"]  # the monitor (refused under fsdp) does not change the weights
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    torchrun(out, *FSDP)
+    return out
+
+
+def test_fsdp_two_processes_train_the_one_process_run(runs, fsdp_run):
+    """``fsdp=true``: the student sharded over 2 processes (warmup with AdamW, lock at 6, 3 locked steps with the
+    default factored optimizer on row-sharded coefficients) trains what 1 unsharded process trains; the checkpoints
+    are written whole, in the unsharded run's format."""
+    summary_one, one, _ = runs
+    summary = json.loads((fsdp_run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["lock_step"] == summary_one["lock_step"] == 6
+    assert summary["lock_reason"] == summary_one["lock_reason"]
+    steps = sorted(int(p.name.split("-")[1]) for p in (fsdp_run / "checkpoints").iterdir())
+    assert steps == [0, 2, 4, 6, 8, 9]
+    assert max_relative_difference(checkpoint(one, 6), checkpoint(one, 9)) > 1e-3  # the locked steps move W ...
+    for step in steps:  # ... and the sharded run moves it the same way (measured: 6.5e-8 at most)
+        assert max_relative_difference(checkpoint(one, step), checkpoint(fsdp_run, step)) < 1e-5, step
+    c1, c2 = checkpoint(one, 9, "coefficients"), checkpoint(fsdp_run, 9, "coefficients")
+    assert len(c1) == 14 and max_relative_difference(c1, c2) < 1e-3  # (measured 1.7e-5)
+    b1, b2 = load_file(one / "basis.safetensors"), load_file(fsdp_run / "basis.safetensors")
+    assert b1.keys() == b2.keys() and max(float((b1[k] - b2[k]).abs().max()) for k in b1) < 1e-4
+    with safe_open(one / "basis.safetensors", "pt") as f1, safe_open(fsdp_run / "basis.safetensors", "pt") as f2:
+        assert f1.metadata() == f2.metadata()
+    for step in (4, 9):  # AdamW's moments in the warmup, the factored optimizer's m, R and C after the lock: whole
+        o1, o2 = (torch.load(out / "checkpoints" / f"step-{step:06d}" / "optimizer.pt") for out in (one, fsdp_run))
+        assert o1["param_groups"] == o2["param_groups"] and o1["state"].keys() == o2["state"].keys()
+        for index, state in o1["state"].items():
+            assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in o2["state"][index].items()}
+            for key in state.keys() - {"step"}:
+                scale = float(state[key].abs().max())
+                assert float((state[key] - o2["state"][index][key]).abs().max()) <= 1e-4 * scale, (step, key)
+    assert sorted(o2["state"][0]) == ["col_sq", "exp_avg", "row_sq", "step"]
+    assert o2["state"][0]["row_sq"].shape == (32,) and o2["state"][0]["exp_avg"].shape == (32, 4)
+    a1, a2 = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (one, fsdp_run))
+    assert a1.keys() == a2.keys() and max(float((a1[k] - a2[k]).abs().max()) for k in a1) < 1e-4
+    metrics = [json.loads(line) for line in (fsdp_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == list(range(10)) and all(r["gather_s"] >= 0 for r in metrics[1:])
+    assert summary["final_reverse_kl"] == pytest.approx(summary_one["final_reverse_kl"], rel=1e-4)
+
+
+def test_fsdp_run_resumes_in_the_warmup_and_after_the_lock(fsdp_run, tmp_path):
+    """Resumed from its step-4 checkpoint (warmup: shards and AdamW state loaded from whole tensors, the tracker from
+    the checkpoint) and from step 8 (locked: the phase rebuilt whole, then sharded with its optimizer state), a
+    2-process fsdp run ends with the uninterrupted run's bits."""
+    warm, locked = tmp_path / "warmup", tmp_path / "locked"
+    for out, last in ((warm, 4), (locked, 8)):
+        shutil.copytree(fsdp_run, out)
+        for path in (out / "checkpoints").iterdir():
+            if int(path.name.split("-")[1]) > last:
+                shutil.rmtree(path)
+        (out / "summary.json").unlink()
+    for path in warm.iterdir():  # nothing of the lock yet, as a run killed at step 5 leaves it
+        if path.name not in ("checkpoints", "config.yaml", "metrics.jsonl"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    torchrun(warm, *FSDP, "resume=true")
+    torchrun(locked, *FSDP, "resume=true")
+    for out, steps in ((warm, (6, 9)), (locked, (9,))):
+        for step in steps:
+            a, b = checkpoint(fsdp_run, step), checkpoint(out, step)
+            assert all(torch.equal(a[k], b[k]) for k in a), (out.name, step)
+    b1, b2 = load_file(fsdp_run / "basis.safetensors"), load_file(warm / "basis.safetensors")
+    assert b1.keys() == b2.keys() and all(torch.equal(b1[k], b2[k]) for k in b1)
+
+
+def test_fsdp_is_refused_where_it_cannot_work(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    config = load_config(TINY_CONFIG, [f"output_dir={out}", *SETTINGS, *FSDP])
+    with pytest.raises(ValueError, match="but this is one process; launch several"):
+        _trainer_with(config, DistContext())
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch with an FSDP config turns fsdp on
+    config = load_config(TINY_CONFIG, [f"output_dir={out}", *SETTINGS, "monitor.enabled=false"])
+    with pytest.raises(ValueError, match="fsdp=true shards the student over processes"):
+        _trainer_with(config, DistContext())
+    refused = {
+        "rollout.backend=vllm": "set rollout.backend=hf",
+        "optimizer=adamw8bit": "set optimizer=adamw",
+        "lock.base_dtype=nf4": "set lock.base_dtype=keep",
+        "lock.optimizer=projected_full": "set lock.optimizer=factored or coefficients",
+        "lock.mode=two_sided": "set lock.mode=right",
+        "monitor.enabled=true": "set monitor.enabled=false",
+        "objective.chunk_size=8": "set objective.chunk_size=0",
+    }
+    for setting, fix in refused.items():
+        with pytest.raises(ValueError, match=f"fsdp=true does not work with {setting}: .*{fix}, or set fsdp=false"):
+            load_config(TINY_CONFIG, [f"output_dir={out}", *FSDP, setting])
+    with pytest.raises(ValueError, match="fsdp must be bool"):
+        load_config(TINY_CONFIG, [f"output_dir={out}", "fsdp=2"])
+    assert not out.exists()  # refused before anything was written

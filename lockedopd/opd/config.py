@@ -280,6 +280,11 @@ class OPDConfig:
         eval_fixed_text: also measure KL on fixed text, the teacher's greedy completions of the held-out prompts
             (``eval_fixed_text_kl``, plus forward KL and the student's NLL of that text); needs full-vocabulary
             teacher log-probs for evaluation.
+        fsdp: shard the student over the processes with FSDP2 (:mod:`lockedopd.fsdp`; needs ``torchrun`` /
+            ``accelerate launch`` with >= 2 processes, and ``accelerate launch`` with an FSDP config turns it on):
+            weights, gradients and AdamW state in the warmup, the frozen base, the coefficients and the locked
+            optimizer's state after the lock (the bases stay whole). Rollouts gather the student whole for sampling;
+            checkpoints are written whole, as without it. ``false`` (default): each process holds the whole student.
         eval_fixed_text_path: where those completions are cached (made once, reused while prompts, length and
             teacher match): a ``.json`` file, or a directory holding one file per prompt set (what a benchmark grid
             shares); ``null`` = ``output_dir/fixed_text.json``.
@@ -310,6 +315,7 @@ class OPDConfig:
     eval_sampling_seeds: int = 1
     eval_fixed_text: bool = False
     eval_fixed_text_path: str | None = None
+    fsdp: bool = False
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -362,6 +368,35 @@ class OPDConfig:
                 "lock.enabled=false."
             )
 
+    def _validate_fsdp(self) -> None:
+        if not self.fsdp:
+            return
+        lock = self.lock
+        refused = {
+            "rollout.backend=vllm": (self.rollout.backend == "vllm", "each vLLM engine needs the whole student; "
+                                     "set rollout.backend=hf"),
+            f"optimizer={self.optimizer}": (self.optimizer != "adamw", "bitsandbytes' 8-bit AdamW and GaLore's "
+                                            "per-matrix projections need whole matrices; set optimizer=adamw"),
+            f"lock.base_dtype={lock.base_dtype}": (lock.enabled and lock.base_dtype != "keep", "int8/nf4 are "
+                                                   "bitsandbytes modules FSDP2 cannot shard, bf16 is not checked "
+                                                   "sharded; set lock.base_dtype=keep"),
+            "lock.adapter=lora": (lock.enabled and lock.adapter == "lora", "set lock.adapter=subspace"),
+            "lock.optimizer=projected_full": (lock.enabled and lock.optimizer == "projected_full",
+                                              "set lock.optimizer=factored or coefficients"),
+            f"lock.mode={lock.mode}": (lock.enabled and lock.mode != "right", "two-sided coefficients (r x r) do "
+                                       "not split by rows; set lock.mode=right"),
+            "monitor.enabled=true": (lock.enabled and self.monitor.enabled, "the monitor needs the frozen base's "
+                                     "whole gradient; set monitor.enabled=false"),
+            f"objective.chunk_size={self.objective.chunk_size}": (self.objective.chunk_size > 0, "the chunked "
+                                                                  "loss calls the decoder outside the sharded root; "
+                                                                  "set objective.chunk_size=0"),
+            "gradient_checkpointing=true": (self.gradient_checkpointing, "not wired with FSDP2 here; set "
+                                            "gradient_checkpointing=false"),
+        }  # fmt: skip
+        for setting, (bad, fix) in refused.items():
+            if bad:
+                raise ValueError(f"config: fsdp=true does not work with {setting}: {fix}, or set fsdp=false.")
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""
         for key, value in _flatten(dataclasses.asdict(self)).items():
@@ -412,6 +447,7 @@ class OPDConfig:
         if self.lock.max_warmup_steps is not None and self.lock.max_warmup_steps < 1:
             raise ValueError(f"config: lock.max_warmup_steps must be >= 1 or null, got {self.lock.max_warmup_steps}.")
         self._validate_lock_method()
+        self._validate_fsdp()
         for key, value in (("lock.threshold", self.lock.threshold), ("lock.min_fraction", self.lock.min_fraction)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"config: {key} must be in (0, 1], got {value}.")
@@ -565,6 +601,7 @@ RESUMABLE_CHANGES = frozenset(
         "reference_run",
         "output_dir",
         "teacher.server_url",
+        "fsdp",
     }
 )
 """Settings a resumed run may change: they extend, observe or move the run, or say where the same teacher is served

@@ -16,6 +16,11 @@ after a drift of the trajectory monitor.
 With several processes (data parallel, identical weights everywhere) only the main process runs the policy; its
 decision and its bases are broadcast, every process checks at the lock that its target weights are the main
 process's (a SHA-256 of their bytes), and only the main process writes files (the others wait for them).
+
+With ``fsdp`` (the student sharded by FSDP2, :mod:`lockedopd.fsdp`) every process runs the policy, since its
+tracker gathers each matrix from the shards (a collective); the main process's decision is still the one taken.
+At the lock the shards are gathered into a plain copy of the student, the locked phase is entered on it and then
+sharded; checkpoints and the adapter hold whole tensors.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import nn
 from lockedopd.adapter.model import locked_layers
 from lockedopd.atomic_io import atomic_copy, atomic_directory, atomic_write_text
 from lockedopd.checkpoint import atomic_save_safetensors
-from lockedopd.distributed import DistContext, weights_fingerprint
+from lockedopd.distributed import DistContext, full_tensor, weights_fingerprint
 from lockedopd.optim import WarmupCarry
 from lockedopd.params import optimizer_state_bytes, trainable_parameters
 from lockedopd.phases import (
@@ -122,7 +127,7 @@ class LockController:
         return self.run_dir / "lock" / f"gen-{generation}"
 
     def _start_policy(self, model: nn.Module, at_step: int | None) -> None:
-        if not self.dist.is_main:  # the main process decides for all; the others need no sketches
+        if not self.dist.is_main and not self.config.fsdp:  # the main process decides; the others need no sketches
             return
         self.policy = LockPolicy(self.settings, at_step=at_step)
         self.policy.start(model, self.target_names, seed=self.config.seed)
@@ -206,14 +211,20 @@ class LockController:
         s, c = self.settings, self.config
         lr, scale = self.lr_at(step), s.lr_scale
         main = self.dist.is_main
-        if self.dist.enabled:
+        fsdp = self.config.fsdp
+        if self.dist.enabled and not fsdp:  # (sharded weights are no replicas to compare)
             weights = {name: model.get_submodule(name).weight for name in self.target_names}
             self.dist.check_same(f"the target weights at the step-{step} lock", weights_fingerprint(weights))
         generation = sum(1 for event in self.events if event["event"] == "lock")
         basis_file = self.lock_dir(generation) / "basis.safetensors"
         base_file = self.lock_dir(generation) / "base_model.safetensors"
+        warmup_model, whole = model, None
+        if fsdp:  # every process gathers the shards: the locked phase is entered on a whole copy, then sharded
+            from lockedopd.fsdp import gather_state_dict, plain_copy
+
+            whole = gather_state_dict(model)
         if s.optimizer != "projected_full" and main:  # the frozen base of an adapter: W at the lock (warmup folded in)
-            atomic_save_safetensors(model.state_dict(), base_file, {"step": step})
+            atomic_save_safetensors(whole if fsdp else model.state_dict(), base_file, {"step": step})
         if s.adapter == "lora":
             self.locked = enter_lora_phase(
                 model, self.target_names, s.rank, lr=lr, alpha=s.lora_alpha,
@@ -240,8 +251,15 @@ class LockController:
                 if main:
                     write_lock_files(basis_file, bases, meta, carry)
                 self.dist.barrier()  # the adapter reads the basis file
+                if fsdp:
+                    model = plain_copy(model, whole)
+                    del whole
                 self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, optimizer=s.optimizer,
                                                  base_dtype=s.base_dtype, **self._adam())  # fmt: skip
+                if fsdp:
+                    from lockedopd.fsdp import shard_locked_phase
+
+                    shard_locked_phase(self.locked, sum_gradients=True)
                 self._log_quantization()
             if main:
                 atomic_copy(basis_file, self.basis_file)
@@ -258,11 +276,15 @@ class LockController:
         for p in model.parameters():
             if id(p) not in trained:
                 p.grad = None
+        for p in warmup_model.parameters():  # (the sharded warmup model, with fsdp; else the same model)
+            p.grad = None
         self.policy = None
         self.lock_step, self.lock_reason = step, reason
         self.events.append({"step": step, "event": "lock", "reason": reason})
-        if self.locked.kind != "projected_full" and main:
-            self.save_adapter()
+        if self.locked.kind != "projected_full":
+            adapter_state = self.gathered_adapter_state() if fsdp else None
+            if main:
+                self.save_adapter(adapter_state)
         self.dist.barrier()
         logger.info("locked at step %d (%s, %s): rank %d", step, reason, self.locked.kind, s.rank)
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
@@ -347,7 +369,8 @@ class LockController:
             trainer_state["locked_kind"] = self.locked.kind
             trainer_state["lock_files"] = self.lock_files
             if self.locked.kind != "projected_full":  # projected_full trains the model's own weights: saved anyway
-                tensors["coefficients"] = {name: p.detach() for name, p in self.locked.trainable().items()}
+                trained = self.locked.trainable()  # (FSDP2 shards gathered whole)
+                tensors["coefficients"] = {name: full_tensor(p.detach()) for name, p in trained.items()}
         elif self.policy is not None:
             states["tracker"] = self.policy.tracker.state_dict()
 
@@ -396,10 +419,17 @@ class LockController:
         self.lock_files = files or None
         s = self.settings
         lr = self.lr_at(step)
-        if kind == "projected_full":
-            _load_weights(model, tensors["model"], "the checkpoint")
+        weights, source = (
+            (tensors["model"], "the checkpoint")
+            if kind == "projected_full"
+            else (load_file(base_file), str(base_file))
+        )
+        if self.config.fsdp:  # the locked phase is entered on a whole copy of the student, then sharded
+            from lockedopd.fsdp import plain_copy
+
+            model = plain_copy(model, weights)
         else:
-            _load_weights(model, load_file(base_file), str(base_file))
+            _load_weights(model, weights, source)
         if kind == "lora":
             self.locked = enter_lora_phase(model, self.target_names, s.rank, lr=lr, alpha=s.lora_alpha, **self._adam())
         else:
@@ -427,6 +457,10 @@ class LockController:
             saved_scales = dict(zip(sorted(self.locked.trainable()), saved_scales))
         for group, name in zip(self.locked.optimizer.param_groups, self.locked.trainable()):
             group.setdefault("lr_scale", float(saved_scales.get(name, 1.0)))
+        if self.config.fsdp:  # coefficients and the optimizer state they hold move onto the shards
+            from lockedopd.fsdp import shard_locked_phase
+
+            shard_locked_phase(self.locked, sum_gradients=True)
         self.policy = None
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
 
@@ -462,16 +496,32 @@ class LockController:
             out["tracker_memory_bytes"] = self.policy.tracker.memory_bytes()
         return out
 
-    def save_adapter(self) -> Path:
-        """Write the locked phase's adapter to ``adapter/`` (PEFT format), replacing the previous one atomically."""
+    def save_adapter(self, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the locked phase's adapter to ``adapter/`` (PEFT format), replacing the previous one atomically.
+
+        ``state``: the adapter's tensors gathered whole (:meth:`gathered_adapter_state`; with ``fsdp``), else the
+        model's own."""
         with atomic_directory(self.run_dir / "adapter") as tmp:
-            self.locked.model.save_pretrained(tmp)
+            self.locked.model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
         return self.run_dir / "adapter"
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        """End of training: save the final adapter (PEFT format) next to the run's other results."""
+    def gathered_adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """The adapter's tensors (names containing the adapter's name) gathered whole from FSDP2 shards; every
+        process must call it. ``None`` outside a locked phase with an adapter."""
+        if self.locked is None or self.locked.kind == "projected_full":
+            return None
+        tag = f".{self.locked.adapter_name}"
+        return {
+            key: full_tensor(value.detach())
+            for key, value in self.locked.model.state_dict().items()
+            if f"{tag}." in key or key.endswith(tag)
+        }
+
+    def finish(self, summary: dict[str, Any], adapter_state: dict[str, torch.Tensor] | None = None) -> None:
+        """End of training: save the final adapter (PEFT format) next to the run's other results (``adapter_state``:
+        its tensors gathered whole, with ``fsdp``)."""
         if self.locked is not None and self.locked.kind != "projected_full":
-            self.save_adapter()
+            self.save_adapter(adapter_state)
         atomic_write_text(self.run_dir / "lock.json", json.dumps(self.summary(), indent=2))
         from lockedopd.diagnostics.run_report import write_trajectory_report
 

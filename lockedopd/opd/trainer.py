@@ -6,11 +6,15 @@ the subspace tracker watches ΔW) and ``locked`` (only the coefficients of the S
 Under ``torchrun`` / ``accelerate launch`` the loop runs data-parallel (:mod:`lockedopd.distributed`): each process
 samples and scores its contiguous share of every micro-batch of ``batch_size`` prompts, weights its loss by its share
 of the micro-batch's loss tokens, and the gradients are summed over processes, so the step is the one a single
-process takes on the whole micro-batch. Only the main process evaluates and writes the run directory.
+process takes on the whole micro-batch. Only the main process evaluates and writes the run directory. With
+``fsdp: true`` the student is sharded over the processes instead of replicated (:mod:`lockedopd.fsdp`): rollouts and
+the main process's evaluation run on the gathered weights, FSDP2 sums the gradients, checkpoints are gathered whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -138,7 +142,9 @@ class OPDTrainer:
         if not train_prompts:
             raise ValueError("OPDTrainer: the training prompt set is empty; give data.train_path with prompts.")
         self.dist = dist if dist is not None else init_distributed()
+        config = _fsdp_from_launcher(config)
         _check_world_size(config, self.dist)
+        self.fsdp = config.fsdp
         self.dist.broadcast_parameters(student)  # every process starts from the main process's weights
         self.config = config
         self.model = student
@@ -166,6 +172,12 @@ class OPDTrainer:
             enable_activation_checkpointing(student)
         targets = self.target_parameters()
         params, betas = freeze_all_but(student, targets.values()), (config.adam_beta1, config.adam_beta2)
+        if self.fsdp:  # shard before the optimizer is built: it then holds the shards and their state
+            from lockedopd.fsdp import fully_shard_layers
+
+            fully_shard_layers(student, sum_gradients=True)
+            targets = self.target_parameters()
+            params = list(targets.values())
         if config.optimizer == "galore":
             from lockedopd.optim.galore import build_galore_adamw
 
@@ -234,7 +246,7 @@ class OPDTrainer:
         started = time.perf_counter()
         rollout_s = score_s = 0.0
         totals = {"loss": 0.0, "reverse_kl": 0.0, "tokens": 0, "kept_tokens": 0}
-        exact, rewards_seen = [], []
+        exact, rewards_seen, gather_s = [], [], 0.0
         if self.lock is not None:
             self.lock.before_backward(step)
         self.model.train()
@@ -248,15 +260,17 @@ class OPDTrainer:
             t0 = time.perf_counter()
             per_row = c.rollout.seeding == "prompt"
             sampler = self.sampler if self.sampler is not None else HFStudentSampler(self.model, seed_per_row=per_row)
-            rollout = sampler.generate(
-                prompt_ids,
-                self.pad_token_id,
-                self.eos_token_id,
-                c.rollout.max_new_tokens,
-                c.rollout.temperature,
-                c.rollout.top_p,
-                seed=seed + offset,
-            )
+            with self._whole_student() as gathered:  # fsdp: every process gathers, then samples alone
+                gather_s += gathered()
+                rollout = sampler.generate(
+                    prompt_ids,
+                    self.pad_token_id,
+                    self.eos_token_id,
+                    c.rollout.max_new_tokens,
+                    c.rollout.temperature,
+                    c.rollout.top_p,
+                    seed=seed + offset,
+                )
             t1 = time.perf_counter()
             scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
             t2 = time.perf_counter()
@@ -281,7 +295,8 @@ class OPDTrainer:
                 rewards_seen.append(out.reward_mean)
             del out, scores
         if self.dist.enabled:
-            self.dist.sum_gradients(p for p in self.model.parameters() if p.requires_grad)
+            if not self.fsdp:  # (FSDP2 sums the gradients' shards itself, in the backward)
+                self.dist.sum_gradients(p for p in self.model.parameters() if p.requires_grad)
             totals["loss"] = self.dist.sum_floats([totals["loss"]])[0]
         params = self.trainable_parameters()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30))
@@ -311,7 +326,29 @@ class OPDTrainer:
             score_s=round(score_s, 4),
             step_time_s=round(time.perf_counter() - started, 4),
         )
+        if self.fsdp:
+            record["gather_s"] = round(gather_s, 4)  # the all-gather before the rollouts (part of rollout_s)
         return record
+
+    @contextlib.contextmanager
+    def _whole_student(self):
+        """With ``fsdp``: the student gathered whole on every process (a collective; each may then run any number
+        of forward passes alone) and resharded after. Yields a function returning the seconds the gather took."""
+        if not self.fsdp:
+            yield lambda: 0.0
+            return
+        from lockedopd.fsdp import unsharded
+
+        started = time.perf_counter()
+        with unsharded(self.model):
+            seconds = time.perf_counter() - started
+            yield lambda: seconds
+
+    def _evaluate_on_main(self) -> EvalResult | None:
+        """:meth:`evaluate` on the main process (``None`` elsewhere); with ``fsdp`` every process must call it, to
+        gather the student for the main process's evaluation."""
+        with self._whole_student():
+            return self.evaluate() if self.dist.is_main else None
 
     def _share_of_micro_batch(self, out, prompts: int):
         """This process's part of a micro-batch split over processes, as the loss to back-propagate.
@@ -320,8 +357,6 @@ class OPDTrainer:
         them (summed gradients then equal the whole micro-batch's). The logged statistics become the micro-batch's:
         token-weighted KLs, summed token counts, the prompt-weighted reward.
         """
-        import dataclasses
-
         exact = out.exact_reverse_kl
         reward = out.reward_mean
         kept, tokens, kl_sum, exact_sum, reward_sum, rows = self.dist.sum_floats(
@@ -352,8 +387,6 @@ class OPDTrainer:
         single-seed run uses. With ``eval_fixed_text`` it adds KL on the teacher's greedy completions of the held-out
         prompts (made once, cached at ``eval_fixed_text_path`` or ``output_dir/fixed_text.json``).
         """
-        import dataclasses
-
         c = self.config
         result = evaluate_reverse_kl_seeds(
             self.model,
@@ -412,7 +445,7 @@ class OPDTrainer:
                 change = self.lock.start(self.base_model, self.optimizer)
                 if change is not None:
                     self.apply_phase_change(change)
-            initial = self.evaluate() if self.eval_ids and main else None
+            initial = self._evaluate_on_main() if self.eval_ids else None
             if initial is not None:
                 log.write({"step": 0, "phase": self.phase, **initial.as_dict()})
             self.save()
@@ -430,8 +463,10 @@ class OPDTrainer:
                     record["sync_s"] = round(self._sync_sampler(), 4)
                 is_last = self.step == c.max_steps
                 due = is_last or (c.eval_steps and self.step % c.eval_steps == 0) or record.get("locked_now")
-                if self.eval_ids and due and main:
-                    record.update(self.evaluate().as_dict())
+                if self.eval_ids and due:
+                    result = self._evaluate_on_main()
+                    if result is not None:
+                        record.update(result.as_dict())
                 if log is not None:
                     log.write(record)
                 if is_last or (c.save_steps and self.step % c.save_steps == 0) or record.get("locked_now"):
@@ -448,6 +483,7 @@ class OPDTrainer:
             if progress is not None:
                 progress.close()
         summary = None
+        adapter_state = self.lock.gathered_adapter_state() if self.fsdp and self.lock is not None else None
         if main:
             summary = self._summary(log.read())
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -455,7 +491,7 @@ class OPDTrainer:
 
             plot_training_curves(log.read(), self.run_dir / "curves.png", lock_step=summary.get("lock_step"))
             if self.lock is not None:
-                self.lock.finish(summary)
+                self.lock.finish(summary, adapter_state)
         return self.dist.broadcast_object(summary)  # every process returns the run's summary
 
     # --------------------------------------------------------------------------------------- vLLM rollouts
@@ -529,25 +565,42 @@ class OPDTrainer:
         """Write checkpoint ``step-{step}`` atomically (weights, optimizer, RNG, phase).
 
         With several processes the main process writes it (their weights and optimizer states are the same) and the
-        others wait until it is complete.
+        others wait until it is complete. With ``fsdp`` every process first gathers the shards (weights, optimizer
+        state, coefficients), so the checkpoint holds whole tensors, as an unsharded run's does.
         """
-        if not self.dist.is_main:
+        if not self.dist.is_main and not self.fsdp:
             self.dist.barrier()
             return checkpoint_dir(self.run_dir, self.step)
         tensors = {"model": self.effective_state_dict()}
+        if self.fsdp:
+            from lockedopd.fsdp import gather_optimizer_state_dict
+
+            optimizer_state = gather_optimizer_state_dict(self.optimizer)
+        else:
+            optimizer_state = self.optimizer.state_dict()
         states = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "pyv": random.getstate()[0]},
         }
         trainer_state = {"step": self.step, "phase": self.phase, "world_size": self.dist.world_size}
         if self.lock is not None:
             self.lock.checkpoint_state(tensors, states, trainer_state)
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return checkpoint_dir(self.run_dir, self.step)
         path = save_checkpoint(self.run_dir, self.step, tensors, states, trainer_state)
         self.dist.barrier()
         return path
 
     def effective_state_dict(self) -> dict[str, torch.Tensor]:
-        """The student's weights as a plain model's state dict (adapter deltas merged in when locked)."""
+        """The student's weights as a plain model's state dict (adapter deltas merged in when locked); with ``fsdp``
+        gathered whole (a collective: every process calls it)."""
+        if self.fsdp:
+            from lockedopd.fsdp import gather_state_dict, gathered_merged_state_dict
+
+            if self.lock is not None and self.phase == "locked":
+                return gathered_merged_state_dict(self.lock.locked)
+            return gather_state_dict(self.base_model)
         if self.lock is not None and self.phase == "locked":
             return self.lock.locked.merged_state_dict()
         return {k: v for k, v in self.base_model.state_dict().items()}
@@ -600,7 +653,12 @@ class OPDTrainer:
         if phase == "locked":
             self.apply_phase_change(self.lock.restore_locked(self.base_model, tensors, states, trainer_state))
         else:
-            missing, unexpected = self.base_model.load_state_dict(tensors["model"], strict=False)
+            if self.fsdp:  # whole tensors onto this process's shards
+                from lockedopd.fsdp import load_full_state_dict
+
+                missing, unexpected = load_full_state_dict(self.base_model, tensors["model"])
+            else:
+                missing, unexpected = self.base_model.load_state_dict(tensors["model"], strict=False)
             missing = [m for m in missing if not _is_tied_duplicate(self.base_model, m)]
             if missing or unexpected:
                 raise ValueError(
@@ -608,6 +666,10 @@ class OPDTrainer:
                     f"{unexpected[:3]}); resume with the config that wrote it."
                 )
             self.optimizer.load_state_dict(states["optimizer"])
+            if self.fsdp:
+                from lockedopd.fsdp import shard_optimizer_state
+
+                shard_optimizer_state(self.optimizer)
             if self.lock is not None:
                 self.lock.restore_unlocked(self.base_model, states, trainer_state)
         rng = states["rng"]
@@ -620,8 +682,21 @@ class OPDTrainer:
         return step
 
 
+def _fsdp_from_launcher(config: OPDConfig) -> OPDConfig:
+    """``config`` with ``fsdp`` on when ``accelerate launch`` runs an FSDP config (``ACCELERATE_USE_FSDP=true``)."""
+    if config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("true", "1"):
+        return config
+    logger.info("accelerate launch with an FSDP config (ACCELERATE_USE_FSDP=true): training with fsdp=true")
+    return dataclasses.replace(config, fsdp=True)
+
+
 def _check_world_size(config: OPDConfig, dist: DistContext) -> None:
     """Refuse settings that cannot mean the same run when ``batch_size`` prompts are split over processes."""
+    if config.fsdp and not dist.enabled:
+        raise ValueError(
+            "fsdp=true shards the student over processes, but this is one process; launch several (torchrun "
+            "--nproc_per_node 2 -m lockedopd distill CONFIG fsdp=true) or set fsdp=false."
+        )
     if not dist.enabled:
         return
     if config.rollout.backend == "hf" and config.rollout.seeding != "prompt":

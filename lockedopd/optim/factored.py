@@ -48,7 +48,15 @@ class FactoredSubspaceAdamW(torch.optim.Optimizer):
             and key ``lr_scale`` (as :meth:`lockedopd.LockedAdamW.from_carry` does).
 
     State per coefficient tensor: ``step``, ``exp_avg`` (its shape), ``row_sq`` (out) and ``col_sq`` (in).
+
+    Under FSDP2 the coefficients (right-sided A, out x r) are ``DTensor`` shards split by rows; ``exp_avg`` and
+    ``row_sq`` are split the same way (:attr:`row_sharded_state`) and ``col_sq`` stays whole on every process. The
+    two sums over all rows the step needs — the r x r Gram AᵀA of the gradient, which gives the column sums, and
+    ΣR — are all-reduced over the shards' process group, so every process takes the unsharded step on its rows.
     """
+
+    row_sharded_state = ("exp_avg", "row_sq")
+    """State keys split by rows like the coefficients under FSDP2 (:func:`lockedopd.fsdp.shard_optimizer_state`)."""
 
     def __init__(
         self,
@@ -142,33 +150,37 @@ class FactoredSubspaceAdamW(torch.optim.Optimizer):
             dtype = torch.promote_types(p.dtype, torch.float32)
             V = basis.V.to(device=p.device, dtype=dtype)
             U = basis.U.to(device=p.device, dtype=dtype) if basis.two_sided else None
-            g = p.grad.to(dtype)
+            rows = _RowShards.of(p, two_sided=U is not None)  # FSDP2: this process's rows; else the whole tensor
+            g = rows.local(p.grad).to(dtype)
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(g)
-                state["row_sq"] = torch.zeros(self.out_features[name], dtype=dtype, device=p.device)
-                state["col_sq"] = torch.zeros(V.shape[0], dtype=dtype, device=p.device)
+                state["exp_avg"] = rows.zeros_like(p.grad, g)
+                state["row_sq"] = rows.split(torch.zeros(self.out_features[name], dtype=dtype, device=g.device))
+                state["col_sq"] = torch.zeros(V.shape[0], dtype=dtype, device=g.device)
+            exp_avg, row_sq = rows.local(state["exp_avg"]), rows.local(state["row_sq"])
             beta1, beta2 = group["betas"]
             state["step"] += 1
             t = float(state["step"])
             left = U @ g if U is not None else g  # g_W = left · Vᵀ
-            state["exp_avg"].lerp_(g, 1 - beta1)
-            state["row_sq"].mul_(beta2).add_(left.square().sum(dim=1), alpha=1 - beta2)
-            state["col_sq"].mul_(beta2).add_(((V @ (left.mT @ left)) * V).sum(dim=1), alpha=1 - beta2)
+            exp_avg.lerp_(g, 1 - beta1)
+            row_sq.mul_(beta2).add_(left.square().sum(dim=1), alpha=1 - beta2)
+            gram = rows.sum(left.mT @ left)  # r x r, over all rows
+            state["col_sq"].mul_(beta2).add_(((V @ gram) * V).sum(dim=1), alpha=1 - beta2)
             bias2 = 1 - beta2**t
-            row = (state["row_sq"] / bias2).clamp_min(TINY)
+            row = (row_sq / bias2).clamp_min(TINY)
             col = (state["col_sq"] / bias2).clamp_min(TINY)
             row_d = row.sqrt()
-            col_d = (col / row.sum()).sqrt()  # √v̂_ij ≈ row_d_i · col_d_j
+            col_d = (col / rows.sum(row.sum())).sqrt()  # √v̂_ij ≈ row_d_i · col_d_j
             kernel = (V / (col_d + group["eps"]).unsqueeze(1)).mT @ V  # Vᵀ diag(1/col_d) V: r x r
-            m_hat = state["exp_avg"] / (1 - beta1**t)
+            m_hat = exp_avg / (1 - beta1**t)
             m_left = U @ m_hat if U is not None else m_hat
             update = (m_left / (row_d + group["eps"]).unsqueeze(1)) @ kernel  # out x r
             if U is not None:
                 update = U.mT @ update
+            weights = rows.local(p)
             if group["weight_decay"] != 0:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update.to(p.dtype), alpha=-group["lr"])
+                weights.mul_(1 - group["lr"] * group["weight_decay"])
+            weights.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
 
     def lifted_moments(self, name: str, param: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -182,3 +194,48 @@ class FactoredSubspaceAdamW(torch.optim.Optimizer):
         row, col = state["row_sq"], state["col_sq"]
         v_w = torch.outer(row, col) / row.sum().clamp_min(TINY)
         return m_w, v_w
+
+
+class _RowShards:
+    """How one coefficient tensor is laid out: whole (a plain tensor: every method is the identity, so the step is
+    bit-identical to the unsharded code) or an FSDP2 ``DTensor`` split by rows over a process group."""
+
+    def __init__(self, param: Tensor | None = None) -> None:
+        self.param = param  # the sharded parameter (None: whole)
+
+    @classmethod
+    def of(cls, param: Tensor, two_sided: bool) -> _RowShards:
+        from ..distributed import is_row_sharded
+
+        if not is_row_sharded(param):
+            return cls()
+        if two_sided:
+            raise ValueError(
+                "FactoredSubspaceAdamW: two-sided coefficients (r x r) sharded by FSDP2 are not supported; use "
+                "lock.mode=right with fsdp=true, or lock.optimizer=coefficients."
+            )
+        return cls(param)
+
+    def local(self, tensor: Tensor) -> Tensor:
+        """This process's rows of ``tensor`` (a view: in-place changes reach the shard)."""
+        return tensor.to_local() if self.param is not None else tensor
+
+    def zeros_like(self, grad: Tensor, local_grad: Tensor) -> Tensor:
+        """A zero first moment laid out like the parameter (``local_grad``: its rows here, in the step's dtype)."""
+        if self.param is None:
+            return torch.zeros_like(local_grad)
+        return torch.zeros_like(grad, dtype=local_grad.dtype)
+
+    def split(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (whole, one entry per row) split by rows like the parameter (no communication)."""
+        if self.param is None:
+            return tensor
+        from ..distributed import shard_like
+
+        return shard_like(tensor, self.param)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the processes that hold the rows (in place; identity when whole)."""
+        if self.param is not None:
+            torch.distributed.all_reduce(tensor, group=self.param.device_mesh.get_group())
+        return tensor
