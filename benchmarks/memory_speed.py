@@ -185,8 +185,11 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def optimizer_breakdown(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Optimizer-state bytes split into Adam moments, step counters and projection bases, plus Adam coordinates."""
+def optimizer_breakdown(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> dict[str, int]:
+    """Optimizer-state bytes split into Adam moments, step counters and projection bases, plus Adam coordinates.
+
+    Bases the optimizer shares with ``model``'s buffers (the factored optimizer projects with the adapter's own
+    ``V``) are counted once, with the model."""
     out = {"moment_bytes": 0, "step_bytes": 0, "optimizer_basis_bytes": 0, "other_state_bytes": 0, "adam_coords": 0}
     for state in optimizer.state.values():
         for key, value in state.items():
@@ -199,8 +202,11 @@ def optimizer_breakdown(optimizer: torch.optim.Optimizer) -> dict[str, int]:
                 out["optimizer_basis_bytes"] += sum(tensor_bytes(t) for t in _tensors_in(value))
             else:
                 out["other_state_bytes"] += tensor_bytes(value)
-    for basis in getattr(optimizer, "bases", {}).values():  # FactoredSubspaceAdamW keeps its own U, V
-        out["optimizer_basis_bytes"] += sum(tensor_bytes(t) for t in (basis.U, basis.V) if t is not None)
+    shared = set() if model is None else {b.untyped_storage().data_ptr() for b in model.buffers()}
+    for basis in getattr(optimizer, "bases", {}).values():  # FactoredSubspaceAdamW's U, V
+        for t in (basis.U, basis.V):
+            if t is not None and t.untyped_storage().data_ptr() not in shared:
+                out["optimizer_basis_bytes"] += tensor_bytes(t)
     out["optimizer_state_bytes"] = (
         out["moment_bytes"] + out["step_bytes"] + out["optimizer_basis_bytes"] + out["other_state_bytes"]
     )
@@ -489,7 +495,9 @@ def measure_method(method: str, config: dict) -> dict[str, Any]:
     params = {id(p): p for p in setup.model.parameters()}.values()
     adapter_buffer_bytes = sum(tensor_bytes(b) for n, b in setup.model.named_buffers() if ".locked_" in n)
     optimizer_state = (
-        optimizer_breakdown(setup.optimizer) if setup.optimizer is not None else optimizer_breakdown(_NoOptimizer())
+        optimizer_breakdown(setup.optimizer, setup.model)
+        if setup.optimizer is not None
+        else optimizer_breakdown(_NoOptimizer())
     )
     record: dict[str, Any] = {
         "method": method,
