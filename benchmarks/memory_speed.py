@@ -700,8 +700,9 @@ def markdown_report(report: dict) -> str:
         f"log-prob tensor; chunked methods use objective.chunk_size = {c['objective']['chunk_size']}. "
         f"{c['steps']['warmup']} untimed + {c['steps']['timed']} timed steps per method, each method in a fresh "
         f"process ({c['isolation']}); torch {env['torch']}, {c['threads']} torch thread(s), {env['cpu_count']} CPUs "
-        f"(load average {env['load_average']} at start). Memory is counted from the tensors; seconds are wall time "
-        "on a shared CPU (the minimum over the timed steps is the least disturbed), so compare ratios.",
+        f"(load average {env['load_average']} at start), glibc MALLOC_MMAP_THRESHOLD_ "
+        f"{env.get('malloc_mmap_threshold') or 'unset (dynamic)'}. Memory is counted from the tensors; seconds are "
+        "wall time on a shared CPU (the minimum over the timed steps is the least disturbed), so compare ratios.",
         "",
         "| method | trainable params | Adam coords | params MiB | grads MiB | optimizer state MiB | bases MiB "
         "| training state MiB | saved MiB | peak live MiB | peak RSS Δ MiB | peak anon Δ MiB | s/step mean "
@@ -871,6 +872,8 @@ def _environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "load_average": load,
+        # glibc's allocator: unset = dynamic mmap threshold (freed mid-sized blocks stay resident); a number = fixed
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
 
 
