@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lockedopd.adapter import SubspaceLockedConfig
-from lockedopd.adapter.model import base_module_name, locked_coefficients
+from lockedopd.adapter.model import base_module_name, locked_coefficients, locked_layers
 from lockedopd.optim import FactoredSubspaceAdamW, LockedAdamW, WarmupCarry
 from lockedopd.params import build_adamw, freeze_all_but, select_target_linears
 from lockedopd.quantization import QuantizationReport, adam_state_fp32, dense_weight, is_quantized, quantize_linears
@@ -216,13 +216,42 @@ def enter_locked_phase(
     config = SubspaceLockedConfig(r=ranks.pop(), mode=mode, target_modules=list(bases), basis_path=str(basis_path))
     peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     coefficients = locked_coefficients(peft_model, adapter_name)
+    # one copy of U and V: the adapter's own buffers (read from basis_path), not a second set held by the optimizer
+    bases = adapter_bases(peft_model, bases, adapter_name)
     carry = carry if carry is not None else WarmupCarry()
     if optimizer == "factored":
         built = FactoredSubspaceAdamW.from_carry(coefficients, bases, carry, lr=lr, betas=betas, eps=eps)
     else:
         built = LockedAdamW.from_carry(coefficients, carry, mode=mode, lr=lr, betas=betas, eps=eps)
-    bases = {name: bases[name] for name in sorted(bases)}
     return LockedPhase(peft_model, built, bases, adapter_name, quantization=quantization)
+
+
+def adapter_bases(
+    peft_model: nn.Module, expected: Mapping[str, SubspaceBasis], adapter_name: str = ADAPTER_NAME
+) -> dict[str, SubspaceBasis]:
+    """The :class:`SubspaceBasis` of each locked layer of ``peft_model``, viewing the adapter's own ``U``/``V``
+    buffers (no copy), sorted by module name; checked against ``expected`` (the bases the adapter was built from),
+    whose ``U`` a right-sided adapter does not hold and which is carried over from it.
+
+    Raises:
+        ValueError: a module of ``expected`` has no locked layer, or its buffers differ from ``expected`` (the basis
+            file does not hold the bases passed in: write the file from them).
+    """
+    layers = locked_layers(peft_model)
+    missing = sorted(set(expected) - set(layers))
+    if missing:
+        raise ValueError(f"no subspace-locked layer for {missing[:3]}: wrap the model with these target modules.")
+    out = {}
+    for name in sorted(expected):
+        basis = layers[name].basis(adapter_name)
+        if basis.V.shape != expected[name].V.shape or not torch.equal(basis.V, expected[name].V.to(basis.V)):
+            raise ValueError(
+                f"{name}: the adapter's V (read from the basis file) differs from the basis passed in; write the "
+                "basis file from the same bases."
+            )
+        left = basis.U if basis.U is not None else expected[name].U  # right-sided: U is carried, not in the adapter
+        out[name] = SubspaceBasis(basis.V, left, basis.mode)
+    return out
 
 
 def enter_lora_phase(

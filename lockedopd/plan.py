@@ -15,18 +15,24 @@ applied. Each phase's bytes are the sum of:
   micro-batch (``prompt + completion`` at their maxima): warmup ``4NI + 4NH + 4N·q + N·heads`` values (MLP
   intermediates, linear inputs, attention q/k/v/out with k/v repeated to every head), locked ``3NI + 2NH + 4N·q +
   N·heads + N·r`` per adapted matrix (frozen linears keep no input); with ``gradient_checkpointing`` one ``N×H``
-  input per layer plus one layer recomputed; plus the attention mask (``B·L²`` floats);
-- ``logits``: the vocabulary-sized tensors of the loss at its peak: unchunked the log-softmax, its exp and the
-  log-ratio saved for backward, the teacher's full log-probs and two backward temporaries (6 ``B·C·V`` float32
-  copies for exact-KL objectives, 3 otherwise); chunked (``objective.chunk_size``) six copies of one chunk and the
-  ``N×H`` hidden states;
+  input per layer plus one layer recomputed; plus the final norm's ``N×H`` input and SDPA's boolean attention
+  mask (``B·L²`` bytes; transformers makes none when nothing is padded, so this is the padded case's bound);
+- ``logits``: the vocabulary-sized tensors of the loss at its peak: unchunked what the objective saves for
+  backward (:data:`LOSS_COPIES`: the log-softmax for the exact reverse KL and the sampled-token objectives, also
+  the probabilities and log-ratio for forward KL and JSD), the teacher's full log-probs (exact objectives) and two
+  backward temporaries, in ``B·C·V`` float32 copies; chunked (``objective.chunk_size``) the ``N×H`` hidden states
+  and four (reverse KL) or six copies of one chunk;
 - ``teacher``: an in-process teacher's weights and its forward's logits (``teacher.batch_size`` full sequences ×
   V); a vLLM teacher runs on its own devices (``teacher_separate_bytes``, not in the total).
 
 With ``--world-size N`` the micro-batch is split across devices (``batch_size`` is the global number of prompts);
 ``--fsdp`` shards weights, gradients, optimizer state and bases ``N`` ways and adds two gathered layers; without it
 every device holds everything, plus DDP's gradient buckets. ``saved_for_backward_bytes`` (activations + the saved
-part of the loss) is the quantity tests compare with ``torch.autograd.graph.saved_tensors_hooks`` counts.
+part of the loss) is the quantity tests compare with ``torch.autograd.graph.saved_tensors_hooks`` counts;
+``step_peak_bytes`` (the activations saved at the loss plus the larger of the loss's vocabulary-sized tensors and
+one recomputed layer) is the peak of the tensors one step creates, compared with the live-tensor peak
+``benchmarks/memory_speed.py`` measures on SmolLM2. Neither is added to ``total_bytes``, which sums activations,
+logits and gradients as if all were alive at once (an upper bound).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from typing import Any
 __all__ = ["ARCHITECTURES", "Architecture", "add_plan_parser", "architecture_of", "format_plan", "plan_memory"]
 
 GIB = 1024**3
+#: Phase keys that describe the step rather than add to its total.
+NOT_SUMMED = ("saved_for_backward_bytes", "step_peak_bytes")
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 BASE_BYTES = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64}  # int8 adds one float32 scale per row
 
 
+#: ``(B·C·V`` float32 copies an objective saves for backward unchunked, copies alive at one chunk's peak chunked``)``:
+#: the exact reverse KL saves only the log-softmax (its own backward recomputes its terms, in blocks); forward KL
+#: and JSD also save their probabilities and log-ratios; the sampled-token objectives save the log-softmax.
+LOSS_COPIES = {"reverse_kl": (1, 4), "forward_kl": (3, 6), "jsd": (3, 6)}
+
+
 def _adamw8bit_bytes(numel: int) -> float:
     """bitsandbytes AdamW8bit state of one tensor: uint8 moments + block scales + code books (fp32 below 4096)."""
     if numel < 4096:
@@ -160,18 +174,22 @@ def _activation_values(
         per_layer = 4 * n * i + 4 * n * h + attention
     else:
         per_layer = 3 * n * i + 2 * n * h + attention + len(targets) * n * rank
-    return arch.num_layers * per_layer + rows * length * length  # + the 4-D attention mask (float32)
+    return arch.num_layers * per_layer + n * h  # + the final norm's input
 
 
-def plan_memory(config, world_size: int = 1, fsdp: bool = False) -> dict[str, Any]:
+def plan_memory(
+    config, world_size: int = 1, fsdp: bool = False, architecture: Architecture | None = None
+) -> dict[str, Any]:
     """Per-device bytes of the warmup and locked phases of ``config`` (an :class:`lockedopd.OPDConfig`).
 
-    Returns ``{"world_size", "fsdp", "student": {...}, "phases": {"warmup": {component: bytes, ...,
-    "total_bytes"}, "locked": {...}}}``; see the module docstring for what each component counts.
+    ``architecture`` replaces the student's sizes from ``config.student`` (e.g. a model built in code whose
+    vocabulary is not the tiny tokenizer's). Returns ``{"world_size", "fsdp", "student": {...}, "phases":
+    {"warmup": {component: bytes, ..., "total_bytes"}, "locked": {...}}}``; see the module docstring
+    for what each component counts.
     """
     if world_size < 1:
         raise ValueError(f"plan: --world-size must be >= 1, got {world_size}.")
-    arch = architecture_of(config.student)
+    arch = architecture if architecture is not None else architecture_of(config.student)
     width = DTYPE_BYTES[config.student.dtype]
     shard = world_size if fsdp else 1
     rows = math.ceil(config.batch_size / world_size)
@@ -189,26 +207,30 @@ def plan_memory(config, world_size: int = 1, fsdp: bool = False) -> dict[str, An
 
     # the loss: vocabulary-sized float32 tensors, or one chunk of them
     exact = config.objective.name in ("reverse_kl", "forward_kl", "jsd")
-    copies_saved = 3 if exact else 1
+    copies_saved, copies_chunk = LOSS_COPIES.get(config.objective.name, (1, 6))
     lm_input = positions * arch.hidden_size * width
     if config.objective.chunk_size > 0:
         chunk = min(config.objective.chunk_size, positions)
-        logits_saved, logits_peak = lm_input, lm_input + 6 * chunk * arch.vocab_size * 4
-    else:
-        logits_saved = copies_saved * positions * arch.vocab_size * 4 + lm_input
+        logits_saved, logits_peak = lm_input, lm_input + copies_chunk * chunk * arch.vocab_size * 4
+    else:  # the output layer is frozen in both phases, so it keeps no input
+        logits_saved = copies_saved * positions * arch.vocab_size * 4
         logits_peak = (
             logits_saved + (1 if exact else 0) * positions * arch.vocab_size * 4 + 2 * positions * arch.vocab_size * 4
         )
 
     teacher, teacher_separate = _teacher_bytes(config, rows, length, positions, exact)
 
+    mask = rows * length * length  # SDPA's boolean 4-D attention mask, one byte per entry (none without padding)
+
     def activations(phase: str) -> tuple[float, float]:
         if config.gradient_checkpointing:
             one_layer = _replace_layers(arch, 1)
-            saved = arch.num_layers * tokens * arch.hidden_size + rows * length * length
-            recompute = _activation_values(one_layer, tokens, 0, length, phase, rank, targets)
-            return saved * width, (saved + recompute) * width
-        values = _activation_values(arch, tokens, rows, length, phase, rank, targets) * width
+            saved = (arch.num_layers + 1) * tokens * arch.hidden_size * width + mask  # layer inputs + final norm
+            recompute = (
+                _activation_values(one_layer, tokens, 0, length, phase, rank, targets) - tokens * arch.hidden_size
+            ) * width
+            return saved, saved + recompute
+        values = _activation_values(arch, tokens, rows, length, phase, rank, targets) * width + mask
         return values, values
 
     phases: dict[str, dict[str, float]] = {}
@@ -231,6 +253,7 @@ def plan_memory(config, world_size: int = 1, fsdp: bool = False) -> dict[str, An
         "logits": logits_peak,
         "teacher": teacher,
         "saved_for_backward_bytes": saved + logits_saved,
+        "step_peak_bytes": saved + max(peak - saved, logits_peak),
     }
     if lock.enabled:
         saved, peak = activations("locked")
@@ -257,9 +280,10 @@ def plan_memory(config, world_size: int = 1, fsdp: bool = False) -> dict[str, An
             "logits": logits_peak,
             "teacher": teacher,
             "saved_for_backward_bytes": saved + logits_saved,
+            "step_peak_bytes": saved + max(peak - saved, logits_peak),
         }
     for phase in phases.values():
-        phase["total_bytes"] = sum(v for key, v in phase.items() if key != "saved_for_backward_bytes")
+        phase["total_bytes"] = sum(v for key, v in phase.items() if key not in NOT_SUMMED)
         for key, value in phase.items():
             phase[key] = int(round(value))
     return {
@@ -293,10 +317,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     """A plain-text table of :func:`plan_memory`'s result, in GiB (MiB for small models)."""
     phases = plan["phases"]
     unit, scale = ("GiB", GIB) if max(p["total_bytes"] for p in phases.values()) >= GIB else ("MiB", 1024**2)
-    keys = [key for key in next(iter(phases.values())) if key not in ("total_bytes", "saved_for_backward_bytes")]
-    keys += [
-        key for phase in phases.values() for key in phase if key not in keys and key != "saved_for_backward_bytes"
-    ]
+    keys = [key for key in next(iter(phases.values())) if key != "total_bytes" and key not in NOT_SUMMED]
+    keys += [key for phase in phases.values() for key in phase if key not in keys and key not in NOT_SUMMED]
     keys = list(dict.fromkeys(k for k in keys if k != "total_bytes")) + ["total_bytes"]
     lines = [
         f"per-device memory ({unit}), world size {plan['world_size']}{' (FSDP)' if plan['fsdp'] else ''}, "

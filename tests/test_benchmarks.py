@@ -17,7 +17,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 TINY = BENCH / "experiments" / "tiny.yaml"
-LOCKED = ("locked_right", "locked_two_sided")
+LOCKED_RIGHT = (
+    "locked_right",
+    "locked_right_chunked",
+    "locked_right_ckpt",
+    "locked_right_ckpt_chunked",
+    "locked_right_adamw",
+)
+LOCKED = (*LOCKED_RIGHT, "locked_two_sided")
+FACTORED = ("locked_right", "locked_right_chunked", "locked_right_ckpt", "locked_right_ckpt_chunked")
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +78,9 @@ def test_exact_trainable_and_gradient_sizes(tiny_report):
     n = len(shapes)
     expected = {
         "full": sum(o * i for o, i in shapes),
-        "locked_right": sum(o * r for o, _ in shapes),
+        **{method: sum(o * r for o, _ in shapes) for method in LOCKED_RIGHT},
         "locked_two_sided": n * r * r,
+        "inference": 0,
         "lora": sum(r * (o + i) for o, i in shapes),
         "projected_right": sum(o * i for o, i in shapes),
     }
@@ -91,8 +100,17 @@ def test_exact_optimizer_state_bytes(tiny_report):
     n = len(shapes)
     # AdamW: two float32 moments per weight + one float32 step tensor per param
     assert res["full"]["optimizer_state_bytes"] == 2 * 4 * sum(o * i for o, i in shapes) + 4 * n
-    assert res["locked_right"]["optimizer_state_bytes"] == 2 * 4 * sum(o * r for o, _ in shapes) + 4 * n
-    assert res["locked_two_sided"]["optimizer_state_bytes"] == 2 * 4 * n * r * r + 4 * n
+    # LockedAdamW: two float32 moments per coefficient
+    assert res["locked_right_adamw"]["optimizer_state_bytes"] == 2 * 4 * sum(o * r for o, _ in shapes) + 4 * n
+    # the library default (FactoredSubspaceAdamW): m of the coefficients + row (out) and column (in) sums of v_W;
+    # it projects with the adapter's own V (and U two-sided), so it holds no second copy of the bases
+    for method in FACTORED:
+        assert res[method]["moment_bytes"] == 4 * sum(o * r + o + i for o, i in shapes), method
+        assert res[method]["optimizer_basis_bytes"] == 0, method
+        assert res[method]["options"]["optimizer"] == "FactoredSubspaceAdamW"
+    assert res["locked_two_sided"]["moment_bytes"] == 4 * sum(r * r + o + i for o, i in shapes)
+    assert res["locked_two_sided"]["optimizer_basis_bytes"] == 0
+    assert res["inference"]["optimizer_state_bytes"] == 0 and res["inference"]["grad_bytes"] == 0
     assert res["lora"]["optimizer_state_bytes"] == 2 * 4 * sum(r * (o + i) for o, i in shapes) + 4 * 2 * n
     # projected: moments out x r plus the basis V (in x r) held in the optimizer
     assert res["projected_right"]["moment_bytes"] == 2 * 4 * sum(o * r for o, _ in shapes)
@@ -113,8 +131,9 @@ def test_bases_and_parameter_bytes(tiny_report):
         if method in res:
             assert res[method]["param_bytes"] == full_params  # same model, nothing added
     # adapters add their coefficients as parameters and their frozen bases as buffers
-    assert res["locked_right"]["param_bytes"] == full_params + 4 * sum(o * r for o, _ in shapes)
-    assert res["locked_right"]["adapter_buffer_bytes"] == 4 * sum(i * r for _, i in shapes)  # V only
+    for method in LOCKED_RIGHT:
+        assert res[method]["param_bytes"] == full_params + 4 * sum(o * r for o, _ in shapes)
+        assert res[method]["adapter_buffer_bytes"] == 4 * sum(i * r for _, i in shapes)  # V only
     assert res["locked_two_sided"]["param_bytes"] == full_params + 4 * len(shapes) * r * r
     assert res["locked_two_sided"]["adapter_buffer_bytes"] == 4 * sum((o + i) * r for o, i in shapes)  # U and V
     assert res["lora"]["param_bytes"] == full_params + 4 * sum(r * (o + i) for o, i in shapes)
@@ -159,6 +178,10 @@ def test_same_student_same_batch_and_steps_move(tiny_report):
     first = res["full"]["losses"][0]
     steps = report["config"]["steps"]
     for method, record in res.items():
+        if method == "inference":
+            assert record["losses"] == [] and len(record["mean_token_logprobs"]) == sum(steps.values())
+            assert len(set(record["mean_token_logprobs"])) == 1  # no step changes the model
+            continue
         # adapters start at ΔW = 0, so every method sees the same loss before its first update
         assert record["losses"][0] == pytest.approx(first, rel=1e-5, abs=1e-6), method
         assert len(record["losses"]) == steps["warmup"] + steps["timed"]
@@ -182,3 +205,39 @@ def test_unknown_config_key_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="adafactor"):
         memory_speed.load_config(bad)
     assert memory_speed.load_config(TINY)["rank"] == _rank()
+
+
+def test_checkpointing_and_chunking_change_memory_not_the_training(tiny_report):
+    _, report = tiny_report
+    res = report["results"]
+    reference = res["locked_right"]["losses"]
+    for method in ("locked_right_chunked", "locked_right_ckpt", "locked_right_ckpt_chunked"):
+        assert res[method]["losses"] == pytest.approx(reference, rel=1e-5, abs=1e-7), method
+    defaults = yaml.safe_load((BENCH / "defaults.yaml").read_text())
+    model = {**defaults["model"], **(yaml.safe_load(TINY.read_text()).get("model") or {})}
+    batch = {**defaults["batch"], **(yaml.safe_load(TINY.read_text()).get("batch") or {})}
+    tokens = batch["batch_size"] * (batch["prompt_tokens"] + batch["completion_tokens"])
+    parts = {method: res[method]["saved_bytes_by_component"] for method in LOCKED_RIGHT}
+    for method in ("locked_right_ckpt", "locked_right_ckpt_chunked"):
+        # checkpointing keeps each decoder layer's input (tokens x hidden float32) and nothing inside the layers
+        assert parts[method]["layer_inputs"] == model["num_layers"] * tokens * model["hidden_size"] * 4
+        assert parts[method]["attention"] == 0 and parts[method]["mlp"] == 0
+    assert parts["locked_right"]["layer_inputs"] == 0
+    # unchunked the loss keeps the (B, C, V) float32 log-softmax; chunked no vocabulary-sized tensor
+    one_copy = batch["batch_size"] * batch["completion_tokens"] * model["vocab_size"] * 4
+    assert parts["locked_right"]["logits_loss"] >= one_copy
+    assert parts["locked_right_chunked"]["logits_loss"] < one_copy
+    assert res["locked_right_ckpt_chunked"]["saved_bytes"] < res["locked_right"]["saved_bytes"] / 4
+    for method in LOCKED:  # the full model's weights keep their inputs for their gradients; frozen ones do not
+        assert res[method]["saved_bytes_by_component"]["mlp"] < res["full"]["saved_bytes_by_component"]["mlp"]
+
+
+def test_inference_row_is_the_floor_and_ratios_to_it(tiny_report):
+    _, report = tiny_report
+    res = report["results"]
+    floor = res["inference"]
+    assert floor["saved_bytes"] == 0 and floor["saved_bytes_by_component"] is None
+    for method, record in res.items():
+        expected = record["peak_live_bytes"] / floor["peak_live_bytes"]
+        assert record["ratios_to_inference"]["peak_live_bytes"] == pytest.approx(expected), method
+    assert res["full"]["peak_live_bytes"] > res["locked_right"]["peak_live_bytes"] > floor["peak_live_bytes"]

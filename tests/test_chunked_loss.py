@@ -145,12 +145,13 @@ def test_chunked_loss_holds_one_chunk_of_vocabulary_sized_tensors():
         measured[16],
     )
     assert loss_chunk == pytest.approx(loss_full, abs=TOL)
-    # unchunked, autograd keeps at least the logits, the log-softmax and its exp for every position
-    assert saved_full >= 3 * one_copy
+    # unchunked, autograd keeps the log-softmax and the teacher's log-probs the KL reads, for every position (the
+    # exact KL's own backward recomputes its terms: objectives._ReverseKLPerToken)
+    assert saved_full >= 2 * one_copy
     # chunked it keeps the decoder's activations and the (tokens × hidden) states only: no (B, C, V) tensor
     assert saved_chunk < 0.25 * one_copy
-    # the step's peak (forward + backward) loses at least three full copies; one chunk is 1/8 of a copy
-    assert peak_chunk < peak_full - 3 * one_copy
+    # the step's peak (forward + backward) loses at least two full copies; one chunk is 1/8 of a copy
+    assert peak_chunk < peak_full - 2 * one_copy
     # the teacher hands over (B, C, H) hidden states instead of (B, C, V) log-probs
     assert teacher_chunk < teacher_full - one_copy
 

@@ -73,7 +73,8 @@ class PeakLiveBytes(TorchDispatchMode):
     """Context manager: the peak bytes of tensors created inside it that are alive at the same time.
 
     Every operator's outputs are tracked by storage until the storage is freed; tensors that existed before the
-    block (weights, inputs) are not counted, so ``peak_bytes`` is what the block adds on top of them — forward,
+    block (weights, inputs) are not counted, nor are outputs that alias an input's storage (views such as a
+    weight's transpose, in-place results), so ``peak_bytes`` is what the block adds on top of them — forward,
     backward (gradients included) and whatever is still alive at the end (``live_bytes``).
     """
 
@@ -97,7 +98,16 @@ class PeakLiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {
+            leaf.untyped_storage().data_ptr()
+            for leaf in tree_leaves((args, kwargs))
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"
+        }
         for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+            if (
+                isinstance(leaf, torch.Tensor)
+                and leaf.device.type != "meta"
+                and leaf.untyped_storage().data_ptr() not in inputs
+            ):
                 self._track(leaf)
         return out

@@ -115,7 +115,8 @@ def compute_opd_loss(
     exact_kl = None
     teacher_full = None if teacher_full is None else teacher_full.to(device)
     if teacher_full is not None:
-        exact_kl = obj.reverse_kl_per_token(student_logprobs, teacher_full).detach()
+        with torch.no_grad():  # a statistic: no graph (whose saved exp and log-ratio would be vocabulary-sized)
+            exact_kl = obj.reverse_kl_per_token(student_logprobs, teacher_full)
 
     keep, reward_adv = kept_tokens_and_reward_advantages(exact_kl, sampled_kl, mask, config, rewards, generator)
 

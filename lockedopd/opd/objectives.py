@@ -57,9 +57,73 @@ def policy_gradient_loss(
     return -masked_mean(advantages.detach() * ratio, mask, weights)
 
 
+#: Elements of one block of the exact reverse KL's temporaries (16 MiB of float32): the (B, T, V) log-ratio and
+#: probabilities are made one block of rows at a time, never for the whole batch.
+KL_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_blocks(rows: int, width: int) -> list[tuple[int, int]]:
+    step = max(1, KL_BLOCK_ELEMENTS // max(width, 1))
+    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+def _blocked_reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Σ_v exp(s_v)·(s_v − t_v) of ``(N, V)`` rows, one block of rows at a time (no graph)."""
+    out = torch.empty(student.shape[0], dtype=torch.promote_types(student.dtype, teacher.dtype), device=student.device)
+    for a, b in _row_blocks(student.shape[0], student.shape[-1]):
+        s_blk = student[a:b]
+        out[a:b] = (s_blk - teacher[a:b]).mul_(s_blk.exp()).sum(-1)
+    return out
+
+
+class _ReverseKLPerToken(torch.autograd.Function):
+    """Σ_v exp(s_v)·(s_v − t_v) over rows of ``(N, V)``, saving only its inputs for backward.
+
+    Autograd of the plain expression saves two more vocabulary-sized tensors (exp(s) and s − t) and makes three at
+    once; here both passes work one block of rows at a time and the backward recomputes the terms from ``s`` (which
+    ``log_softmax`` keeps anyway) and ``t`` (the teacher's, alive regardless): ∂/∂s_v = exp(s_v)·(s_v − t_v + 1),
+    ∂/∂t_v = −exp(s_v).
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(student, teacher)
+        return _blocked_reverse_kl(student, teacher)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        student, teacher = ctx.saved_tensors
+        need_student, need_teacher = ctx.needs_input_grad[:2]
+        grad_student = torch.empty_like(student) if need_student else None
+        grad_teacher = torch.empty_like(teacher) if need_teacher else None
+        for a, b in _row_blocks(student.shape[0], student.shape[-1]):
+            p = student[a:b].exp()
+            g = grad[a:b].unsqueeze(-1)
+            if need_student:
+                torch.sub(student[a:b], teacher[a:b], out=grad_student[a:b])
+                grad_student[a:b].add_(1.0).mul_(p).mul_(g)
+            if need_teacher:
+                torch.mul(p, g, out=grad_teacher[a:b]).neg_()
+        return grad_student, grad_teacher
+
+
 def reverse_kl_per_token(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """Exact KL(π_S ‖ π_T) at each position: ``(B, T, V)`` × 2 → ``(B, T)``."""
-    return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+    """Exact KL(π_S ‖ π_T) at each position: ``(B, T, V)`` × 2 → ``(B, T)``.
+
+    Same value and gradient as autograd of ``(exp(s) · (s − t)).sum(-1)``, but it saves no tensor beyond its two
+    inputs and makes its ``(B, T, V)`` temporaries one block of rows at a time (:class:`_ReverseKLPerToken`),
+    where the plain expression saves two more ``(B, T, V)`` tensors and holds three at once. Inputs of different
+    shapes (broadcasting) or layouts fall back to the plain expression.
+    """
+    s, t = student_logprobs, teacher_logprobs
+    if s.shape != t.shape or not (s.is_contiguous() and t.is_contiguous()) or s.dim() < 1:
+        return (s.exp() * (s - t)).sum(-1)
+    width = s.shape[-1]
+    flat_s, flat_t = s.reshape(-1, width), t.reshape(-1, width)
+    if torch.is_grad_enabled() and (s.requires_grad or t.requires_grad):
+        return _ReverseKLPerToken.apply(flat_s, flat_t).reshape(s.shape[:-1])
+    return _blocked_reverse_kl(flat_s, flat_t).reshape(s.shape[:-1])
 
 
 def forward_kl_per_token(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:

@@ -329,4 +329,6 @@ def student_completion_logprobs(model: nn.Module, rollout: Rollout, temperature:
         use_cache=False,
     )
     logits = out.logits[:, :completion].float()  # position width-1+j predicts completion token j
-    return torch.log_softmax(logits / temperature, dim=-1)
+    if temperature != 1.0:  # dividing by 1 would only copy a (B, C, V) tensor
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
