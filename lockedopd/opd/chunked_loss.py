@@ -28,7 +28,15 @@ from torch.utils.checkpoint import checkpoint
 
 from lockedopd.opd import objectives as obj
 from lockedopd.opd.config import ObjectiveConfig
-from lockedopd.opd.loss import LossOutput, compute_opd_loss, kept_tokens_and_reward_advantages
+from lockedopd.opd.loss import (
+    LossOutput,
+    check_completions_match,
+    check_same_vocabulary,
+    compute_opd_loss,
+    kept_tokens_and_reward_advantages,
+    mixed_advantages,
+    with_reward_loss,
+)
 from lockedopd.opd.objective_registry import ObjectiveInputs, get_objective
 from lockedopd.opd.rollout import Rollout, position_ids_from_mask, student_completion_logprobs
 from lockedopd.teachers.base import TeacherScores, check_plain_output_layer
@@ -166,19 +174,10 @@ def compute_chunked_opd_loss(
     hidden, output_layer = student_completion_hidden(model, rollout)
     device = hidden.device
     mask = scores.mask.to(device)
-    if hidden.shape[:2] != mask.shape:
-        raise ValueError(
-            f"student completions {tuple(hidden.shape[:2])} and teacher scores {tuple(mask.shape)} do not cover the "
-            "same completions; score the rollout's own sequences."
-        )
-    vocab = output_layer.weight.shape[0]
+    check_completions_match("student completions", tuple(hidden.shape[:2]), mask)
     full_vocab = scores.full_hidden.output_weight.shape[0] if scores.full_hidden is not None else None
     full_vocab = scores.full_logprobs.shape[-1] if scores.full_logprobs is not None else full_vocab
-    if full_vocab is not None and full_vocab != vocab:
-        raise ValueError(
-            f"teacher vocabulary ({full_vocab}) differs from the student's ({vocab}): teacher and student must share "
-            "one tokenizer."
-        )
+    check_same_vocabulary(full_vocab, output_layer.weight.shape[0])
     completion_ids = rollout.completion_ids.to(device)
     rows, cols = mask.nonzero(as_tuple=True)
     flat_hidden, flat_ids = hidden[rows, cols], completion_ids[rows, cols]
@@ -196,9 +195,7 @@ def compute_chunked_opd_loss(
     advantages = obj.opd_advantages(student_tok, teacher_tok)
     sampled_kl = -advantages
     keep, reward_adv = kept_tokens_and_reward_advantages(exact_kl, sampled_kl, mask, config, rewards, generator)
-    adv = advantages
-    if reward_adv is not None and objective.reward_in_advantage:
-        adv = obj.mix_advantages(advantages, reward_adv, config.reward_lambda)
+    adv = mixed_advantages(advantages, reward_adv, objective.reward_in_advantage, config)
     reward_tokens = None
     if reward_adv is not None and not objective.reward_in_advantage:
         reward_tokens = reward_adv.unsqueeze(-1).expand_as(mask)[rows, cols]
@@ -233,10 +230,7 @@ def compute_chunked_opd_loss(
             mask=chunk_keep,
             config=config,
         )
-        loss = objective.loss(inputs)
-        if reward_tokens is not None:
-            reward_loss = obj.policy_gradient_loss(tok, one(reward_tokens), chunk_keep)
-            loss = config.reward_lambda * loss + (1.0 - config.reward_lambda) * reward_loss
+        loss = with_reward_loss(objective.loss(inputs), tok, one(reward_tokens), chunk_keep, config)
         return loss * (chunk_keep.sum().to(torch.float32) / kept_total)
 
     loss = None

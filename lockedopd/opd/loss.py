@@ -76,6 +76,50 @@ def kept_tokens_and_reward_advantages(
     return keep, reward_adv
 
 
+def check_completions_match(what: str, completions: tuple[int, ...], mask: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the teacher's scores (completion ``mask``) cover the student's ``(B, C)``
+    completions; ``what`` names the student side."""
+    if tuple(completions) != tuple(mask.shape):
+        raise ValueError(
+            f"{what} {tuple(completions)} and teacher scores {tuple(mask.shape)} do not cover the same completions; "
+            "score the rollout's own sequences."
+        )
+
+
+def check_same_vocabulary(teacher_vocab: int | None, student_vocab: int) -> None:
+    """Raise ``ValueError`` when the teacher's full-vocabulary scores (``None``: it sent none) have another size."""
+    if teacher_vocab is not None and teacher_vocab != student_vocab:
+        raise ValueError(
+            f"teacher vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}): teacher and student "
+            "must share one tokenizer."
+        )
+
+
+def mixed_advantages(
+    advantages: torch.Tensor, reward_adv: torch.Tensor | None, reward_in_advantage: bool, config: ObjectiveConfig
+) -> torch.Tensor:
+    """The objective's advantages: the OPD advantages, mixed with the reward advantages when the objective takes the
+    reward inside its advantage (``reward_in_advantage``); else unchanged (the reward is then a separate loss)."""
+    if reward_adv is not None and reward_in_advantage:
+        return obj.mix_advantages(advantages, reward_adv, config.reward_lambda)
+    return advantages
+
+
+def with_reward_loss(
+    loss: torch.Tensor,
+    student_tok: torch.Tensor,
+    reward_adv_tokens: torch.Tensor | None,
+    keep: torch.Tensor,
+    config: ObjectiveConfig,
+) -> torch.Tensor:
+    """``loss`` mixed with the reward's policy-gradient loss (weight ``1 - reward_lambda``) when the reward is a
+    separate term (``reward_adv_tokens``, one advantage per token); else ``loss`` unchanged."""
+    if reward_adv_tokens is None:
+        return loss
+    reward_loss = obj.policy_gradient_loss(student_tok, reward_adv_tokens, keep)
+    return config.reward_lambda * loss + (1.0 - config.reward_lambda) * reward_loss
+
+
 def compute_opd_loss(
     student_logprobs: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -96,17 +140,9 @@ def compute_opd_loss(
     """
     device = student_logprobs.device
     mask = scores.mask.to(device)
-    if student_logprobs.shape[:2] != mask.shape:
-        raise ValueError(
-            f"student log-probs {tuple(student_logprobs.shape[:2])} and teacher scores {tuple(mask.shape)} do not "
-            "cover the same completions; score the rollout's own sequences."
-        )
+    check_completions_match("student log-probs", tuple(student_logprobs.shape[:2]), mask)
     teacher_full = scores.dense_full_logprobs()
-    if teacher_full is not None and teacher_full.shape[-1] != student_logprobs.shape[-1]:
-        raise ValueError(
-            f"teacher vocabulary ({teacher_full.shape[-1]}) differs from the student's "
-            f"({student_logprobs.shape[-1]}): teacher and student must share one tokenizer."
-        )
+    check_same_vocabulary(None if teacher_full is None else teacher_full.shape[-1], student_logprobs.shape[-1])
     student_tok = obj.gather_token_logprobs(student_logprobs, completion_ids.to(device))
     teacher_tok = scores.token_logprobs.to(device)
     advantages = obj.opd_advantages(student_tok, teacher_tok)
@@ -122,9 +158,7 @@ def compute_opd_loss(
 
     objective = get_objective(config.name)
     objective.check_scores(scores)
-    adv = advantages
-    if reward_adv is not None and objective.reward_in_advantage:
-        adv = obj.mix_advantages(advantages, reward_adv, config.reward_lambda)
+    adv = mixed_advantages(advantages, reward_adv, objective.reward_in_advantage, config)
     inputs = ObjectiveInputs(
         student_logprobs=student_logprobs,
         student_token_logprobs=student_tok,
@@ -137,9 +171,9 @@ def compute_opd_loss(
         mask=keep,
         config=config,
     )
-    loss = objective.loss(inputs)
+    reward_tokens = None
     if reward_adv is not None and not objective.reward_in_advantage:
-        reward_loss = obj.policy_gradient_loss(student_tok, reward_adv.unsqueeze(-1).expand_as(student_tok), keep)
-        loss = config.reward_lambda * loss + (1.0 - config.reward_lambda) * reward_loss
+        reward_tokens = reward_adv.unsqueeze(-1).expand_as(student_tok)
+    loss = with_reward_loss(objective.loss(inputs), student_tok, reward_tokens, keep, config)
 
     return LossOutput.of(loss, sampled_kl, mask, keep, exact_kl, rewards)
