@@ -16,8 +16,9 @@ log-prob tensor + backward + optimizer step), then one instrumented step.
 
 Measured per method: trainable parameters, Adam coordinates (entries of one moment tensor), parameter, gradient,
 optimizer-state and basis bytes (counted from the tensors themselves, after the steps), their sum (training state);
-peak RSS growth over the steps (``VmHWM`` reset through ``/proc/self/clear_refs``) and the same without file-backed
-pages (``peak anon``: the first step pages in libtorch's kernel code, the same for every method); from the
+peak RSS growth over the steps (``VmHWM`` reset through ``/proc/self/clear_refs``; the weights, memory-mapped from
+the checkpoint, are read once before the baseline so that it does not count loading them) and the same without
+file-backed pages (``peak anon``: code pages the first step maps in); from the
 instrumented step, the bytes autograd saves for backward by component (attention, MLP, norms, checkpointed layer
 inputs, logits and loss) and the peak of the live tensors the step creates; seconds per step; ratios to full OPD and
 to the inference row; and ``lockedopd plan``'s prediction of the same bytes (measured / planned). Writes
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import importlib
 import importlib.util
@@ -65,7 +67,8 @@ class MethodSpec:
     :class:`~lockedopd.optim.FactoredSubspaceAdamW`; ``coefficients`` = :class:`~lockedopd.LockedAdamW`);
     ``checkpointing``: activation checkpointing of the decoder layers (:mod:`lockedopd.activation_checkpointing`);
     ``chunked``: the loss over chunks of ``objective.chunk_size`` completion tokens
-    (:mod:`lockedopd.opd.chunked_loss`).
+    (:mod:`lockedopd.opd.chunked_loss`); ``lean_malloc``: the worker fixes glibc's mmap threshold at the config's
+    ``malloc_mmap_threshold`` first (:mod:`lockedopd.host_allocator`; what ``OPDConfig.malloc_mmap_threshold`` does).
     """
 
     base: str
@@ -74,6 +77,7 @@ class MethodSpec:
     optimizer: str = "factored"
     checkpointing: bool = False
     chunked: bool = False
+    lean_malloc: bool = False
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
@@ -91,6 +95,21 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "galore": MethodSpec("galore", "GaLore AdamW (galore-torch)"),
     "inference": MethodSpec("inference", "inference (forward, no grad)"),
 }
+# The same methods with glibc's mmap threshold fixed (suffix _mmap): the allocator's effect, side by side in one run
+LEAN_MALLOC_SUFFIX = "_mmap"
+LEAN_MALLOC_TWINS = (
+    "full",
+    "locked_right",
+    "locked_right_chunked",
+    "locked_right_ckpt",
+    "locked_right_ckpt_chunked",
+    "inference",
+)
+for _name in LEAN_MALLOC_TWINS:
+    _spec = METHOD_SPECS[_name]
+    METHOD_SPECS[_name + LEAN_MALLOC_SUFFIX] = dataclasses.replace(
+        _spec, label=_spec.label + ", mmap threshold", lean_malloc=True
+    )
 METHODS = tuple(METHOD_SPECS)
 LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
 ISOLATIONS = ("fork", "spawn", "none")
@@ -107,6 +126,7 @@ RATIO_KEYS = (
     "mean_step_s",
     "min_step_s",
 )
+MALLOC_RATIO_KEYS = ("peak_rss_delta_bytes", "peak_anon_delta_bytes", "mean_step_s", "min_step_s")
 INFERENCE_RATIO_KEYS = ("peak_rss_delta_bytes", "peak_anon_delta_bytes", "peak_live_bytes")
 #: Per-method quantities that ``lockedopd plan`` predicts: measured key → plan key.
 PLAN_KEYS = {
@@ -464,6 +484,26 @@ def profile_step(setup: Setup, batch: SyntheticBatch) -> dict[str, Any]:
     }
 
 
+def make_resident(model: nn.Module) -> int:
+    """Read every parameter and buffer once, so that their pages are resident before the RSS baseline.
+
+    The SmolLM2 student's weights are memory-mapped from the converted checkpoint and paged in on first touch (~378
+    MiB): without this the first step's RSS growth counts loading the model, and a method that writes its weights
+    (full OPD: copy-on-write) counts it differently from one that only reads them. Returns the bytes read.
+    """
+    seen: set[int] = set()
+    total = 0
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            key = tensor.untyped_storage().data_ptr()
+            if key in seen or tensor.numel() == 0:
+                continue
+            seen.add(key)
+            tensor.float().sum()  # reads every page of the storage
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
 def measure_method(method: str, config: dict) -> dict[str, Any]:
     """Build student, batch and method from scratch and measure them (meant to run in a fresh process)."""
     torch.set_num_threads(config["threads"])
@@ -475,6 +515,7 @@ def measure_method(method: str, config: dict) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lockedopd-bench-") as workdir:
         setup = setup_method(method, model, config, Path(workdir))
         steps = config["steps"]
+        make_resident(setup.model)
         gc.collect()
         rss_before = _proc_status_bytes("VmRSS")
         file_before = _proc_status_bytes("RssFile")
@@ -533,10 +574,11 @@ def measure_method(method: str, config: dict) -> dict[str, Any]:
 def anonymous_peak_growth(record: dict[str, Any]) -> int | None:
     """Peak RSS growth without the file-backed pages the steps mapped in: ``peak_rss_delta − file_rss_growth``.
 
-    The first step of a process pages in the code of every kernel it runs (``RssFile``: ~370 MiB of libtorch on
-    SmolLM2, for every method alike, shared and reclaimable, no memory the method holds). File pages only grow and
-    are at their final count at the peak whenever the peak comes after the first step's kernels ran, so this is the
-    peak of the process's own (anonymous) memory growth; a lower bound on it otherwise.
+    File-backed pages the steps map in are shared and reclaimable, no memory the method holds: the code of the
+    kernels the first step runs, and the weights wherever :func:`make_resident` did not page them in first (~378
+    MiB of SmolLM2, memory-mapped from the checkpoint; a method that writes them turns them into private copies).
+    File pages only grow and are at their final count at the peak whenever the peak comes after the first step's
+    kernels ran, so this is the peak of the process's own (anonymous) memory growth; a lower bound on it otherwise.
     """
     peak, files = record.get("peak_rss_delta_bytes"), record.get("file_rss_growth_bytes")
     return None if peak is None or files is None else peak - files
@@ -550,6 +592,13 @@ class _NoOptimizer:
 
 def _worker(method: str, config: dict, queue) -> None:
     try:
+        if METHOD_SPECS[method].lean_malloc:
+            from lockedopd.host_allocator import set_malloc_mmap_threshold
+
+            if config["isolation"] == "none":
+                raise _Skip("glibc's mmap threshold cannot be undone in-process: run *_mmap methods with fork/spawn")
+            if not set_malloc_mmap_threshold(config["malloc_mmap_threshold"]):
+                raise _Skip("the C library is not glibc: no mmap threshold to set")
         queue.put(("ok", measure_method(method, config)))
     except _Skip as exc:
         queue.put(("skipped", str(exc)))
@@ -587,20 +636,28 @@ class _ListQueue:
 
 
 # ------------------------------------------------------------------------------------------------- reporting
+def _ratios(record: dict, ref: dict, keys) -> dict[str, float | None]:
+    return {key: (record[key] / ref[key] if record.get(key) is not None and ref.get(key) else None) for key in keys}
+
+
 def add_ratios(results: dict[str, dict]) -> None:
     """Add ``ratios_to_full`` (value / full OPD's value) when full OPD ran, and ``ratios_to_inference`` (peaks over
-    the inference row's) when the inference row ran."""
-    for reference, keys, field in (
-        ("full", RATIO_KEYS, "ratios_to_full"),
-        ("inference", INFERENCE_RATIO_KEYS, "ratios_to_inference"),
-    ):
-        ref = results.get(reference)
-        if ref is None:
-            continue
-        for record in results.values():
-            record[field] = {
-                key: (record[key] / ref[key] if record.get(key) is not None and ref.get(key) else None) for key in keys
-            }
+    the inference row's) when the inference row ran, each against the reference under the same allocator setting
+    (``*_mmap`` methods against ``full_mmap`` / ``inference_mmap``); and for each ``*_mmap`` method whose twin ran,
+    ``ratios_to_default_malloc`` (with the mmap threshold / without: memory and seconds per step)."""
+    for method, record in results.items():
+        lean = METHOD_SPECS[method].lean_malloc
+        suffix = LEAN_MALLOC_SUFFIX if lean else ""
+        for reference, keys, field in (
+            ("full", RATIO_KEYS, "ratios_to_full"),
+            ("inference", INFERENCE_RATIO_KEYS, "ratios_to_inference"),
+        ):
+            ref = results.get(reference + suffix)
+            if ref is not None:
+                record[field] = _ratios(record, ref, keys)
+        twin = results.get(method.removesuffix(LEAN_MALLOC_SUFFIX)) if lean else None
+        if twin is not None:
+            record["ratios_to_default_malloc"] = _ratios(record, twin, MALLOC_RATIO_KEYS)
 
 
 def plan_config(config: dict, method: str):
@@ -720,26 +777,41 @@ def markdown_report(report: dict) -> str:
     if "full" in results:
         lines += [
             "",
-            "Ratios to full OPD (training overhead = gradients + optimizer state + adapter bases):",
+            "Ratios to full OPD (training overhead = gradients + optimizer state + adapter bases; rows with the mmap "
+            "threshold against full OPD with it):",
             "",
             "| method | trainable | grads | optimizer state | training overhead | training state | peak RSS Δ "
             "| peak anon Δ | peak live | saved | s/step mean | s/step min |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in results.values():
-            q = r["ratios_to_full"]
-            lines.append(f"| {r['label']} | " + " | ".join(_ratio(q[k]) for k in RATIO_KEYS) + " |")
+            if q := r.get("ratios_to_full"):
+                lines.append(f"| {r['label']} | " + " | ".join(_ratio(q[k]) for k in RATIO_KEYS) + " |")
     if "inference" in results:
         lines += [
             "",
-            "Ratios to the inference row (the floor: the same forward under no_grad, no optimizer):",
+            "Ratios to the inference row (the floor: the same forward under no_grad, no optimizer; rows with the mmap "
+            "threshold against the inference row with it):",
             "",
             "| method | peak RSS Δ | peak anon Δ | peak live |",
             "|---|---:|---:|---:|",
         ]
         for r in results.values():
-            q = r["ratios_to_inference"]
-            lines.append(f"| {r['label']} | " + " | ".join(_ratio(q[k]) for k in INFERENCE_RATIO_KEYS) + " |")
+            if q := r.get("ratios_to_inference"):
+                lines.append(f"| {r['label']} | " + " | ".join(_ratio(q[k]) for k in INFERENCE_RATIO_KEYS) + " |")
+    lean = [r for r in results.values() if r.get("ratios_to_default_malloc")]
+    if lean:
+        lines += [
+            "",
+            f"glibc's mmap threshold fixed at {c['malloc_mmap_threshold']:,} bytes (`malloc_mmap_threshold`) against "
+            "the same method with glibc's default dynamic threshold, same run:",
+            "",
+            "| method | peak RSS Δ | peak anon Δ | s/step mean | s/step min |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in lean:
+            q = r["ratios_to_default_malloc"]
+            lines.append(f"| {r['label']} | " + " | ".join(_ratio(q[k]) for k in MALLOC_RATIO_KEYS) + " |")
     trained = [r for r in results.values() if r.get("saved_bytes_by_component")]
     if trained:
         lines += [
@@ -782,10 +854,10 @@ def markdown_report(report: dict) -> str:
         "(adapter buffers or optimizer state); *training state* = all parameters (frozen included) + gradients + "
         "optimizer state + adapter buffers; *saved* = bytes autograd saves for backward in one forward + loss; *peak "
         "live* = peak of the tensors one step creates (after the first step: the optimizer state already exists); "
-        "*peak RSS Δ* = peak resident memory during the steps minus the resident memory before them (activations, "
-        "gradients, optimizer state, allocator slack, and the code pages the first step maps in); *peak anon Δ* = "
-        "peak RSS Δ minus the growth of file-backed resident pages (libtorch's kernels, paged in on first use, the "
-        "same for every method): the process's own memory.",
+        "*peak RSS Δ* = peak resident memory during the steps minus the resident memory before them, with the "
+        "weights already resident (activations, gradients, optimizer state, allocator slack, code pages the first "
+        "step maps in); *peak anon Δ* = peak RSS Δ minus the growth of file-backed resident pages: the process's own "
+        "memory.",
         "",
     ]
     return "\n".join(lines)
@@ -809,23 +881,32 @@ def plot_memory(report: dict, path: Path) -> None:
         ("peak anon\nRSS Δ", "peak_anon_delta_bytes"),
         ("peak RSS Δ\n(measured)", "peak_rss_delta_bytes"),
     ]
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(18, 5.5), gridspec_kw={"width_ratios": [4, 1]})
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(20, 5.5), gridspec_kw={"width_ratios": [4, 1]})
     width = 0.8 / max(1, len(results))
+    # one colour per method (tab20: distinct up to 20); a *_mmap method takes its twin's colour, hatched
+    palette = plt.get_cmap("tab20").colors
+    base_names = list(dict.fromkeys(r["method"].removesuffix(LEAN_MALLOC_SUFFIX) for r in results))
     for i, r in enumerate(results):
+        lean = METHOD_SPECS[r["method"]].lean_malloc
+        style = {
+            "color": palette[base_names.index(r["method"].removesuffix(LEAN_MALLOC_SUFFIX)) % len(palette)],
+            "hatch": "///" if lean else None,
+            "edgecolor": "white" if lean else None,
+        }
         values = []
         for _, key in components:
             value = r["moment_bytes"] + r["step_bytes"] if key is None else r.get(key)
             values.append(0.0 if value is None else value / MIB)
         xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(components))]
-        bars = ax.bar(xs, values, width, label=r["label"])
+        bars = ax.bar(xs, values, width, label=r["label"], **style)
         ax.bar_label(
             bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=6, rotation=90, padding=2
         )
-        ax_t.bar(i, r["min_step_s"], color=bars.patches[0].get_facecolor())
+        ax_t.bar(i, r["min_step_s"], **style)
     ax.set_xticks(range(len(components)), [name for name, _ in components])
     ax.set_ylabel("MiB")
     ax.set_title(f"{report['config']['name']}: memory per component (r = {report['config']['rank']})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", ncol=2 if len(results) > 9 else 1)
     ax.margins(y=0.15)
     ax_t.set_xticks(range(len(results)), [r["method"] for r in results], rotation=45, ha="right", fontsize=8)
     ax_t.set_ylabel("seconds per step (min over timed steps)")

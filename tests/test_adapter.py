@@ -358,3 +358,17 @@ def test_without_target_modules_the_basis_file_decides(tmp_path):
     wrapped = peft.get_peft_model(model, SubspaceLockedConfig(r=3, basis_path=str(tmp_path / "basis.safetensors")))
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     assert trainable == 3 * (32 + 32 + 64)  # out x r for q_proj (32), down_proj (32), up_proj (64)
+
+
+def test_locked_layer_saves_only_its_r_dimensional_projection(mlp_basis):
+    """The memory-lean linear: with the base frozen, backward needs x·V (batch x r) from each locked layer, not x."""
+    from lockedopd.diagnostics.memory import SavedTensorBytes
+
+    pm = wrap_mlp(mlp_basis, mode="right")
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    frozen = [*pm.parameters(), *pm.buffers()]
+    with SavedTensorBytes(exclude=frozen) as saved:
+        pm(x)
+    r, fp32 = 3, 4
+    # a: x·V_a (16 x r); tanh keeps its output h (16 x 6); b: h·V_b (16 x r). A trainable W would add x (16 x 8).
+    assert sorted(saved.by_storage.values()) == sorted([16 * r * fp32, 16 * 6 * fp32, 16 * r * fp32])

@@ -241,3 +241,45 @@ def test_inference_row_is_the_floor_and_ratios_to_it(tiny_report):
         expected = record["peak_live_bytes"] / floor["peak_live_bytes"]
         assert record["ratios_to_inference"]["peak_live_bytes"] == pytest.approx(expected), method
     assert res["full"]["peak_live_bytes"] > res["locked_right"]["peak_live_bytes"] > floor["peak_live_bytes"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_mmap_threshold_methods_change_the_allocator_not_the_training(tmp_path):
+    out = tmp_path / "mmap"
+    methods = "full,locked_right,full_mmap,locked_right_mmap"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "memory_speed.py"), str(TINY), "--out", str(out), "--no-progress",
+         "--methods", methods],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())["results"]
+    for method in ("full", "locked_right"):
+        lean, default = res[method + "_mmap"], res[method]
+        assert lean["losses"] == default["losses"], method  # the allocator changes no arithmetic
+        assert lean["optimizer_state_bytes"] == default["optimizer_state_bytes"]
+        assert lean["ratios_to_default_malloc"]["mean_step_s"] == pytest.approx(
+            lean["mean_step_s"] / default["mean_step_s"]
+        )
+        assert "ratios_to_default_malloc" not in default
+    # each allocator setting is compared with full OPD under the same setting
+    lean_locked = res["locked_right_mmap"]["ratios_to_full"]["optimizer_state_bytes"]
+    assert lean_locked == pytest.approx(
+        res["locked_right_mmap"]["optimizer_state_bytes"] / res["full_mmap"]["optimizer_state_bytes"]
+    )
+    assert "mmap threshold fixed at 65,536 bytes" in (out / "results.md").read_text()
+
+
+def test_make_resident_reads_each_storage_once():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import memory_speed
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 8))
+    model[1].weight = torch.nn.Parameter(model[0].weight.t())  # tied: one storage, counted once
+    model.register_buffer("table", torch.zeros(3, dtype=torch.bfloat16))
+    expected = 4 * (8 * 4 + 4 + 8) + 2 * 3
+    assert memory_speed.make_resident(model) == expected

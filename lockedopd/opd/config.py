@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from lockedopd.host_allocator import check_mmap_threshold
 from lockedopd.opd.objective_registry import OBJECTIVES, get_objective
 from lockedopd.quantization import BASE_DTYPES
 from lockedopd.subspace.basis import LOCK_MODES
@@ -268,6 +269,10 @@ class OPDConfig:
             state; its moments are dequantized for the lock's carry) or ``"galore"`` (a baseline; see ``galore``).
         gradient_checkpointing: recompute the student's decoder-layer activations in the backward instead of keeping
             them (both phases; :mod:`lockedopd.activation_checkpointing`): less memory, one more forward per step.
+        malloc_mmap_threshold: bytes; > 0 fixes glibc's mmap threshold at this size when the trainer starts
+            (:mod:`lockedopd.host_allocator`): freed blocks at least this large go back to the OS, so a CPU step's
+            peak RSS follows its live tensors instead of glibc's resident heap, at some speed. 0 (default) keeps
+            glibc's dynamic threshold. Ignored with a warning where the C library is not glibc.
         target_modules: student Linear modules trained (all other weights frozen).
         save_steps / eval_steps: checkpoint and held-out eval period (0 disables; the last step always saves).
         resume: continue from the newest complete checkpoint in ``output_dir``.
@@ -306,6 +311,7 @@ class OPDConfig:
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
+    malloc_mmap_threshold: int = 0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     save_steps: int = 5
     eval_steps: int = 5
@@ -429,6 +435,10 @@ class OPDConfig:
                 raise ValueError(f"config: {key}={value!r} is not one of {list(allowed)}.")
         if self.teacher.backend == "vllm_server":
             check_server_url(self.teacher.server_url)
+        try:
+            check_mmap_threshold(self.malloc_mmap_threshold)
+        except ValueError as exc:
+            raise ValueError(f"config: {exc}") from None
         positive = {
             "max_steps": self.max_steps,
             "batch_size": self.batch_size,
@@ -602,10 +612,11 @@ RESUMABLE_CHANGES = frozenset(
         "output_dir",
         "teacher.server_url",
         "fsdp",
+        "malloc_mmap_threshold",
     }
 )
-"""Settings a resumed run may change: they extend, observe or move the run, or say where the same teacher is served
-(a restarted vLLM server may listen elsewhere); the training path stays the same."""
+"""Settings a resumed run may change: they extend, observe or move the run, say where the same teacher is served
+(a restarted vLLM server may listen elsewhere) or how the host allocates memory; the training path stays the same."""
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

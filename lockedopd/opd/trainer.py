@@ -33,6 +33,7 @@ from lockedopd.atomic_io import atomic_write_text, recover_interrupted_writes
 from lockedopd.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.data import PromptRecord
 from lockedopd.distributed import DistContext, init_distributed
+from lockedopd.host_allocator import set_malloc_mmap_threshold
 from lockedopd.opd.chunked_loss import rollout_opd_loss
 from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
 from lockedopd.opd.evaluation import (
@@ -141,6 +142,8 @@ class OPDTrainer:
     ) -> None:
         if not train_prompts:
             raise ValueError("OPDTrainer: the training prompt set is empty; give data.train_path with prompts.")
+        if config.malloc_mmap_threshold:
+            set_malloc_mmap_threshold(config.malloc_mmap_threshold)
         self.dist = dist if dist is not None else init_distributed()
         config = _fsdp_from_launcher(config)
         _check_world_size(config, self.dist)

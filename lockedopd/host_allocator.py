@@ -1,0 +1,73 @@
+"""glibc's mmap threshold for CPU training: freed activation blocks go back to the OS instead of staying resident.
+
+PyTorch's CPU allocator takes every tensor from ``malloc``. glibc serves blocks below its *mmap threshold* from the
+heap, and the threshold is dynamic: each freed mmap'd block raises it (up to 32 MiB on 64-bit), so after the first
+step a model's activations, a few MiB each, all come from the heap. Freed heap blocks stay resident and fragment, so
+a training step's peak RSS ends well above its live tensors. Measured on the default recipe's student
+(``benchmarks/results/smollm2_malloc/``): fixing the threshold at 64 KiB makes the locked step's peak RSS follow its
+live tensors. The price is one ``mmap``/``munmap`` and fresh zeroed pages per large tensor, a slower step on CPU.
+
+Set through ``OPDConfig.malloc_mmap_threshold``, or call :func:`set_malloc_mmap_threshold` before training.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import platform
+
+logger = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+MIN_MMAP_THRESHOLD = 4096  # one page: below it every small tensor would be its own mapping
+MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's HEAP_MAX_SIZE / 2 on 64-bit; mallopt refuses more
+
+
+def check_mmap_threshold(nbytes: int) -> None:
+    """Raise ``ValueError`` unless ``nbytes`` is 0 (glibc's default, dynamic) or in [4096, 32 MiB]."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise ValueError(f"malloc_mmap_threshold must be an integer number of bytes, got {nbytes!r}")
+    if nbytes != 0 and not MIN_MMAP_THRESHOLD <= nbytes <= MAX_MMAP_THRESHOLD:
+        raise ValueError(
+            f"malloc_mmap_threshold={nbytes} is outside [{MIN_MMAP_THRESHOLD}, {MAX_MMAP_THRESHOLD}] bytes; "
+            "use 0 for glibc's default or e.g. 65536 (blocks of 64 KiB and more are returned to the OS when freed)"
+        )
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (``mallopt`` available), else ``None`` (macOS, musl, Windows)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return libc if hasattr(libc, "mallopt") else None
+
+
+def set_malloc_mmap_threshold(nbytes: int) -> bool:
+    """Serve every ``malloc`` of at least ``nbytes`` with its own ``mmap`` (returned to the OS on ``free``).
+
+    Also turns off glibc's dynamic adjustment of the threshold. Affects allocations made from now on, in this
+    process and in processes it forks later. ``nbytes`` = 0 does nothing (glibc's default stays).
+
+    Returns:
+        ``True`` when set; ``False`` when the C library is not glibc (a warning is logged; nothing changes).
+
+    Raises:
+        ValueError: ``nbytes`` outside [4096, 32 MiB] (and not 0), or glibc refused the value.
+    """
+    check_mmap_threshold(nbytes)
+    if nbytes == 0:
+        return False
+    libc = glibc()
+    if libc is None:
+        logger.warning(
+            "malloc_mmap_threshold=%d ignored: the C library here is not glibc (%s); set it to 0 to silence this",
+            nbytes,
+            platform.platform(),
+        )
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    if libc.mallopt(M_MMAP_THRESHOLD, nbytes) != 1:
+        raise ValueError(f"glibc refused mallopt(M_MMAP_THRESHOLD, {nbytes}); use a value in [4096, 32 MiB]")
+    return True
