@@ -75,6 +75,9 @@ class Experiment:
         threads: torch threads per cell (``null`` = torch's default).
         fixed_text_cache: share the teacher's fixed-text completions between cells in ``OUT/fixed_text/`` (when
             the config sets ``eval_fixed_text``).
+        lr_screens: learning-rate screens: a family name -> the methods that differ only in learning rate. The
+            report picks each family's lr by :func:`select_learning_rates` (lowest final KL on the teacher's fixed
+            text).
     """
 
     name: str
@@ -87,6 +90,7 @@ class Experiment:
     isolation: str = "process"
     threads: int | None = None
     fixed_text_cache: bool = True
+    lr_screens: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -97,6 +101,12 @@ class Experiment:
             raise ValueError(f"experiment: order={self.order!r} is not one of {list(ORDERS)}.")
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"experiment: isolation={self.isolation!r} is not one of {list(ISOLATIONS)}.")
+        for family, members in self.lr_screens.items():
+            if not isinstance(members, list) or not members or any(m not in self.methods for m in members):
+                raise ValueError(
+                    f"experiment: lr_screens.{family} must list methods of this experiment, got {members!r}; "
+                    f"methods: {list(self.methods)}."
+                )
         for name, overrides in self.methods.items():
             if not isinstance(overrides, dict):
                 raise ValueError(
@@ -452,6 +462,39 @@ def collect(exp: Experiment) -> dict[str, dict[int, dict[str, Any]]]:
     return cells
 
 
+LR_SELECTION_RULE = (
+    "lowest mean final KL on the teacher's fixed greedy text (eval_fixed_text_kl); the held-out on-policy KL is "
+    "reported but does not choose: a high lr drives it down by collapsing onto a few modes"
+)
+
+
+def select_learning_rates(methods: dict[str, Any], screens: dict[str, list[str]]) -> dict[str, Any]:
+    """Each screen's chosen method by :data:`LR_SELECTION_RULE`, from ``results.json``'s ``methods`` section.
+
+    Returns ``{family: {"candidates": {name: {"final_reverse_kl", "final_fixed_text_kl"} | None}, "selected": name
+    | None, "complete": bool}}``: ``selected`` is ``None`` until some candidate has a fixed-text KL; ``complete``
+    is ``False`` while a candidate has not run or ran without the fixed-text evaluation (the choice may change).
+    """
+    out: dict[str, Any] = {}
+    for family, members in screens.items():
+        candidates: dict[str, Any] = {}
+        for name in members:
+            m = methods.get(name)
+            candidates[name] = None if m is None else {
+                "final_reverse_kl": m["final_reverse_kl"]["mean"],
+                "final_fixed_text_kl": m.get("final_fixed_text_kl", {}).get("mean"),
+            }  # fmt: skip
+        scored = {
+            n: c["final_fixed_text_kl"] for n, c in candidates.items() if c and c["final_fixed_text_kl"] is not None
+        }
+        out[family] = {
+            "candidates": candidates,
+            "selected": min(scored, key=scored.__getitem__) if scored else None,
+            "complete": len(scored) == len(members),
+        }
+    return out
+
+
 def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
     """The whole ``results.json`` content."""
     cells = collect(exp)
@@ -466,6 +509,11 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
         "seeds": exp.seeds,
         "methods": aggregated,
         "monitor_ranking": ranking_agreement(aggregated),
+        **(
+            {"lr_selection": {"rule": LR_SELECTION_RULE, **select_learning_rates(aggregated, exp.lr_screens)}}
+            if exp.lr_screens
+            else {}
+        ),
         "not_run": errors,
         "pending_cells": pending,
     }
@@ -549,6 +597,27 @@ def markdown_report(report: dict[str, Any]) -> str:
             lines += ["", f"Kendall's tau between the predicted and measured shares: {ranking['kendall_tau']:.2f} "
                       f"(predicted order {', '.join(ranking['by_predicted_share'])}; measured "
                       f"{', '.join(ranking['by_measured_share'])})."]  # fmt: skip
+    selection = report.get("lr_selection")
+    if selection:
+        lines += ["", "## Learning-rate selection", "", f"Rule: {selection['rule']}.", ""]
+        lines += [
+            "| family | candidate | final held-out KL | final fixed-text KL | selected |",
+            "|---|---|---|---|---|",
+        ]
+        for family, screen in selection.items():
+            if family == "rule":
+                continue
+            for name, c in screen["candidates"].items():
+                mark = "**yes**" if name == screen["selected"] else ""
+                if c is None:
+                    lines.append(f"| {family} | {name} | not run | | |")
+                else:
+                    lines.append(
+                        f"| {family} | {name} | {_fmt(c['final_reverse_kl'], 3)} | "
+                        f"{_fmt(c['final_fixed_text_kl'], 3)} | {mark} |"
+                    )
+            if not screen["complete"]:
+                lines.append(f"| {family} | (incomplete: the choice may change) | | | |")
     lines += ["", "## Per seed", "", "| method | seed | lock step | final held-out KL | share of full gain | wall s |"]
     lines.append("|---|---|---|---|---|---|")
     for name, m in methods.items():

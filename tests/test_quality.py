@@ -212,3 +212,37 @@ def test_monitor_figures_are_reported_per_method_and_ranked_against_the_measured
     swapped = quality.ranking_agreement({"a": method(0.9, 0.6), "b": method(0.5, 0.95), "c": method(0.1, 0.15)})
     assert swapped["kendall_tau"] == pytest.approx(1 / 3) and swapped["by_measured_share"] == ["b", "a", "c"]
     assert quality.ranking_agreement({"a": method(0.9, 0.95)}) is None
+
+
+def _screened(kl, fixed):
+    entry = {"final_reverse_kl": {"mean": kl}}
+    if fixed is not None:
+        entry["final_fixed_text_kl"] = {"mean": fixed}
+    return entry
+
+
+def test_learning_rate_selection_takes_the_lowest_fixed_text_kl_not_the_lowest_held_out_kl():
+    methods = {
+        "lora_x10": _screened(3.285, 7.525),
+        "lora_x30": _screened(2.013, 6.363),
+        "lora_x100": _screened(0.709, 9.935),  # the lowest held-out KL, but collapsed coverage
+        "galore_a": _screened(3.188, None),
+        "galore_b": _screened(2.5, 7.0),
+    }
+    screens = {"lora": ["lora_x10", "lora_x30", "lora_x100"], "galore": ["galore_a", "galore_b", "galore_c"]}
+    chosen = quality.select_learning_rates(methods, screens)
+    assert chosen["lora"]["selected"] == "lora_x30" and chosen["lora"]["complete"]
+    assert chosen["lora"]["candidates"]["lora_x100"] == {"final_reverse_kl": 0.709, "final_fixed_text_kl": 9.935}
+    # galore_a ran without the fixed-text evaluation and galore_c did not run: a choice, marked incomplete
+    assert chosen["galore"]["selected"] == "galore_b" and not chosen["galore"]["complete"]
+    assert chosen["galore"]["candidates"]["galore_c"] is None
+    report = {"experiment": "x", "base_config": "c", "overrides": {}, "seeds": [0], "not_run": {},
+              "pending_cells": [], "methods": {}, "lr_selection": {"rule": quality.LR_SELECTION_RULE, **chosen}}  # fmt: skip
+    md = quality.markdown_report(report)
+    assert "| lora | lora_x30 | 2.013 | 6.363 | **yes** |" in md
+    assert "| galore | galore_c | not run | | |" in md and "| galore | (incomplete" in md
+
+
+def test_lr_screens_must_name_methods_of_the_experiment(tmp_path):
+    with pytest.raises(ValueError, match=r"lr_screens.lora must list methods of this experiment"):
+        experiment(tmp_path, lr_screens={"lora": ["full", "lora_x3"]})
