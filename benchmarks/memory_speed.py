@@ -774,7 +774,7 @@ def markdown_report(report: dict) -> str:
             f"| {_mib(r['peak_rss_delta_bytes'])} | {_mib(r.get('peak_anon_delta_bytes'))} | {r['mean_step_s']:.3f} "
             f"| {r['min_step_s']:.3f} |"
         )
-    if "full" in results:
+    if any(r.get("ratios_to_full") for r in results.values()):
         lines += [
             "",
             "Ratios to full OPD (training overhead = gradients + optimizer state + adapter bases; rows with the mmap "
@@ -787,7 +787,7 @@ def markdown_report(report: dict) -> str:
         for r in results.values():
             if q := r.get("ratios_to_full"):
                 lines.append(f"| {r['label']} | " + " | ".join(_ratio(q[k]) for k in RATIO_KEYS) + " |")
-    if "inference" in results:
+    if any(r.get("ratios_to_inference") for r in results.values()):
         lines += [
             "",
             "Ratios to the inference row (the floor: the same forward under no_grad, no optimizer; rows with the mmap "

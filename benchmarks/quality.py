@@ -510,7 +510,12 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
         "methods": aggregated,
         "monitor_ranking": ranking_agreement(aggregated),
         **(
-            {"lr_selection": {"rule": LR_SELECTION_RULE, **select_learning_rates(aggregated, exp.lr_screens)}}
+            {
+                "lr_selection": {
+                    "rule": LR_SELECTION_RULE,
+                    "families": select_learning_rates(aggregated, exp.lr_screens),
+                }
+            }
             if exp.lr_screens
             else {}
         ),
@@ -604,9 +609,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             "| family | candidate | final held-out KL | final fixed-text KL | selected |",
             "|---|---|---|---|---|",
         ]
-        for family, screen in selection.items():
-            if family == "rule":
-                continue
+        for family, screen in selection["families"].items():
             for name, c in screen["candidates"].items():
                 mark = "**yes**" if name == screen["selected"] else ""
                 if c is None:

@@ -236,7 +236,7 @@ def test_learning_rate_selection_takes_the_lowest_fixed_text_kl_not_the_lowest_h
     # galore_a ran without the fixed-text evaluation and galore_c did not run: a choice, marked incomplete
     assert chosen["galore"]["selected"] == "galore_b" and not chosen["galore"]["complete"]
     assert chosen["galore"]["candidates"]["galore_c"] is None
-    selection = {"rule": quality.LR_SELECTION_RULE, **chosen}
+    selection = {"rule": quality.LR_SELECTION_RULE, "families": chosen}
     report = {"experiment": "x", "base_config": "c", "overrides": {}, "seeds": [0], "not_run": {},
               "pending_cells": [], "methods": {}, "lr_selection": selection}  # fmt: skip
     md = quality.markdown_report(report)
