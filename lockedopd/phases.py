@@ -84,7 +84,7 @@ COEFFICIENT_OPTIMIZERS = ("coefficients", "factored")
 
 LOCKED_KINDS = ("subspace", "lora", "projected_full")
 """What a locked phase trains: subspace coefficients (lockedopd), a LoRA (baseline), or full weights whose AdamW
-update is projected onto the subspace (upper bound, full memory)."""
+update is projected onto the subspace (the benchmark's reference with full W-space moments, full memory)."""
 
 
 @dataclass
@@ -293,9 +293,9 @@ def enter_projected_phase(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
 ) -> LockedPhase:
-    """The ``projected_full`` upper bound: the locked matrices' full weights keep training with full-size W-space
-    AdamW moments (carried from ``warmup_optimizer`` unchanged) of the projected gradient, and every update is
-    projected onto the subspace (:class:`LockedAdamW` with ``moment_space="weight"``). Full AdamW's memory."""
+    """The ``projected_full`` reference (benchmarks only): the locked matrices' full weights keep training with
+    full-size W-space AdamW moments (carried from ``warmup_optimizer`` unchanged) of the projected gradient, and every
+    update is projected onto the subspace (:class:`LockedAdamW` with ``moment_space="weight"``). Full memory."""
     weights = {name: model.get_submodule(name).weight for name in sorted(bases)}
     freeze_all_but(model, weights.values())
     groups = [

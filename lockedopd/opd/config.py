@@ -193,7 +193,8 @@ class LockConfig(TrackerSettings):
             ``lr_scale: auto`` = 1; on the SmolLM2 recipe it kept 1.13 of full OPD's post-lock gain over 3 seeds
             where ``coefficients`` kept 0.79), ``"coefficients"`` (LockedAdamW: Adam on each coefficient of A or C) or
             ``"projected_full"`` (the full weights stay trainable; AdamW keeps full W-space moments of the projected
-            gradient and every update is projected onto the subspace: memory-heavy, an upper bound for benchmarks).
+            gradient and every update is projected onto the subspace: memory-heavy, a benchmark reference; on SmolLM2
+            it keeps less than ``factored``).
         lora_alpha: LoRA's alpha (``null`` = rank, scaling 1) for ``adapter: lora``.
         base_dtype: the locked matrices' frozen weights after the lock (the warmup update folded in): ``"keep"``
             (the student's dtype), ``"bf16"``, ``"int8"`` or ``"nf4"`` (bitsandbytes, QLoRA-style; the coefficients
