@@ -705,16 +705,19 @@ def plot_quality(report: dict[str, Any], path: Path) -> Path | None:
     if any(m.get("eval_fixed_text_forward_kl") for m in methods.values()):
         keys.append(("eval_fixed_text_forward_kl", "forward KL on the teacher's greedy text (coverage)"))
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
+    # tab20's dark shades first, then its light ones: up to 20 methods without two sharing a colour
+    palette = plt.get_cmap("tab20")
+    colours = {name: palette((2 * i) % 20 + (2 * i) // 20 % 2) for i, name in enumerate(methods)}
     for ax, (key, title) in zip(axes[0], keys):
         for name, m in methods.items():
             points = sorted((int(s), e) for s, e in m.get(key, {}).items())
             if not points:
                 continue
             steps = [s for s, _ in points]
-            line = ax.plot(steps, [e["mean"] for _, e in points], marker="o", markersize=3,
-                           label=f"{name} (n={len(m['seeds'])})")  # fmt: skip
+            ax.plot(steps, [e["mean"] for _, e in points], marker="o", markersize=3, color=colours[name],
+                    label=f"{name} (n={len(m['seeds'])})")  # fmt: skip
             ax.fill_between(steps, [e["min"] for _, e in points], [e["max"] for _, e in points],
-                            color=line[0].get_color(), alpha=0.15, linewidth=0)  # fmt: skip
+                            color=colours[name], alpha=0.15, linewidth=0)  # fmt: skip
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
