@@ -870,6 +870,8 @@ def plot_memory(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lockedopd.plotting import distinct_colours, save_figure
+
     results = list(report["results"].values())
     components = [
         ("parameters", "param_bytes"),
@@ -883,13 +885,12 @@ def plot_memory(report: dict, path: Path) -> None:
     ]
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(20, 5.5), gridspec_kw={"width_ratios": [4, 1]})
     width = 0.8 / max(1, len(results))
-    # one colour per method (tab20: distinct up to 20); a *_mmap method takes its twin's colour, hatched
-    palette = plt.get_cmap("tab20").colors
-    base_names = list(dict.fromkeys(r["method"].removesuffix(LEAN_MALLOC_SUFFIX) for r in results))
+    # one colour per method; a *_mmap method takes its twin's colour, hatched
+    colours = distinct_colours(r["method"].removesuffix(LEAN_MALLOC_SUFFIX) for r in results)
     for i, r in enumerate(results):
         lean = METHOD_SPECS[r["method"]].lean_malloc
         style = {
-            "color": palette[base_names.index(r["method"].removesuffix(LEAN_MALLOC_SUFFIX)) % len(palette)],
+            "color": colours[r["method"].removesuffix(LEAN_MALLOC_SUFFIX)],
             "hatch": "///" if lean else None,
             "edgecolor": "white" if lean else None,
         }
@@ -911,9 +912,7 @@ def plot_memory(report: dict, path: Path) -> None:
     ax_t.set_xticks(range(len(results)), [r["method"] for r in results], rotation=45, ha="right", fontsize=8)
     ax_t.set_ylabel("seconds per step (min over timed steps)")
     ax_t.set_title("time per step (fwd + bwd + optimizer)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _model_summary(config: dict, shapes: dict[str, list[int]]) -> dict[str, Any]:

@@ -697,7 +697,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lockedopd.plotting import save_figure
+    from lockedopd.plotting import distinct_colours, save_figure
 
     keys = [("eval_reverse_kl", "held-out reverse KL, on-policy (nats/token)")]
     if any(m.get("eval_fixed_text_kl") for m in methods.values()):
@@ -705,9 +705,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> Path | None:
     if any(m.get("eval_fixed_text_forward_kl") for m in methods.values()):
         keys.append(("eval_fixed_text_forward_kl", "forward KL on the teacher's greedy text (coverage)"))
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
-    # tab20's dark shades first, then its light ones: up to 20 methods without two sharing a colour
-    palette = plt.get_cmap("tab20")
-    colours = {name: palette((2 * i) % 20 + (2 * i) // 20 % 2) for i, name in enumerate(methods)}
+    colours = distinct_colours(methods)
     for ax, (key, title) in zip(axes[0], keys):
         for name, m in methods.items():
             points = sorted((int(s), e) for s, e in m.get(key, {}).items())

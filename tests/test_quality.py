@@ -247,3 +247,18 @@ def test_learning_rate_selection_takes_the_lowest_fixed_text_kl_not_the_lowest_h
 def test_lr_screens_must_name_methods_of_the_experiment(tmp_path):
     with pytest.raises(ValueError, match=r"lr_screens.lora must list methods of this experiment"):
         experiment(tmp_path, lr_screens={"lora": ["full", "lora_x3"]})
+
+
+def test_distinct_colours_keeps_twenty_methods_apart_dark_shades_first():
+    from lockedopd.plotting import distinct_colours
+
+    names = [f"m{i}" for i in range(21)]
+    colours = distinct_colours(names + ["m0"])  # a repeated name keeps its first colour
+    assert len(colours) == 21 and len(set(list(colours.values())[:20])) == 20
+    assert colours["m20"] == colours["m0"]  # the 21st cycles back
+    # the first 10 are tab20's dark shades (even indices), the next 10 its light ones
+    import matplotlib.pyplot as plt
+
+    tab20 = plt.get_cmap("tab20").colors
+    assert [colours[f"m{i}"] for i in range(10)] == [tab20[2 * i] for i in range(10)]
+    assert [colours[f"m{i}"] for i in range(10, 20)] == [tab20[2 * i + 1] for i in range(10)]
