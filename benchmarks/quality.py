@@ -78,6 +78,8 @@ class Experiment:
         lr_screens: learning-rate screens: a family name -> the methods that differ only in learning rate. The
             report picks each family's lr by :func:`select_learning_rates` (lowest final KL on the teacher's fixed
             text).
+        extra_seeds: method -> seeds it runs beyond ``seeds`` (where a method's interval is too wide to tell a
+            target). Its share on such a seed needs the same seed's ``full`` run, so ``full`` must list them too.
     """
 
     name: str
@@ -91,6 +93,7 @@ class Experiment:
     threads: int | None = None
     fixed_text_cache: bool = True
     lr_screens: dict[str, list[str]] = field(default_factory=dict)
+    extra_seeds: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -107,6 +110,23 @@ class Experiment:
                     f"experiment: lr_screens.{family} must list methods of this experiment, got {members!r}; "
                     f"methods: {list(self.methods)}."
                 )
+        for method, extra in self.extra_seeds.items():
+            if method not in self.methods:
+                raise ValueError(f"experiment: extra_seeds names {method!r}, not a method of {list(self.methods)}.")
+            if not isinstance(extra, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in extra):
+                raise ValueError(f"experiment: extra_seeds.{method} must be a list of integers, got {extra!r}.")
+            clash = sorted(set(extra) & set(self.seeds)) or sorted({s for s in extra if extra.count(s) > 1})
+            if clash:
+                raise ValueError(
+                    f"experiment: extra_seeds.{method} repeats seed {clash[0]} (already in seeds or listed twice); "
+                    "list only seeds beyond `seeds`, once."
+                )
+            missing = sorted(set(extra) - set(self.extra_seeds.get(REFERENCE, [])))
+            if method != REFERENCE and REFERENCE in self.methods and missing:
+                raise ValueError(
+                    f"experiment: extra_seeds.{method} runs seed {missing[0]} but {REFERENCE!r} does not; the share "
+                    f"of full OPD's gain needs the same seed's {REFERENCE} run: add it to extra_seeds.{REFERENCE}."
+                )
         for name, overrides in self.methods.items():
             if not isinstance(overrides, dict):
                 raise ValueError(
@@ -119,11 +139,20 @@ class Experiment:
         """The output directory, absolute."""
         return _repo_path(self.out)
 
+    def seeds_of(self, method: str) -> list[int]:
+        """The training seeds of one method: ``seeds``, then its ``extra_seeds``."""
+        return [*self.seeds, *self.extra_seeds.get(method, [])]
+
     def cells(self) -> list[tuple[str, int]]:
-        """All (method, seed) cells in run order."""
+        """All (method, seed) cells in run order (extra seeds after the common ones in ``seed_major`` order)."""
         if self.order == "method_major":
-            return [(m, s) for m in self.methods for s in self.seeds]
-        return [(m, s) for s in self.seeds for m in self.methods]
+            return [(m, s) for m in self.methods for s in self.seeds_of(m)]
+        all_seeds = sorted({s for m in self.methods for s in self.seeds_of(m)}, key=self._seed_rank)
+        return [(m, s) for s in all_seeds for m in self.methods if s in self.seeds_of(m)]
+
+    def _seed_rank(self, seed: int) -> tuple[int, int]:
+        """Sort key of the ``seed_major`` order: the common seeds as listed, then the extra ones ascending."""
+        return (0, self.seeds.index(seed)) if seed in self.seeds else (1, seed)
 
     def cell_dir(self, method: str, seed: int) -> Path:
         """Where cell (method, seed) trains and keeps its results."""
@@ -507,6 +536,7 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
         "overrides": exp.overrides,
         "method_overrides": exp.methods,
         "seeds": exp.seeds,
+        **({"extra_seeds": exp.extra_seeds} if exp.extra_seeds else {}),
         "methods": aggregated,
         "monitor_ranking": ranking_agreement(aggregated),
         **(

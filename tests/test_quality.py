@@ -262,3 +262,23 @@ def test_distinct_colours_keeps_twenty_methods_apart_dark_shades_first():
     tab20 = plt.get_cmap("tab20").colors
     assert [colours[f"m{i}"] for i in range(10)] == [tab20[2 * i] for i in range(10)]
     assert [colours[f"m{i}"] for i in range(10, 20)] == [tab20[2 * i + 1] for i in range(10)]
+
+
+def test_extra_seeds_add_cells_for_one_method_and_need_the_full_run_of_the_same_seed(tmp_path):
+    exp = experiment(tmp_path, seeds=[0, 1])
+    methods = list(exp.methods)
+    other = next(m for m in methods if m != "full")
+    wider = dataclasses.replace(exp, extra_seeds={"full": [5, 3], other: [3]})
+    assert wider.seeds_of("full") == [0, 1, 5, 3] and wider.seeds_of(other) == [0, 1, 3]
+    cells = wider.cells()
+    assert len(cells) == 2 * len(methods) + 3
+    assert cells[: len(wider.seeds_of("full"))] == [("full", 0), ("full", 1), ("full", 5), ("full", 3)]
+    seed_major = dataclasses.replace(wider, order="seed_major").cells()
+    # the common seeds as listed, then the extra ones ascending; a seed's cells only for the methods that run it
+    assert seed_major[-3:] == [("full", 3), (other, 3), ("full", 5)]
+    with pytest.raises(ValueError, match=r"extra_seeds.* runs seed 3 but 'full' does not.*extra_seeds.full"):
+        dataclasses.replace(exp, extra_seeds={other: [3]})
+    with pytest.raises(ValueError, match=r"repeats seed 1"):
+        dataclasses.replace(exp, extra_seeds={"full": [1]})
+    with pytest.raises(ValueError, match=r"not a method"):
+        dataclasses.replace(exp, extra_seeds={"nope": [3], "full": [3]})
