@@ -428,26 +428,42 @@ def aggregate(cells: dict[str, dict[int, dict[str, Any]]], methods: list[str]) -
         entry["wall_s"] = _spread([by_seed[s]["wall_s"] for s in seeds])
         entry["mean_step_time_s"] = _spread([by_seed[s]["mean_step_time_s"] for s in seeds])
         entry["per_seed_wall_s"] = {str(s): by_seed[s]["wall_s"] for s in seeds}
-        monitor = monitor_figures([by_seed[s].get("summary", {}).get("monitor") for s in seeds])
+        monitor = monitor_figures([by_seed[s].get("summary", {}).get("monitor") for s in seeds], seeds)
         if monitor:
             entry["monitor"] = monitor
         out[method] = entry
     return out
 
 
-MONITOR_FIGURES = ("captured_energy_mean", "random_baseline", "predicted_progress_share", "cosine_to_adam_mean")
+MONITOR_FIGURES = (
+    "captured_energy_mean",
+    "random_baseline",
+    "predicted_progress_share",
+    "next_batch_progress_share",
+    "cosine_to_adam_mean",
+)
+# the monitor's estimates of the share of unconstrained progress kept, each ranked against the measured shares
+MONITOR_ESTIMATES = ("predicted_progress_share", "next_batch_progress_share")
 
 
-def monitor_figures(summaries: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+def monitor_figures(summaries: list[dict[str, Any] | None], seeds: list[int] | None = None) -> dict[str, Any] | None:
     """The trajectory monitor's figures of a method, averaged over the seeds that have them, and whether it flagged
-    the method: captured gradient energy at or below the threshold (5x a random subspace's) or a drift event."""
-    present = [m for m in summaries if m and m.get("checks")]
+    the method: captured gradient energy at or below the threshold (5x a random subspace's) or a drift event.
+
+    With ``seeds`` (one per summary) it also says which seeds each estimate of :data:`MONITOR_ESTIMATES` came from
+    (``estimate_seeds``), so the estimate is ranked against the measured shares of those seeds only.
+    """
+    seeds = list(range(len(summaries))) if seeds is None else seeds
+    present = [(s, m) for s, m in zip(seeds, summaries) if m and m.get("checks")]
     if not present:
         return None
-    out: dict[str, Any] = {"seeds": len(present)}
+    out: dict[str, Any] = {"seeds": len(present), "estimate_seeds": {}}
     for key in MONITOR_FIGURES:
-        values = [m[key] for m in present if m.get(key) is not None]
+        values = [m[key] for _, m in present if m.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
+        if key in MONITOR_ESTIMATES:
+            out["estimate_seeds"][key] = [s for s, m in present if m.get(key) is not None]
+    present = [m for _, m in present]
     out["flagged"] = any(
         m.get("drift_events")
         or (m.get("captured_energy_mean") is not None and m.get("threshold") is not None
@@ -457,15 +473,28 @@ def monitor_figures(summaries: list[dict[str, Any] | None]) -> dict[str, Any] | 
     return out
 
 
-def ranking_agreement(methods: dict[str, Any]) -> dict[str, Any] | None:
-    """Does the monitor's predicted progress share rank the methods as their measured shares do? Kendall's tau over
-    the methods that have both (1 = same order), with both orders."""
-    pairs = {
-        name: (m["monitor"]["predicted_progress_share"], m["share_of_full_gain"]["mean"])
-        for name, m in methods.items()
-        if m.get("monitor", {}).get("predicted_progress_share") is not None
-        and m["share_of_full_gain"].get("mean") is not None
-    }
+def _measured_share(method: dict[str, Any], seeds: list[int] | None) -> float | None:
+    """The method's mean measured share over ``seeds`` (all its seeds when None or when per-seed shares are absent)."""
+    share = method["share_of_full_gain"]
+    per_seed = share.get("per_seed")
+    if seeds is None or per_seed is None:
+        return share.get("mean")
+    values = [per_seed[str(s)] for s in seeds if str(s) in per_seed]
+    return sum(values) / len(values) if values else None
+
+
+def ranking_agreement(methods: dict[str, Any], estimate: str = "predicted_progress_share") -> dict[str, Any] | None:
+    """Does one of the monitor's estimates (:data:`MONITOR_ESTIMATES`) rank the methods as their measured shares
+    do? Kendall's tau over the methods that have both (1 = same order), with both orders. Each method's measured
+    share is the mean over the seeds its estimate came from."""
+    pairs = {}
+    for name, m in methods.items():
+        monitor = m.get("monitor", {})
+        if monitor.get(estimate) is None:
+            continue
+        measured = _measured_share(m, monitor.get("estimate_seeds", {}).get(estimate))
+        if measured is not None:
+            pairs[name] = (monitor[estimate], measured)
     if len(pairs) < 2:
         return None
     names = sorted(pairs)
@@ -476,6 +505,7 @@ def ranking_agreement(methods: dict[str, Any]) -> dict[str, Any] | None:
             concordant += sign > 0
             discordant += sign < 0
     return {
+        "estimate": estimate,
         "kendall_tau": (concordant - discordant) / (len(names) * (len(names) - 1) / 2),
         "by_predicted_share": sorted(names, key=lambda n: -pairs[n][0]),
         "by_measured_share": sorted(names, key=lambda n: -pairs[n][1]),
@@ -539,6 +569,7 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
         **({"extra_seeds": exp.extra_seeds} if exp.extra_seeds else {}),
         "methods": aggregated,
         "monitor_ranking": ranking_agreement(aggregated),
+        "monitor_ranking_next_batch": ranking_agreement(aggregated, "next_batch_progress_share"),
         **(
             {
                 "lr_selection": {
@@ -620,18 +651,24 @@ def markdown_report(report: dict[str, Any]) -> str:
     if monitored:
         lines += ["", "## What the trajectory monitor said (mean over seeds) against the measured share", ""]
         header = "| method | captured gradient energy | random subspace | cosine to full AdamW step | "
-        lines += [header + "predicted progress share | measured share | flagged |", "|---|---|---|---|---|---|---|"]
+        header += "predicted progress share (same batch) | next-batch progress share (seeds) | measured share | "
+        lines += [header + "flagged |", "|---|---|---|---|---|---|---|---|"]
         for name, mon in monitored.items():
+            next_seeds = mon.get("estimate_seeds", {}).get("next_batch_progress_share") or []
+            next_batch = mon.get("next_batch_progress_share")
+            shown = "" if next_batch is None else f"{next_batch:.3f} ({', '.join(map(str, next_seeds))})"
             lines.append(
                 f"| {name} | {_fmt(mon['captured_energy_mean'], 3)} | {_fmt(mon['random_baseline'], 3)} | "
-                f"{_fmt(mon['cosine_to_adam_mean'], 3)} | {_fmt(mon['predicted_progress_share'], 3)} | "
+                f"{_fmt(mon['cosine_to_adam_mean'], 3)} | {_fmt(mon['predicted_progress_share'], 3)} | {shown} | "
                 f"{_interval(methods[name]['share_of_full_gain'])} | {'yes' if mon['flagged'] else 'no'} |"
             )
-        ranking = report.get("monitor_ranking")
-        if ranking:
-            lines += ["", f"Kendall's tau between the predicted and measured shares: {ranking['kendall_tau']:.2f} "
-                      f"(predicted order {', '.join(ranking['by_predicted_share'])}; measured "
-                      f"{', '.join(ranking['by_measured_share'])})."]  # fmt: skip
+        for key, what in (("monitor_ranking", "same-batch"), ("monitor_ranking_next_batch", "next-batch")):
+            ranking = report.get(key)
+            if ranking:
+                lines += ["", f"Kendall's tau between the {what} estimate and the measured shares (of the seeds the "
+                          f"estimate has): {ranking['kendall_tau']:.2f} (estimated order "
+                          f"{', '.join(ranking['by_predicted_share'])}; measured "
+                          f"{', '.join(ranking['by_measured_share'])})."]  # fmt: skip
     selection = report.get("lr_selection")
     if selection:
         lines += ["", "## Learning-rate selection", "", f"Rule: {selection['rule']}.", ""]

@@ -139,3 +139,77 @@ def test_predicted_progress_share_ranks_locked_runs_like_their_measured_share(tm
     assert order == ["right", "two_sided", "plain", "random"], measured
     assert sorted(methods, key=predicted.get, reverse=True) == order, predicted
     assert predicted["random"] < 0.25 * predicted["right"]
+
+
+def test_next_batch_share_does_not_credit_a_step_that_fits_the_checked_batch_noise():
+    """A locked step that fits only batch t's noise buys first-order decrease on batch t (in sample) and none on the
+    next batch, whose noise is independent: the same-batch estimate credits it, the next-batch one does not."""
+    V = _orthonormal(8, 3, 0)  # the subspace: directions v0, v1, v2
+    signal = torch.outer(torch.tensor([1.0, -2.0, 0.5, 1.5], dtype=torch.float64), V[:, 0])
+    noise_t = torch.outer(torch.tensor([3.0, 1.0, -1.0, 2.0], dtype=torch.float64), V[:, 1])
+    outside = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    noise_next = outside - outside @ V @ V.T  # batch t+1's noise: outside the subspace
+    lr = 1e-2
+    monitor = TrajectoryMonitor(every=2, capture_threshold=0.0, patience=1)
+    bases = {"w": (None, V)}
+    assert not monitor.wants_gradient(1) and monitor.wants_gradient(2) and not monitor.wants_gradient(3)
+    check = monitor.measure(2, {"w": signal + noise_t}, {"w": -lr * noise_t}, bases, reference_lr=lr)
+    assert check["predicted_decrease"] == pytest.approx(lr * float(noise_t.square().sum()))  # credited in sample
+    assert monitor.wants_gradient(3)  # the follow-up step takes the unconstrained gradient too
+    grad_next = signal + noise_next
+    scored = monitor.measure_next_batch(3, {"w": grad_next}, bases)
+    assert scored["step"] == 2
+    assert scored["next_batch_predicted_decrease"] == pytest.approx(0.0, abs=1e-12)  # ⟨−G_{t+1}, −lr·N_t⟩ = 0
+    sign_t = (signal + noise_t).sign()
+    assert scored["next_batch_reference_decrease"] == pytest.approx(lr * float((grad_next * sign_t).sum()))
+    assert not monitor.wants_gradient(3)  # scored once
+    # a step along the signal keeps its credit out of sample: share = ⟨S, S⟩·lr / reference
+    monitor.measure(4, {"w": signal + noise_t}, {"w": -lr * signal}, bases, reference_lr=lr)
+    second = monitor.measure_next_batch(5, {"w": grad_next}, bases)
+    assert second["next_batch_predicted_decrease"] == pytest.approx(lr * float(signal.square().sum()))
+    summary = monitor.summary()
+    total_reference = scored["next_batch_reference_decrease"] + second["next_batch_reference_decrease"]
+    assert summary["next_batch_progress_share"] == pytest.approx(lr * float(signal.square().sum()) / total_reference)
+    assert summary["next_batch_checks"] == 2 and summary["predicted_progress_share"] > 0
+    # a step that does not follow its check directly scores nothing (the check is dropped)
+    monitor.measure(6, {"w": signal}, {"w": -lr * signal}, bases, reference_lr=lr)
+    assert monitor.measure_next_batch(8, {"w": grad_next}, bases) is None and not monitor.wants_gradient(7)
+
+
+def test_a_check_awaiting_its_next_batch_survives_a_checkpoint_round_trip():
+    V = _orthonormal(8, 2, 1)
+    grad = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    grad_next = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    step = -1e-3 * (grad @ V @ V.T)
+    bases = {"w": (None, V)}
+    live = TrajectoryMonitor(every=2)
+    live.measure(2, {"w": grad}, {"w": step}, bases, reference_lr=1e-3)
+    restored = TrajectoryMonitor(every=2)
+    restored.load_state_dict(json.loads(json.dumps(live.state_dict())), live.pending_tensors())
+    assert restored.wants_gradient(3)
+    after_resume = restored.measure_next_batch(3, {"w": grad_next}, bases)
+    assert after_resume == live.measure_next_batch(3, {"w": grad_next}, bases)
+    assert after_resume["next_batch_predicted_decrease"] != 0.0
+    with pytest.raises(ValueError, match=r"step-2 check awaits its next-batch score.*incomplete"):
+        fresh = TrajectoryMonitor(every=2)
+        fresh.measure(2, {"w": grad}, {"w": step}, bases, reference_lr=1e-3)
+        TrajectoryMonitor(every=2).load_state_dict(fresh.state_dict())
+
+
+def test_locked_run_scores_each_check_on_the_next_batch_and_the_monitor_only_observes(tmp_path):
+    """Tiny recipe (lock at 6, checks every 2 steps): steps 9 and 11 score checks 8 and 10 on their own batches;
+    the run with the monitor trains exactly the run without it."""
+    watched = run(tmp_path / "watched", "eval_steps=4")
+    plain = run(tmp_path / "plain", "eval_steps=4", "monitor.enabled=false")
+    assert watched["final_reverse_kl"] == plain["final_reverse_kl"]
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "watched")}
+    assert [s for s, r in rows.items() if "monitor_scored_step" in r] == [9, 11]
+    assert rows[9]["monitor_scored_step"] == 8 and "monitor_captured_energy" not in rows[9]
+    monitor = watched["monitor"]
+    scored = [rows[s] for s in (9, 11)]
+    expected = sum(r["monitor_next_batch_predicted_decrease"] for r in scored) / sum(
+        r["monitor_next_batch_reference_decrease"] for r in scored
+    )
+    assert monitor["next_batch_checks"] == 2 and monitor["next_batch_progress_share"] == pytest.approx(expected)
+    report = json.loads((tmp_path / "watched" / "trajectory.json").read_text())
+    assert report["next_batch_progress_share"] == pytest.approx(expected)

@@ -213,6 +213,23 @@ def test_monitor_figures_are_reported_per_method_and_ranked_against_the_measured
     assert swapped["kendall_tau"] == pytest.approx(1 / 3) and swapped["by_measured_share"] == ["b", "a", "c"]
     assert quality.ranking_agreement({"a": method(0.9, 0.95)}) is None
 
+    # the next-batch estimate of seed 0 only is ranked against the seed-0 shares, not the 3-seed means
+    per_seed = quality.monitor_figures([{**monitor(0.3, 0.5), "next_batch_progress_share": 0.4}, monitor(0.3, 0.5)],
+                                       seeds=[0, 1])  # fmt: skip
+    assert per_seed["next_batch_progress_share"] == pytest.approx(0.4)
+    assert per_seed["estimate_seeds"] == {"predicted_progress_share": [0, 1], "next_batch_progress_share": [0]}
+
+    def seeded(estimate, shares):
+        figures = {"next_batch_progress_share": estimate, "estimate_seeds": {"next_batch_progress_share": [0]}}
+        mean = sum(shares.values()) / len(shares)
+        return {"monitor": figures, "share_of_full_gain": {"mean": mean, "per_seed": shares}}
+
+    # by the means a (0.75) beats b (0.6); on seed 0, where the estimate was taken, b (0.9) beats a (0.5)
+    ranked = quality.ranking_agreement(
+        {"a": seeded(0.2, {"0": 0.5, "1": 1.0}), "b": seeded(0.3, {"0": 0.9, "1": 0.3})}, "next_batch_progress_share"
+    )
+    assert ranked["kendall_tau"] == 1.0 and ranked["estimate"] == "next_batch_progress_share"
+
 
 def _screened(kl, fixed):
     entry = {"final_reverse_kl": {"mean": kl}}

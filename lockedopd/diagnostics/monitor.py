@@ -12,8 +12,14 @@ frees them right after). The monitor then reports, per matrix and overall:
 * ``cosine_to_gradient`` = cos(locked step, −G);
 * ``predicted_progress_share`` (in :meth:`TrajectoryMonitor.summary`): the first-order loss decrease the locked
   steps bought, Σ⟨−G, ΔW_locked⟩, over what the unconstrained reference steps −lr·G/(|G|+ε) would have bought,
-  accumulated over the checks — an estimate of the share of unconstrained progress the locked phase keeps (to be
-  calibrated against the measured shares of ``benchmarks/quality.py``).
+  accumulated over the checks — an estimate of the share of unconstrained progress the locked phase keeps;
+* ``next_batch_progress_share``: the same ratio scored out of sample. A step computed from batch t also fits that
+  batch's sampling noise, and ⟨−G_t, ΔW_t⟩ credits the fit as progress (a per-coordinate step on many coefficients
+  fits more of it: on the SmolLM2 grid the in-sample share ranked Adam-on-coefficients above the two-sided lock,
+  which keeps more). So the step right after a check also takes the unconstrained gradient G_{t+1} — a fresh
+  batch, at the weights the check's step produced — and scores both steps against it: ⟨−G_{t+1}, ΔW_t⟩ for the
+  locked step and lr·⟨G_{t+1}, sign(G_t)⟩ for the reference (AdamW's fresh step, ε neglected). Between the two
+  steps it keeps ΔW_t in coefficient coordinates (r-sized) and sign(G_t) as int8 (one byte per locked weight).
 
 Per-batch gradients are noisy, so even a well-locked run captures far less than all of a single batch's gradient
 energy (SmolLM2 recipe: ~0.25, against 0.025 for a random subspace of the same size). The default threshold is
@@ -61,6 +67,7 @@ class TrajectoryMonitor:
     history: list[dict] = field(default_factory=list)
     drift_events: list[int] = field(default_factory=list)
     _below: int = 0
+    _pending: dict | None = None  # the last check's steps, to be scored on the next batch's gradient
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -81,6 +88,11 @@ class TrajectoryMonitor:
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based, the step about to complete) is a check."""
         return step % self.every == 0
+
+    def wants_gradient(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) needs the unconstrained gradient: a check, or the step right after one
+        (its fresh batch scores the check's steps out of sample, :meth:`measure_next_batch`)."""
+        return self.due(step) or (self._pending is not None and step == self._pending["step"] + 1)
 
     def measure(
         self,
@@ -157,19 +169,69 @@ class TrajectoryMonitor:
         if reference_lr is not None and reference > 0:
             check["predicted_decrease"] = predicted
             check["reference_decrease"] = reference_lr * reference
+            self._pending = {
+                "step": step,
+                "lr": float(reference_lr),
+                # ΔW_locked lies in the subspace: its coefficients reduce(ΔW) hold it exactly (orthonormal bases)
+                "deltas": {n: SubspaceBasis.coerce(bases[n]).reduce(locked_steps[n].double()) for n in grads},
+                "signs": {n: g.sign().to(torch.int8) for n, g in grads.items()},
+            }
         self.history.append(check)
         return check
+
+    def drop_pending(self) -> None:
+        """Forget the check awaiting its next-batch score (the run leaves the subspace before the next step)."""
+        self._pending = None
+
+    def measure_next_batch(
+        self,
+        step: int,
+        grads: dict[str, torch.Tensor],
+        bases: Mapping[str, SubspaceBasis | tuple[torch.Tensor | None, torch.Tensor]],
+    ) -> dict | None:
+        """Score the previous check's steps on this step's fresh gradient (out of sample).
+
+        Args:
+            step: the optimizer step (1-based); it must follow the check directly, otherwise nothing is scored.
+            grads: module name → the unconstrained gradient G_{t+1} of this step's batch.
+            bases: module name → its basis (the check's).
+        Returns:
+            ``{"step": t, "next_batch_predicted_decrease": ⟨−G_{t+1}, ΔW_t⟩, "next_batch_reference_decrease":
+            lr·⟨G_{t+1}, sign(G_t)⟩}`` (also stored on the check's ``history`` entry), or None when there is no
+            check of step ``step - 1`` to score.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None or step != pending["step"] + 1:
+            return None
+        if set(grads) != set(pending["deltas"]):
+            raise ValueError(
+                f"TrajectoryMonitor.measure_next_batch: step {step} has gradients of {len(grads)} modules, the "
+                f"step-{pending['step']} check measured {len(pending['deltas'])} others: pass the same modules."
+            )
+        predicted = reference = 0.0
+        for name, grad in grads.items():
+            g = grad.double()
+            delta = pending["deltas"][name].to(device=g.device)
+            predicted -= float((SubspaceBasis.coerce(bases[name]).reduce(g) * delta).sum())
+            reference += float((g * pending["signs"][name].to(device=g.device, dtype=g.dtype)).sum())
+        scored = {
+            "next_batch_predicted_decrease": predicted,
+            "next_batch_reference_decrease": pending["lr"] * reference,
+        }
+        for check in reversed(self.history):
+            if check["step"] == pending["step"]:
+                check.update(scored)
+                break
+        return {"step": pending["step"], **scored}
 
     def summary(self) -> dict:
         """Means over all checks, and whether any drift happened."""
         captures = [h["captured_energy"] for h in self.history if h["captured_energy"] is not None]
         cosines = [h["cosine_to_adam"] for h in self.history if h["cosine_to_adam"] is not None]
-        predicted = [h for h in self.history if "predicted_decrease" in h]
-        reference = sum(h["reference_decrease"] for h in predicted)
         return {
-            "predicted_progress_share": (
-                sum(h["predicted_decrease"] for h in predicted) / reference if predicted and reference > 0 else None
-            ),
+            "predicted_progress_share": self._share("predicted_decrease", "reference_decrease"),
+            "next_batch_progress_share": self._share("next_batch_predicted_decrease", "next_batch_reference_decrease"),
+            "next_batch_checks": sum(1 for h in self.history if "next_batch_predicted_decrease" in h),
             "checks": len(self.history),
             "captured_energy_mean": sum(captures) / len(captures) if captures else None,
             "captured_energy_min": min(captures) if captures else None,
@@ -179,12 +241,42 @@ class TrajectoryMonitor:
             "drift_events": list(self.drift_events),
         }
 
-    def state_dict(self) -> dict:
-        """Plain-Python state for checkpoints (the per-matrix detail is kept)."""
-        return {"history": self.history, "drift_events": self.drift_events, "below": self._below}
+    def _share(self, decrease: str, reference: str) -> float | None:
+        """Σ decrease / Σ reference over the checks that have both (None without any, or a reference sum <= 0)."""
+        scored = [h for h in self.history if decrease in h]
+        total = sum(h[reference] for h in scored)
+        return sum(h[decrease] for h in scored) / total if scored and total > 0 else None
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`."""
+    def state_dict(self) -> dict:
+        """Plain-Python state for checkpoints (the per-matrix detail is kept); the tensors of a check awaiting its
+        next-batch score are in :meth:`pending_tensors`."""
+        pending = None if self._pending is None else {"step": self._pending["step"], "lr": self._pending["lr"]}
+        return {"history": self.history, "drift_events": self.drift_events, "below": self._below, "pending": pending}
+
+    def pending_tensors(self) -> dict[str, torch.Tensor]:
+        """The awaiting check's ΔW coefficients and gradient signs, flat (``delta/<module>``, ``sign/<module>``)."""
+        if self._pending is None:
+            return {}
+        out = {f"delta/{n}": t for n, t in self._pending["deltas"].items()}
+        out.update({f"sign/{n}": t for n, t in self._pending["signs"].items()})
+        return out
+
+    def load_state_dict(self, state: dict, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Restore from :meth:`state_dict` (and :meth:`pending_tensors`, when a check awaits its next batch)."""
         self.history = list(state["history"])
         self.drift_events = list(state["drift_events"])
         self._below = int(state["below"])
+        self._pending = None
+        pending = state.get("pending")
+        if pending is None:
+            return
+        tensors = tensors or {}
+        deltas = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("delta/")}
+        signs = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("sign/")}
+        if not deltas or set(deltas) != set(signs):
+            raise ValueError(
+                f"TrajectoryMonitor: the checkpoint's step-{pending['step']} check awaits its next-batch score, but "
+                "its tensors (delta/*, sign/*) are missing or do not match: the checkpoint is incomplete; resume "
+                "from another checkpoint."
+            )
+        self._pending = {"step": int(pending["step"]), "lr": float(pending["lr"]), "deltas": deltas, "signs": signs}

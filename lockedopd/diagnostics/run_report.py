@@ -63,6 +63,7 @@ def write_trajectory_report(run_dir: Path, summary: dict[str, Any], monitor, con
         "captured_energy_random_baseline": monitor_summary.get("random_baseline"),
         "cosine_to_adam_mean": monitor_summary.get("cosine_to_adam_mean"),
         "predicted_progress_share": monitor_summary.get("predicted_progress_share"),
+        "next_batch_progress_share": monitor_summary.get("next_batch_progress_share"),
         "drift_events": monitor_summary.get("drift_events", []),
         "lock_events": summary.get("lock_events", []),
     }

@@ -146,10 +146,11 @@ class LockController:
         return None
 
     def before_backward(self, step: int) -> None:
-        """On monitor steps of the locked phase, let the backward pass also fill the frozen weights' gradients."""
+        """On monitor steps of the locked phase (and the step after each, which scores it on a fresh batch), let the
+        backward pass also fill the frozen weights' gradients."""
         if self.locked is None or self.locked.kind != "subspace" or self.monitor is None:
             return
-        if not self.monitor.due(step + 1):
+        if not self.monitor.wants_gradient(step + 1):
             return
         layers = locked_layers(self.locked.model)
         self._watch = {"weights": {name: layers[name].base_layer.weight for name in self.locked.bases}}
@@ -309,32 +310,53 @@ class LockController:
         return bases
 
     def _finish_watch(self, step: int) -> tuple[dict[str, Any], PhaseChange | None]:
-        """Measure the monitor step, free the full gradients, refreeze the base weights."""
+        """Measure the monitor step (and score the previous check's steps on this batch), free the full gradients,
+        refreeze the base weights."""
         watch, self._watch = self._watch, None
-        after = self.locked.coefficients()
-        grads, locked_steps = {}, {}
-        for name, weight in watch["weights"].items():
-            delta = (after[name].detach() - watch["before"][name]).double()
-            locked_steps[name] = self.locked.bases[name].lift(delta)
-            grads[name] = weight.grad.detach() if weight.grad is not None else torch.zeros_like(weight)
-        check = self.monitor.measure(step, grads, locked_steps, self.locked.bases, reference_lr=self.lr_at(step - 1))
-        for weight in watch["weights"].values():
-            weight.grad = None
-            weight.requires_grad_(False)
-        record = {
-            "monitor_predicted_decrease": check.get("predicted_decrease"),
-            "monitor_reference_decrease": check.get("reference_decrease"),
-            "monitor_captured_energy": check["captured_energy"],
-            "monitor_cosine_to_adam": check["cosine_to_adam"],
-            "monitor_cosine_to_gradient": check["cosine_to_gradient"],
+        grads = {
+            name: weight.grad.detach() if weight.grad is not None else torch.zeros_like(weight)
+            for name, weight in watch["weights"].items()
         }
+        record: dict[str, Any] = {}
+        scored = self.monitor.measure_next_batch(step, grads, self.locked.bases)
+        if scored is not None:
+            record["monitor_scored_step"] = scored["step"]
+            record["monitor_next_batch_predicted_decrease"] = scored["next_batch_predicted_decrease"]
+            record["monitor_next_batch_reference_decrease"] = scored["next_batch_reference_decrease"]
+        if not self.monitor.due(step):  # only the follow-up of a check
+            self._free_watch(watch)
+            return record, None
+        after = self.locked.coefficients()
+        locked_steps = {
+            name: self.locked.bases[name].lift((after[name].detach() - watch["before"][name]).double())
+            for name in watch["weights"]
+        }
+        check = self.monitor.measure(step, grads, locked_steps, self.locked.bases, reference_lr=self.lr_at(step - 1))
+        del grads, locked_steps
+        self._free_watch(watch)
+        record.update(
+            {
+                "monitor_predicted_decrease": check.get("predicted_decrease"),
+                "monitor_reference_decrease": check.get("reference_decrease"),
+                "monitor_captured_energy": check["captured_energy"],
+                "monitor_cosine_to_adam": check["cosine_to_adam"],
+                "monitor_cosine_to_gradient": check["cosine_to_gradient"],
+            }
+        )
         change = None
         if check["drift"]:
             action = self.config.monitor.on_drift
             record.update(drift=True, drift_action=action)
             if action in ("relock", "unlock"):
+                self.monitor.drop_pending()  # the next step trains outside this subspace: nothing to score it on
                 change = self.unlock(step, relock=action == "relock")
         return record, change
+
+    @staticmethod
+    def _free_watch(watch: dict[str, Any]) -> None:
+        for weight in watch["weights"].values():
+            weight.grad = None
+            weight.requires_grad_(False)
 
     def unlock(self, step: int, relock: bool) -> PhaseChange:
         """Fold the adapter into the weights and return to full-parameter training.
@@ -365,6 +387,8 @@ class LockController:
         trainer_state["lr_scales"] = self.lr_scales()
         if self.monitor is not None:
             trainer_state["monitor"] = self.monitor.state_dict()
+            if self.monitor.pending_tensors():
+                tensors["monitor_pending"] = self.monitor.pending_tensors()
         if self.locked is not None:
             trainer_state["locked_kind"] = self.locked.kind
             trainer_state["lock_files"] = self.lock_files
@@ -374,13 +398,13 @@ class LockController:
         elif self.policy is not None:
             states["tracker"] = self.policy.tracker.state_dict()
 
-    def _restore_common(self, trainer_state: dict) -> None:
+    def _restore_common(self, trainer_state: dict, tensors: dict | None = None) -> None:
         self.lock_step = trainer_state.get("lock_step")
         self.lock_reason = trainer_state.get("lock_reason")
         self.events = list(trainer_state.get("lock_events", []))
         self.track_origin = int(trainer_state.get("track_origin", 0))
         if self.monitor is not None and "monitor" in trainer_state:
-            self.monitor.load_state_dict(trainer_state["monitor"])
+            self.monitor.load_state_dict(trainer_state["monitor"], (tensors or {}).get("monitor_pending"))
 
     def restore_unlocked(self, model: nn.Module, states: dict, trainer_state: dict) -> None:
         """Resume in a full-parameter phase: the policy's sketches of W_0 come back from the checkpoint."""
@@ -415,7 +439,7 @@ class LockController:
                     f"{path} is not the file the step-{step} checkpoint was trained with (its content hash differs): "
                     "it was overwritten or corrupted. Resume from a checkpoint written after it, or restore the file."
                 )
-        self._restore_common(trainer_state)
+        self._restore_common(trainer_state, tensors)
         self.lock_files = files or None
         s = self.settings
         lr = self.lr_at(step)
