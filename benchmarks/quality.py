@@ -554,12 +554,30 @@ def select_learning_rates(methods: dict[str, Any], screens: dict[str, list[str]]
     return out
 
 
+ALL_SEEDS_KEYS = ("seeds", "final_reverse_kl", "final_fixed_text_kl", "share_of_full_gain", "lock_step",
+                  "per_seed_wall_s")  # fmt: skip
+
+
+def aggregate_on_common_seeds(
+    cells: dict[str, dict[int, dict[str, Any]]], methods: list[str], common_seeds: list[int]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(methods, all_seeds)``: every method aggregated over the grid's common seeds only, so that methods are
+    compared on the same seeds; and, for the methods that also ran extra seeds, their figures over all their seeds
+    (:data:`ALL_SEEDS_KEYS`; each share against the same seed's full run)."""
+    common = {m: {s: c for s, c in by_seed.items() if s in common_seeds} for m, by_seed in cells.items()}
+    aggregated = aggregate(common, methods)
+    wider = [m for m in methods if any(s not in common_seeds for s in cells.get(m, {}))]
+    everything = aggregate(cells, wider) if wider else {}
+    all_seeds = {m: {k: entry[k] for k in ALL_SEEDS_KEYS if k in entry} for m, entry in everything.items()}
+    return aggregated, all_seeds
+
+
 def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
     """The whole ``results.json`` content."""
     cells = collect(exp)
     methods = list(exp.methods)
     pending = [f"{m}/seed{s}" for m, s in exp.cells() if m not in errors and not is_finished(exp, m, s)]
-    aggregated = aggregate(cells, methods)
+    aggregated, all_seeds = aggregate_on_common_seeds(cells, methods, exp.seeds)
     return {
         "experiment": exp.name,
         "base_config": exp.base_config,
@@ -568,6 +586,7 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
         "seeds": exp.seeds,
         **({"extra_seeds": exp.extra_seeds} if exp.extra_seeds else {}),
         "methods": aggregated,
+        **({"all_seeds": all_seeds} if all_seeds else {}),
         "monitor_ranking": ranking_agreement(aggregated),
         "monitor_ranking_next_batch": ranking_agreement(aggregated, "next_batch_progress_share"),
         **(
@@ -628,6 +647,23 @@ def markdown_report(report: dict[str, Any]) -> str:
         )
     for name in report["not_run"]:
         lines.append(f"| {name} | not run | | | | | | |")
+    wider = report.get("all_seeds") or {}
+    if wider:
+        lines += [
+            "",
+            "## With their extra seeds",
+            "",
+            f"The table above compares every method on the common seeds {report['seeds']}; these methods also "
+            "ran extra seeds (`extra_seeds`), each share against the same seed's full run:",
+            "",
+            "| method | seeds | final held-out KL | final fixed-text KL | share of full gain |",
+            "|---|---|---|---|---|",
+        ]
+        for name, m in wider.items():
+            lines.append(
+                f"| {name} | {', '.join(map(str, m['seeds']))} | {_interval(m['final_reverse_kl'])} | "
+                f"{_interval(m.get('final_fixed_text_kl', {}))} | {_interval(m['share_of_full_gain'])} |"
+            )  # fmt: skip
     steps = sorted({int(s) for m in methods.values() for s in m["eval_reverse_kl"]})
     if steps:
         lines += ["", "## Held-out reverse KL per eval step (mean ± std over seeds)", ""]
@@ -691,6 +727,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines += ["", "## Per seed", "", "| method | seed | lock step | final held-out KL | share of full gain | wall s |"]
     lines.append("|---|---|---|---|---|---|")
     for name, m in methods.items():
+        m = wider.get(name, m)  # every seed the method ran
         for s in m["seeds"]:
             key = str(s)
             lines.append(

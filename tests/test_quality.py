@@ -157,6 +157,29 @@ def test_share_of_full_gain_on_a_hand_made_results_set():
         quality.full_kl_at(cells["full"][1], 40)
 
 
+def test_methods_are_compared_on_the_common_seeds_and_extra_seeds_reported_beside():
+    cells = {
+        "full": {0: _cell(0, {0: 4.0, 8: 3.0, 30: 2.0}), 1: _cell(1, {0: 4.0, 8: 2.5, 30: 1.5}),
+                 2: _cell(2, {0: 4.0, 8: 3.5, 30: 3.0})},
+        "locked": {0: _cell(0, {0: 4.0, 8: 3.0, 30: 2.2}, 8), 1: _cell(1, {0: 4.0, 8: 2.5, 30: 1.6}, 8),
+                   2: _cell(2, {0: 4.0, 8: 3.5, 30: 2.5}, 8)},
+        "lora": {0: _cell(0, {0: 4.0, 30: 2.4}), 1: _cell(1, {0: 4.0, 30: 2.0})},
+    }  # fmt: skip
+    methods, all_seeds = quality.aggregate_on_common_seeds(cells, ["full", "locked", "lora"], [0, 1])
+    assert methods["full"]["seeds"] == [0, 1] and methods["full"]["final_reverse_kl"]["mean"] == pytest.approx(1.75)
+    assert methods["locked"]["share_of_full_gain"]["mean"] == pytest.approx(0.85)  # seeds 0, 1: 0.8, 0.9
+    assert set(all_seeds) == {"full", "locked"}  # lora ran only the common seeds
+    wider = all_seeds["locked"]
+    assert wider["seeds"] == [0, 1, 2] and wider["share_of_full_gain"]["per_seed"]["2"] == pytest.approx(2.0)
+    assert wider["share_of_full_gain"]["mean"] == pytest.approx((0.8 + 0.9 + 2.0) / 3)
+    assert wider["final_reverse_kl"]["mean"] == pytest.approx((2.2 + 1.6 + 2.5) / 3)
+    report = {"experiment": "x", "base_config": "c", "overrides": {}, "seeds": [0, 1], "not_run": {},
+              "pending_cells": [], "methods": methods, "all_seeds": all_seeds}  # fmt: skip
+    md = quality.markdown_report(report)
+    assert "| locked | 0, 1, 2 | 2.100 [" in md and "## With their extra seeds" in md
+    assert "| locked | 2 | 8 | 2.5000 | 2.000 |" in md  # the per-seed table lists every seed a method ran
+
+
 def test_methods_the_trainer_cannot_run_are_listed_as_not_run(tmp_path):
     exp = experiment(tmp_path / "grid", methods={"full": {"lock.enabled": False}, "lora": {"lock.mode": "lora"}},
                      seeds=[0])  # fmt: skip

@@ -220,7 +220,8 @@ class MonitorConfig:
 
     Attributes:
         enabled: measure the unconstrained gradient every ``every`` locked steps.
-        every: check period in steps (each check costs one full-weight gradient for that step).
+        every: check period in steps (each check costs one full-weight gradient for that step and one for the next,
+            whose fresh batch scores the check out of sample).
         capture_threshold: captured gradient-energy share below which a check counts as drifting; ``"auto"`` =
             5 × the share a random subspace of the same size would capture (per-batch gradients are noisy: a
             well-locked SmolLM2 run captures ~0.25 against a random 0.025).
