@@ -463,6 +463,7 @@ def monitor_figures(summaries: list[dict[str, Any] | None], seeds: list[int] | N
         out[key] = sum(values) / len(values) if values else None
         if key in MONITOR_ESTIMATES:
             out["estimate_seeds"][key] = [s for s, m in present if m.get(key) is not None]
+            out.setdefault("per_seed", {})[key] = {str(s): m[key] for s, m in present if m.get(key) is not None}
     present = [m for _, m in present]
     out["flagged"] = any(
         m.get("drift_events")
@@ -498,18 +499,44 @@ def ranking_agreement(methods: dict[str, Any], estimate: str = "predicted_progre
     if len(pairs) < 2:
         return None
     names = sorted(pairs)
-    concordant = discordant = 0
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            sign = (pairs[a][0] - pairs[b][0]) * (pairs[a][1] - pairs[b][1])
-            concordant += sign > 0
-            discordant += sign < 0
     return {
         "estimate": estimate,
-        "kendall_tau": (concordant - discordant) / (len(names) * (len(names) - 1) / 2),
+        "kendall_tau": _kendall_tau(pairs),
         "by_predicted_share": sorted(names, key=lambda n: -pairs[n][0]),
         "by_measured_share": sorted(names, key=lambda n: -pairs[n][1]),
     }
+
+
+def _kendall_tau(pairs: dict[Any, tuple[float, float]]) -> float:
+    """Kendall's tau-a of the (estimate, measured) pairs: (concordant − discordant) / all pairs."""
+    keys = sorted(pairs, key=str)
+    concordant = discordant = 0
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            sign = (pairs[a][0] - pairs[b][0]) * (pairs[a][1] - pairs[b][1])
+            concordant += sign > 0
+            discordant += sign < 0
+    return (concordant - discordant) / (len(keys) * (len(keys) - 1) / 2)
+
+
+def cell_ranking_agreement(methods: dict[str, Any], cells_of: str = "next_batch_progress_share") -> dict[str, Any]:
+    """Run by run: on the cells (method, seed) that have the ``cells_of`` estimate, Kendall's tau between each
+    estimate of :data:`MONITOR_ESTIMATES` and the cell's measured share — both estimates on the same runs, so
+    they can be compared (a method's mean share mixes seeds whose full runs gained more or less)."""
+    cells = {}
+    for name, m in methods.items():
+        per_seed = m.get("monitor", {}).get("per_seed", {})
+        shares = m["share_of_full_gain"].get("per_seed", {})
+        for seed in per_seed.get(cells_of, {}):
+            if seed in shares and all(seed in per_seed.get(e, {}) for e in MONITOR_ESTIMATES):
+                cells[f"{name}/seed{seed}"] = {e: per_seed[e][seed] for e in MONITOR_ESTIMATES} | {
+                    "measured": shares[seed]
+                }
+    out: dict[str, Any] = {"cells": cells}
+    if len(cells) >= 2:
+        for estimate in MONITOR_ESTIMATES:
+            out[estimate] = _kendall_tau({c: (v[estimate], v["measured"]) for c, v in cells.items()})
+    return out
 
 
 def collect(exp: Experiment) -> dict[str, dict[int, dict[str, Any]]]:
@@ -555,7 +582,7 @@ def select_learning_rates(methods: dict[str, Any], screens: dict[str, list[str]]
 
 
 ALL_SEEDS_KEYS = ("seeds", "final_reverse_kl", "final_fixed_text_kl", "share_of_full_gain", "lock_step",
-                  "per_seed_wall_s")  # fmt: skip
+                  "per_seed_wall_s", "monitor")  # fmt: skip
 
 
 def aggregate_on_common_seeds(
@@ -578,6 +605,7 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
     methods = list(exp.methods)
     pending = [f"{m}/seed{s}" for m, s in exp.cells() if m not in errors and not is_finished(exp, m, s)]
     aggregated, all_seeds = aggregate_on_common_seeds(cells, methods, exp.seeds)
+    every_seed = {name: all_seeds.get(name, entry) for name, entry in aggregated.items()}
     return {
         "experiment": exp.name,
         "base_config": exp.base_config,
@@ -587,8 +615,10 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
         **({"extra_seeds": exp.extra_seeds} if exp.extra_seeds else {}),
         "methods": aggregated,
         **({"all_seeds": all_seeds} if all_seeds else {}),
-        "monitor_ranking": ranking_agreement(aggregated),
-        "monitor_ranking_next_batch": ranking_agreement(aggregated, "next_batch_progress_share"),
+        # the monitor is calibrated on every seed a method ran (each estimate against the shares of its own seeds)
+        "monitor_ranking": ranking_agreement(every_seed),
+        "monitor_ranking_next_batch": ranking_agreement(every_seed, "next_batch_progress_share"),
+        "monitor_ranking_by_run": cell_ranking_agreement(every_seed),
         **(
             {
                 "lr_selection": {
@@ -683,20 +713,25 @@ def markdown_report(report: dict[str, Any]) -> str:
         for name, m in methods.items():
             row = [m.get(key, {}).get(str(s)) for s in fixed_steps]
             lines.append(f"| {name} | " + " | ".join("" if e is None else f"{e['mean']:.3f}" for e in row) + " |")
-    monitored = {name: m["monitor"] for name, m in methods.items() if m.get("monitor")}
+    every_seed = {name: (report.get("all_seeds") or {}).get(name, m) for name, m in methods.items()}
+    monitored = {name: m["monitor"] for name, m in every_seed.items() if m.get("monitor")}
     if monitored:
-        lines += ["", "## What the trajectory monitor said (mean over seeds) against the measured share", ""]
+        title = "## What the trajectory monitor said (mean over every seed a method ran) against the measured share"
+        lines += ["", title, ""]
         header = "| method | captured gradient energy | random subspace | cosine to full AdamW step | "
-        header += "predicted progress share (same batch) | next-batch progress share (seeds) | measured share | "
-        lines += [header + "flagged |", "|---|---|---|---|---|---|---|---|"]
+        header += "same-batch estimate | measured share | next-batch estimate (its seeds) | "
+        header += "measured share, those seeds | "
+        lines += [header + "flagged |", "|---|---|---|---|---|---|---|---|---|"]
         for name, mon in monitored.items():
             next_seeds = mon.get("estimate_seeds", {}).get("next_batch_progress_share") or []
             next_batch = mon.get("next_batch_progress_share")
             shown = "" if next_batch is None else f"{next_batch:.3f} ({', '.join(map(str, next_seeds))})"
+            on_those = _measured_share(every_seed[name], next_seeds) if next_seeds else None
             lines.append(
                 f"| {name} | {_fmt(mon['captured_energy_mean'], 3)} | {_fmt(mon['random_baseline'], 3)} | "
-                f"{_fmt(mon['cosine_to_adam_mean'], 3)} | {_fmt(mon['predicted_progress_share'], 3)} | {shown} | "
-                f"{_interval(methods[name]['share_of_full_gain'])} | {'yes' if mon['flagged'] else 'no'} |"
+                f"{_fmt(mon['cosine_to_adam_mean'], 3)} | {_fmt(mon['predicted_progress_share'], 3)} | "
+                f"{_interval(every_seed[name]['share_of_full_gain'])} | {shown} | {_fmt(on_those, 3)} | "
+                f"{'yes' if mon['flagged'] else 'no'} |"
             )
         for key, what in (("monitor_ranking", "same-batch"), ("monitor_ranking_next_batch", "next-batch")):
             ranking = report.get(key)
@@ -705,6 +740,26 @@ def markdown_report(report: dict[str, Any]) -> str:
                           f"estimate has): {ranking['kendall_tau']:.2f} (estimated order "
                           f"{', '.join(ranking['by_predicted_share'])}; measured "
                           f"{', '.join(ranking['by_measured_share'])})."]  # fmt: skip
+        by_run = report.get("monitor_ranking_by_run") or {}
+        if by_run.get("cells"):
+            lines += [
+                "",
+                "Run by run, on the runs that have the next-batch estimate:",
+                "",
+                "| run | same-batch estimate | next-batch estimate | measured share |",
+                "|---|---|---|---|",
+            ]
+            for cell, v in sorted(by_run["cells"].items(), key=lambda kv: -kv[1]["measured"]):
+                lines.append(
+                    f"| {cell} | {v['predicted_progress_share']:.3f} | {v['next_batch_progress_share']:.3f} | "
+                    f"{v['measured']:.3f} |"
+                )
+            if "next_batch_progress_share" in by_run:
+                lines += [
+                    "",
+                    f"Kendall's tau over these {len(by_run['cells'])} runs: same-batch "
+                    f"{by_run['predicted_progress_share']:.2f}, next-batch {by_run['next_batch_progress_share']:.2f}.",
+                ]
     selection = report.get("lr_selection")
     if selection:
         lines += ["", "## Learning-rate selection", "", f"Rule: {selection['rule']}.", ""]

@@ -253,6 +253,20 @@ def test_monitor_figures_are_reported_per_method_and_ranked_against_the_measured
     )
     assert ranked["kendall_tau"] == 1.0 and ranked["estimate"] == "next_batch_progress_share"
 
+    # run by run: both estimates on the runs that have the next-batch one, against each run's own share
+    def runs(same, nxt, shares):
+        per_seed = {"predicted_progress_share": same, "next_batch_progress_share": nxt}
+        return {"monitor": {"per_seed": per_seed}, "share_of_full_gain": {"per_seed": shares}}
+
+    by_run = quality.cell_ranking_agreement({
+        "a": runs({"0": 0.3, "1": 0.2}, {"0": 0.6}, {"0": 0.9, "1": 0.5}),  # seed 1 has no next-batch estimate
+        "b": runs({"0": 0.4}, {"0": 0.5}, {"0": 0.7}),
+        "c": runs({"0": 0.1}, {"0": 0.2}, {"0": 0.2}),
+    })  # fmt: skip
+    assert sorted(by_run["cells"]) == ["a/seed0", "b/seed0", "c/seed0"]
+    assert by_run["next_batch_progress_share"] == 1.0  # 0.6 > 0.5 > 0.2 as 0.9 > 0.7 > 0.2
+    assert by_run["predicted_progress_share"] == pytest.approx(1 / 3)  # a and b swapped
+
 
 def _screened(kl, fixed):
     entry = {"final_reverse_kl": {"mean": kl}}
