@@ -585,6 +585,12 @@ ALL_SEEDS_KEYS = ("seeds", "final_reverse_kl", "final_fixed_text_kl", "share_of_
                   "per_seed_wall_s", "monitor")  # fmt: skip
 
 
+def every_seed_view(methods: dict[str, Any], all_seeds: dict[str, Any] | None) -> dict[str, Any]:
+    """Each method's entry over every seed it ran: its ``all_seeds`` entry where it ran extra seeds, else its
+    common-seed entry."""
+    return {name: (all_seeds or {}).get(name, entry) for name, entry in methods.items()}
+
+
 def aggregate_on_common_seeds(
     cells: dict[str, dict[int, dict[str, Any]]], methods: list[str], common_seeds: list[int]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -605,7 +611,7 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
     methods = list(exp.methods)
     pending = [f"{m}/seed{s}" for m, s in exp.cells() if m not in errors and not is_finished(exp, m, s)]
     aggregated, all_seeds = aggregate_on_common_seeds(cells, methods, exp.seeds)
-    every_seed = {name: all_seeds.get(name, entry) for name, entry in aggregated.items()}
+    every_seed = every_seed_view(aggregated, all_seeds)
     return {
         "experiment": exp.name,
         "base_config": exp.base_config,
@@ -713,7 +719,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         for name, m in methods.items():
             row = [m.get(key, {}).get(str(s)) for s in fixed_steps]
             lines.append(f"| {name} | " + " | ".join("" if e is None else f"{e['mean']:.3f}" for e in row) + " |")
-    every_seed = {name: (report.get("all_seeds") or {}).get(name, m) for name, m in methods.items()}
+    every_seed = every_seed_view(methods, wider)
     monitored = {name: m["monitor"] for name, m in every_seed.items() if m.get("monitor")}
     if monitored:
         title = "## What the trajectory monitor said (mean over every seed a method ran) against the measured share"
@@ -781,8 +787,7 @@ def markdown_report(report: dict[str, Any]) -> str:
                 lines.append(f"| {family} | (incomplete: the choice may change) | | | |")
     lines += ["", "## Per seed", "", "| method | seed | lock step | final held-out KL | share of full gain | wall s |"]
     lines.append("|---|---|---|---|---|---|")
-    for name, m in methods.items():
-        m = wider.get(name, m)  # every seed the method ran
+    for name, m in every_seed.items():
         for s in m["seeds"]:
             key = str(s)
             lines.append(

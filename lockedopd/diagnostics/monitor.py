@@ -126,6 +126,7 @@ class TrajectoryMonitor:
         """
         inside = total = predicted = reference = 0.0
         per_matrix = {}
+        deltas, signs = {}, {}  # what the next step scores this check's steps with (when reference_lr is given)
         for name, grad in grads.items():
             basis = SubspaceBasis.coerce(bases[name])
             e_in, e_all = basis.captured_energy(grad)
@@ -140,6 +141,10 @@ class TrajectoryMonitor:
                 "cosine_to_adam": _cosine(step_w, adam_step),
                 "cosine_to_gradient": _cosine(step_w, -grad),
             }
+            if reference_lr is not None:
+                # ΔW_locked lies in the subspace: its coefficients reduce(ΔW) hold it exactly (orthonormal bases)
+                deltas[name] = basis.reduce(step_w.double())
+                signs[name] = grad.sign().to(torch.int8)
         shares = [m["captured_energy"] for m in per_matrix.values() if m["captured_energy"] is not None]
         cos_adam = [m["cosine_to_adam"] for m in per_matrix.values() if m["cosine_to_adam"] is not None]
         cos_grad = [m["cosine_to_gradient"] for m in per_matrix.values() if m["cosine_to_gradient"] is not None]
@@ -174,13 +179,7 @@ class TrajectoryMonitor:
         if reference_lr is not None and reference > 0:
             check["predicted_decrease"] = predicted
             check["reference_decrease"] = reference_lr * reference
-            self._pending = {
-                "step": step,
-                "lr": float(reference_lr),
-                # ΔW_locked lies in the subspace: its coefficients reduce(ΔW) hold it exactly (orthonormal bases)
-                "deltas": {n: SubspaceBasis.coerce(bases[n]).reduce(locked_steps[n].double()) for n in grads},
-                "signs": {n: g.sign().to(torch.int8) for n, g in grads.items()},
-            }
+            self._pending = {"step": step, "lr": float(reference_lr), "deltas": deltas, "signs": signs}
         self.history.append(check)
         return check
 
