@@ -44,6 +44,9 @@ import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+from accuracy_report import accuracy_markdown, aggregate_accuracy, cell_accuracy, plot_accuracy  # noqa: E402
+
 REFERENCE = "full"
 ORDERS = ("method_major", "seed_major")
 ISOLATIONS = ("process", "inline")
@@ -80,6 +83,10 @@ class Experiment:
             text).
         extra_seeds: method -> seeds it runs beyond ``seeds`` (where a method's interval is too wide to tell a
             target). Its share on such a seed needs the same seed's ``full`` run, so ``full`` must list them too.
+        task: the verifiable task the cells measure accuracy on (their config's ``accuracy`` section); accuracy then
+            leads the report (:mod:`accuracy_report`), and only ``full``'s cells evaluate the step-0 student.
+        teacher_model: the teacher's model source (e.g. ``built:RECIPE.yaml``), scored once with the cells' accuracy
+            settings into ``OUT/teacher_accuracy.json``.
     """
 
     name: str
@@ -94,6 +101,8 @@ class Experiment:
     fixed_text_cache: bool = True
     lr_screens: dict[str, list[str]] = field(default_factory=dict)
     extra_seeds: dict[str, list[int]] = field(default_factory=dict)
+    task: str | None = None
+    teacher_model: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -194,6 +203,8 @@ def cell_overrides(exp: Experiment, method: str, seed: int) -> list[str]:
     """The config overrides of one cell: common ones, the method's, then seed, output_dir and resume."""
     overrides = _override_list(exp.overrides) + _override_list(exp.methods[method])
     overrides += [f"seed={seed}", f"output_dir={exp.cell_dir(method, seed)}", "resume=true"]
+    if exp.task and method != REFERENCE:  # the step-0 student is the same for every method of a seed
+        overrides.append("eval_at_start=false")
     if exp.fixed_text_cache:
         overrides.append(f"eval_fixed_text_path={exp.out_dir / 'fixed_text'}")
     return overrides
@@ -343,6 +354,7 @@ def read_cell(cell: Path) -> dict[str, Any]:
             for key in ("eval_fixed_text_kl", "eval_fixed_text_forward_kl")
         },
         "final_step": max(evals) if evals else None,
+        **cell_accuracy(records),
     }
 
 
@@ -612,7 +624,23 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
     pending = [f"{m}/seed{s}" for m, s in exp.cells() if m not in errors and not is_finished(exp, m, s)]
     aggregated, all_seeds = aggregate_on_common_seeds(cells, methods, exp.seeds)
     every_seed = every_seed_view(aggregated, all_seeds)
+    accuracy = {}
+    if exp.task:
+        common = {m: {s: c for s, c in by_seed.items() if s in exp.seeds} for m, by_seed in cells.items()}
+        section = aggregate_accuracy(common, methods, t_interval)
+        for name, entry in section["methods"].items():
+            aggregated.setdefault(name, {}).update(entry)
+        teacher = read_teacher_accuracy(exp)
+        accuracy = {
+            "task": exp.task,
+            "teacher_accuracy": None if teacher is None else teacher["greedy_accuracy"],
+            "teacher_accuracy_sampled": None if teacher is None else teacher["sampled_accuracy"],
+            "student_start_accuracy": section["student_start_accuracy"]["mean"],
+            "reference": section["reference"],
+            "accuracy": section,
+        }
     return {
+        **accuracy,
         "experiment": exp.name,
         "base_config": exp.base_config,
         "overrides": exp.overrides,
@@ -666,6 +694,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     """``results.md``: a summary table per method, held-out KL per eval step, per-seed shares, what did not run."""
     methods = report["methods"]
     lines = [f"# Quality benchmark: {report['experiment']}", ""]
+    if report.get("accuracy"):
+        lines += ["## Task accuracy", "", *accuracy_markdown(report), "## Held-out reverse KL", ""]
     lines.append(
         f"Base config `{report['base_config']}`, seeds {report['seeds']}; common overrides "
         f"`{report['overrides']}`. Share = share of full OPD's post-lock gain in held-out reverse KL (mean, 95% "
@@ -899,7 +929,56 @@ def write_reports(exp: Experiment, errors: dict[str, str] | None = None) -> dict
     atomic_write_text(out / "results.json", json.dumps(report, indent=2))
     atomic_write_text(out / "results.md", markdown_report(report))
     plot_quality(report, out / "quality.png")
+    if exp.task:
+        plot_accuracy(report, out / "accuracy.png")
     return report
+
+
+def read_teacher_accuracy(exp: Experiment) -> dict[str, Any] | None:
+    """The teacher's accuracy (``OUT/teacher_accuracy.json``), or None before it was measured."""
+    path = exp.out_dir / "teacher_accuracy.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def measure_teacher_accuracy(exp: Experiment) -> dict[str, Any] | None:
+    """Score ``exp.teacher_model`` once with the cells' accuracy settings (problems, samples, seed of seed 0's cells)
+    and cache it in ``OUT/teacher_accuracy.json``."""
+    if not (exp.task and exp.teacher_model):
+        return None
+    cached = read_teacher_accuracy(exp)
+    if cached is not None:
+        return cached
+    from lockedopd.checkpoint import atomic_write_text
+    from lockedopd.opd.accuracy import evaluate_accuracy
+    from lockedopd.opd.builders import build_accuracy_problems, build_model
+    from lockedopd.opd.config import ModelConfig
+    from lockedopd.opd.rollout import encode_prompts
+    from lockedopd.opd.trainer import ACCURACY_SEED_OFFSET, step_seed
+    from lockedopd.rewards import resolve_reward_fn
+
+    config = cell_config(exp, REFERENCE if REFERENCE in exp.methods else next(iter(exp.methods)), exp.seeds[0])
+    acc = config.accuracy
+    problems = build_accuracy_problems(config)
+    model, tokenizer = build_model(ModelConfig(source=exp.teacher_model))
+    ids = encode_prompts(tokenizer, [p.prompt for p in problems], config.data.use_chat_template,
+                         config.rollout.max_prompt_tokens)  # fmt: skip
+    started = time.time()
+    result = evaluate_accuracy(
+        model, tokenizer, ids, [p.answer for p in problems], resolve_reward_fn(acc.verifier),
+        acc.max_new_tokens or config.rollout.max_new_tokens, batch_size=acc.batch_size, samples=acc.samples,
+        temperature=acc.temperature, seed=step_seed(config.seed + ACCURACY_SEED_OFFSET, 0),
+    )  # fmt: skip
+    record = {
+        "model": exp.teacher_model,
+        "greedy_accuracy": result.greedy,
+        "sampled_accuracy": result.sampled,
+        "samples": result.samples,
+        "problems": result.problems,
+        "seconds": round(time.time() - started, 1),
+    }
+    exp.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(exp.out_dir / "teacher_accuracy.json", json.dumps(record, indent=2))
+    return record
 
 
 def _refresh_reports(exp: Experiment, experiment_path: Path | None, errors: dict[str, str]) -> None:
@@ -936,6 +1015,7 @@ def run(
     if unknown:
         raise ValueError(f"--methods: {unknown[0]!r} is not a method of the experiment ({list(exp.methods)}).")
     computed, skipped = [], []
+    measure_teacher_accuracy(exp)
     for method, seed in exp.cells():
         if (methods and method not in methods) or (seeds is not None and seed not in seeds) or method in errors:
             continue

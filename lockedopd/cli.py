@@ -1,4 +1,5 @@
-"""``lockedopd`` command line: ``distill``, ``diagnose``, ``trajectory``, ``bench``, ``plan``."""
+"""``lockedopd`` command line: ``distill``, ``diagnose``, ``trajectory``, ``bench``, ``plan``, ``task``,
+``build-model``, ``eval``."""
 
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def _add_optional_parsers(subparsers) -> None:
         return
     add_diagnose_parser(subparsers)
     add_trajectory_parser(subparsers)
+    from lockedopd.tasks.cli import add_task_parsers
+
+    add_task_parsers(subparsers)
     from lockedopd.plan import add_plan_parser
 
     add_plan_parser(subparsers)

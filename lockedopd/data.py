@@ -1,4 +1,5 @@
-"""Prompt sets: JSONL files with a ``"prompt"`` field (``"answer"`` optional), or synthetic prompts for tiny runs."""
+"""Prompt sets: JSONL files with a ``"prompt"`` field (``"answer"`` and ``"completion"`` optional), or synthetic
+prompts for tiny runs."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """One prompt, with the reference answer when the data has one (used by verifiable rewards)."""
+    """One prompt, with the reference answer when the data has one (verifiable rewards, accuracy) and a given
+    completion when it has one (what ``objective.name: sft`` trains on)."""
 
     prompt: str
     answer: str | None = None
+    completion: str | None = None
 
 
 def load_prompts(path: str | Path) -> list[PromptRecord]:
@@ -48,8 +51,10 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
         prompt = item.get("prompt") if isinstance(item, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f'{path}:{number} has no non-empty "prompt" string.')
-        answer = item.get("answer")
-        records.append(PromptRecord(prompt, None if answer is None else str(answer)))
+        answer, completion = item.get("answer"), item.get("completion")
+        if completion is not None and not isinstance(completion, str):
+            raise ValueError(f'{path}:{number} has a "completion" that is not a string.')
+        records.append(PromptRecord(prompt, None if answer is None else str(answer), completion))
     if not records:
         raise ValueError(f"prompt file {path} holds no prompts; OPD needs at least one.")
     return records

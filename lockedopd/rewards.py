@@ -6,7 +6,7 @@ import importlib
 import re
 from collections.abc import Callable, Sequence
 
-RewardFn = Callable[[Sequence[str], Sequence[str | None]], list[float]]
+RewardFn = Callable[[Sequence[str], Sequence[str | None]], list[float]]  # = lockedopd.tasks.Verifier
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -23,12 +23,17 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {"contains_answer": contains_answer}
 
 
 def resolve_reward_fn(spec: str) -> RewardFn:
-    """A built-in reward name or ``"package.module:function"``."""
+    """A built-in reward name, a task's name (its verifier, :mod:`lockedopd.tasks`) or ``"module:function"``."""
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
+    from lockedopd.tasks.registry import get_task, task_names
+
+    if spec in task_names():
+        return get_task(spec).verify
     if ":" not in spec:
         raise ValueError(
-            f"reward_fn {spec!r} is neither a built-in ({sorted(BUILTIN_REWARDS)}) nor 'module:function'."
+            f"reward_fn {spec!r} is neither a built-in ({sorted(BUILTIN_REWARDS)}), a task's verifier "
+            f"({task_names()}) nor 'module:function'."
         )
     module_name, func_name = spec.split(":", 1)
     try:

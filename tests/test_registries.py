@@ -151,8 +151,8 @@ def test_names_are_unique_and_unknown_names_list_the_registered_ones():
         register_objective("new", needs="logits")
     with pytest.raises(ValueError, match=r"not one of \['hf', 'vllm', 'vllm_server', 'auto'\]"):
         teacher_backend("openai")
-    with pytest.raises(ValueError, match=r"'sft' is not one of \['pg', 'reverse_kl', 'topk_reverse_kl', 'forward_kl'"):
-        get_objective("sft")
+    with pytest.raises(ValueError, match=r"'rlvr' is not one of \['sft', 'pg', 'reverse_kl', 'topk_reverse_kl'"):
+        get_objective("rlvr")
 
 
 @pytest.mark.parametrize(
@@ -192,6 +192,7 @@ def test_every_scorer_class_declares_full_logprobs_in_the_protocol(tiny_teacher_
 def test_objectives_declare_what_they_need_from_the_teacher():
     needs = {name: objective.needs for name, objective in OBJECTIVES.items()}
     assert needs == {
+        "sft": "none",  # trains on the data's completions: no teacher
         "pg": "sampled_token",
         "reverse_kl": "full_logprobs",
         "topk_reverse_kl": "top_k",
@@ -200,6 +201,7 @@ def test_objectives_declare_what_they_need_from_the_teacher():
     }
     assert get_objective("topk_reverse_kl").teacher_request(8) == {"top_k": 8, "full_logprobs": False}
     assert get_objective("jsd").teacher_request(8) == {"top_k": 0, "full_logprobs": True}
+    assert not get_objective("sft").needs_teacher and get_objective("pg").needs_teacher
 
 
 def test_student_samplers_satisfy_the_protocol(tiny_student, tiny_tokenizer):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lockedopd.built_models import is_built_source, resolve_built_source
 from lockedopd.data import PromptRecord, load_prompts, split_prompts, synthetic_prompts
 from lockedopd.models import build_tiny_llama, build_tiny_tokenizer, layers_to_keep, load_smollm2, prune_layers
 from lockedopd.opd.config import ModelConfig, OPDConfig
@@ -30,10 +31,11 @@ class RunInputs:
 
     student: nn.Module
     tokenizer: object
-    teacher: TeacherScorer
+    teacher: TeacherScorer | None
     train_prompts: list[PromptRecord]
     eval_prompts: list[PromptRecord]
     eval_teacher: TeacherScorer | None = None
+    accuracy_problems: list[PromptRecord] | None = None
 
 
 def build_model(spec: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
@@ -55,6 +57,8 @@ def build_model(spec: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
         model, tokenizer = load_smollm2(dtype=dtype)
     else:
         path = Path(spec.source)
+        if is_built_source(spec.source):
+            path = resolve_built_source(spec.source)
         if not path.is_dir():
             raise FileNotFoundError(
                 f"model source {spec.source!r} is neither 'tiny', 'smollm2' nor an existing checkpoint directory."
@@ -138,7 +142,7 @@ def _teacher_dir(config: OPDConfig) -> str:
         return str(default_cache_dir() / "smollm2-135m-instruct")
     if spec.source == "tiny" or spec.drop_every or spec.keep_layers:
         raise ValueError("the vLLM teacher needs teacher.model.source to be 'smollm2' or a checkpoint directory.")
-    return spec.source
+    return str(resolve_built_source(spec.source)) if is_built_source(spec.source) else spec.source
 
 
 def build_prompts(config: OPDConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
@@ -176,10 +180,41 @@ def check_vocabularies(student: nn.Module, tokenizer, teacher: TeacherScorer) ->
         )
 
 
+def build_accuracy_problems(config: OPDConfig) -> list[PromptRecord] | None:
+    """The problems ``accuracy`` scores (the first ``accuracy.size`` of ``accuracy.path`` or ``data.eval_path``),
+    with the verifier checked; ``None`` when ``accuracy.verifier`` is unset."""
+    from lockedopd.rewards import resolve_reward_fn
+
+    acc = config.accuracy
+    if acc.verifier is None:
+        return None
+    resolve_reward_fn(acc.verifier)  # a bad name fails here, before anything is written
+    path = acc.path or config.data.eval_path
+    problems = [r for r in load_prompts(path) if r.answer is not None][: acc.size]
+    if not problems:
+        raise ValueError(f'accuracy: {path} has no record with an "answer"; accuracy needs reference answers.')
+    return problems
+
+
+def check_supervised_data(config: OPDConfig, train: list[PromptRecord]) -> None:
+    """Raise ``ValueError`` when an objective that trains on given completions (``sft``) gets prompts without one."""
+    missing = sum(1 for r in train if not r.completion)
+    if missing:
+        raise ValueError(
+            f'objective.name={config.objective.name} trains on each record\'s "completion", but {missing} of '
+            f"{len(train)} training records have none; give data.train_path records with a completion (e.g. "
+            "`lockedopd task make column_addition --out DIR`)."
+        )
+
+
 def build_run_inputs(config: OPDConfig) -> RunInputs:
-    """Build and cross-check every input of a run."""
+    """Build and cross-check every input of a run (no teacher for objectives that need none, e.g. ``sft``)."""
     train, held_out = build_prompts(config)
+    accuracy_problems = build_accuracy_problems(config)
     student, tokenizer = build_model(config.student)
+    if not get_objective(config.objective.name).needs_teacher:
+        check_supervised_data(config, train)
+        return RunInputs(student, tokenizer, None, train, held_out, accuracy_problems=accuracy_problems)
     backend = resolve_teacher_backend(config)
     teacher = build_teacher(config, tokenizer, backend)
     check_vocabularies(student, tokenizer, teacher)
@@ -187,4 +222,4 @@ def build_run_inputs(config: OPDConfig) -> RunInputs:
     if config.teacher.eval_backend is not None and config.teacher.eval_backend != backend:
         eval_teacher = build_teacher(config, tokenizer, config.teacher.eval_backend)
         check_vocabularies(student, tokenizer, eval_teacher)
-    return RunInputs(student, tokenizer, teacher, train, held_out, eval_teacher)
+    return RunInputs(student, tokenizer, teacher, train, held_out, eval_teacher, accuracy_problems)

@@ -255,6 +255,34 @@ class GaloreConfig:
 
 
 @dataclass
+class AccuracyConfig:
+    """Task accuracy at every evaluation (:func:`lockedopd.opd.accuracy.evaluate_accuracy`).
+
+    Attributes:
+        verifier: who judges a completion: a task's name (its verifier, e.g. ``column_addition``), a built-in reward
+            (``contains_answer``) or ``"module:function"``; ``null`` = no accuracy evaluation.
+        path: JSONL problems with an ``answer`` each (``null`` = ``data.eval_path``).
+        size: the first ``size`` problems of ``path`` are scored.
+        samples: samples per problem for the mean accuracy at ``temperature`` (0 = greedy exact match only).
+        temperature: sampling temperature of those samples.
+        max_new_tokens: the longest completion (``null`` = ``rollout.max_new_tokens``).
+        batch_size: rows per ``generate`` call.
+        eval_steps: accuracy is measured at the start, at the lock and at the end of a run, and also every
+            ``eval_steps`` steps when > 0 (it costs ``(1 + samples) x size`` generations, so it keeps its own period;
+            the held-out KL keeps ``eval_steps``).
+    """
+
+    verifier: str | None = None
+    path: str | None = None
+    size: int = 500
+    samples: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    batch_size: int = 64
+    eval_steps: int = 0
+
+
+@dataclass
 class OPDConfig:
     """Everything an OPD run needs. Load from YAML with :func:`load_config`.
 
@@ -268,7 +296,10 @@ class OPDConfig:
         weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW settings.
         max_grad_norm: gradient clipping (0 disables).
         optimizer: the full-parameter optimizer: ``"adamw"``, ``"adamw8bit"`` (bitsandbytes' 8-bit AdamW: ~4× less
-            state; its moments are dequantized for the lock's carry) or ``"galore"`` (a baseline; see ``galore``).
+            state; its moments are dequantized for the lock's carry), ``"factored"`` (AdamW with an Adafactor-factored
+            second moment, :class:`lockedopd.optim.FactoredAdamW`: the locked optimizer's family in W space, the
+            matched full-parameter reference; with ``lock.enabled: false``) or ``"galore"`` (a baseline; see
+            ``galore``).
         gradient_checkpointing: recompute the student's decoder-layer activations in the backward instead of keeping
             them (both phases; :mod:`lockedopd.activation_checkpointing`): less memory, one more forward per step.
         malloc_mmap_threshold: bytes; > 0 fixes glibc's mmap threshold at this size when the trainer starts
@@ -277,6 +308,8 @@ class OPDConfig:
             glibc's dynamic threshold. Ignored with a warning where the C library is not glibc.
         target_modules: student Linear modules trained (all other weights frozen).
         save_steps / eval_steps: checkpoint and held-out eval period (0 disables; the last step always saves).
+        eval_at_start: evaluate the untrained student before step 1 (a benchmark grid turns it off in every cell but
+            one per seed: the step-0 student is the same for all methods of a seed).
         resume: continue from the newest complete checkpoint in ``output_dir``.
         progress: show a progress bar.
         reference_run: run directory of an unconstrained OPD run of the same setting; ``trajectory.json`` then
@@ -317,6 +350,7 @@ class OPDConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     save_steps: int = 5
     eval_steps: int = 5
+    eval_at_start: bool = True
     resume: bool = False
     progress: bool = True
     reference_run: str | None = None
@@ -332,6 +366,7 @@ class OPDConfig:
     lock: LockConfig = field(default_factory=LockConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     galore: GaloreConfig = field(default_factory=GaloreConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -375,6 +410,11 @@ class OPDConfig:
                 "config: optimizer=galore is a whole-run baseline (GaLore refreshes its own projections); set "
                 "lock.enabled=false."
             )
+        if self.optimizer == "factored" and lock.enabled:
+            raise ValueError(
+                "config: optimizer=factored is the full-parameter reference of the factored lock (its warmup state "
+                "is not carried into a lock); set lock.enabled=false, or optimizer=adamw for a warmup."
+            )
 
     def _validate_fsdp(self) -> None:
         if not self.fsdp:
@@ -405,6 +445,45 @@ class OPDConfig:
             if bad:
                 raise ValueError(f"config: fsdp=true does not work with {setting}: {fix}, or set fsdp=false.")
 
+    def _validate_accuracy(self) -> None:
+        acc = self.accuracy
+        for key, value in (("size", acc.size), ("batch_size", acc.batch_size)):
+            if value < 1:
+                raise ValueError(f"config: accuracy.{key} must be >= 1, got {value}.")
+        if acc.samples < 0 or acc.eval_steps < 0:
+            raise ValueError(
+                f"config: accuracy.samples and accuracy.eval_steps must be >= 0, got {acc.samples}, {acc.eval_steps}."
+            )
+        if acc.temperature <= 0:
+            raise ValueError(f"config: accuracy.temperature must be > 0, got {acc.temperature}.")
+        if acc.max_new_tokens is not None and acc.max_new_tokens < 1:
+            raise ValueError(f"config: accuracy.max_new_tokens must be >= 1 or null, got {acc.max_new_tokens}.")
+        if acc.verifier is not None and acc.path is None and self.data.eval_path is None:
+            raise ValueError(
+                "config: accuracy.verifier is set but there are no problems to score: set accuracy.path (or "
+                "data.eval_path) to a JSONL file whose records carry an answer."
+            )
+
+    def _validate_supervised(self) -> None:
+        """An objective that trains on given completions (``sft``) samples nothing and asks no teacher."""
+        if get_objective(self.objective.name).needs_teacher:
+            return
+        name = self.objective.name
+        refused = {
+            "rollout.backend=vllm": (self.rollout.backend == "vllm", "set rollout.backend=hf (nothing is sampled)"),
+            "eval_fixed_text=true": (self.eval_fixed_text, "set eval_fixed_text=false (there is no teacher)"),
+            "objective.reward_lambda < 1": (self.objective.reward_lambda < 1.0, "set objective.reward_lambda=1"),
+            "objective.token_keep_fraction < 1": (self.objective.token_keep_fraction < 1.0,
+                                                  "set objective.token_keep_fraction=1"),
+            "objective.chunk_size > 0": (self.objective.chunk_size > 0, "set objective.chunk_size=0"),
+        }  # fmt: skip
+        for setting, (bad, fix) in refused.items():
+            if bad:
+                raise ValueError(
+                    f"config: objective.name={name} trains on the data's completions, without a teacher; it does not "
+                    f"work with {setting}: {fix}."
+                )
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""
         for key, value in _flatten(dataclasses.asdict(self)).items():
@@ -425,7 +504,7 @@ class OPDConfig:
             "lock.adapter": (self.lock.adapter, ("subspace", "lora")),
             "lock.basis_source": (self.lock.basis_source, ("tracker", "random")),
             "lock.optimizer": (self.lock.optimizer, ("coefficients", "factored", "projected_full")),
-            "optimizer": (self.optimizer, ("adamw", "adamw8bit", "galore")),
+            "optimizer": (self.optimizer, ("adamw", "adamw8bit", "factored", "galore")),
             "lock.base_dtype": (self.lock.base_dtype, BASE_DTYPES),
             "galore.proj_type": (self.galore.proj_type, ("std", "reverse_std", "left", "right")),
             "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
@@ -460,6 +539,8 @@ class OPDConfig:
             raise ValueError(f"config: lock.max_warmup_steps must be >= 1 or null, got {self.lock.max_warmup_steps}.")
         self._validate_lock_method()
         self._validate_fsdp()
+        self._validate_accuracy()
+        self._validate_supervised()
         for key, value in (("lock.threshold", self.lock.threshold), ("lock.min_fraction", self.lock.min_fraction)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"config: {key} must be in (0, 1], got {value}.")
@@ -608,6 +689,8 @@ RESUMABLE_CHANGES = frozenset(
         "max_steps",
         "save_steps",
         "eval_steps",
+        "eval_at_start",
+        "accuracy.eval_steps",
         "progress",
         "resume",
         "reference_run",

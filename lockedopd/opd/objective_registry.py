@@ -32,7 +32,9 @@ SAMPLED_TOKEN = "sampled_token"
 TOP_K = "top_k"
 #: The teacher's whole next-token distribution (only scorers with ``returns_full_logprobs``).
 FULL_LOGPROBS = "full_logprobs"
-TEACHER_NEEDS = (SAMPLED_TOKEN, TOP_K, FULL_LOGPROBS)
+#: Nothing: the objective trains on the data's own completions (``sft``); the run needs no teacher.
+NO_TEACHER = "none"
+TEACHER_NEEDS = (SAMPLED_TOKEN, TOP_K, FULL_LOGPROBS, NO_TEACHER)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class Objective:
         token_mean: the loss is a mean over ``inputs.mask``'s tokens of per-token terms (every built-in objective),
             so it can be computed over chunks of tokens and recombined (``objective.chunk_size > 0``,
             :mod:`lockedopd.opd.chunked_loss`); register ``token_mean=False`` for a loss that mixes tokens.
+
+    An objective that needs :data:`NO_TEACHER` trains on the completions the data gives (each record's
+    ``completion``) instead of the student's samples, and its run builds no teacher.
     """
 
     name: str
@@ -93,6 +98,11 @@ class Objective:
     def needs_full_logprobs(self) -> bool:
         """Whether only teachers that return full-vocabulary log-probs can serve it."""
         return self.needs == FULL_LOGPROBS
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the objective scores the student against a teacher (false: it trains on given completions)."""
+        return self.needs != NO_TEACHER
 
     def teacher_request(self, top_k: int) -> dict[str, Any]:
         """Keyword arguments of ``TeacherScorer.score``: ``{"top_k": k, "full_logprobs": bool}``."""
@@ -154,6 +164,13 @@ def full_vocabulary_objective(loss: Callable[..., torch.Tensor]) -> ObjectiveFn:
 
 
 # ----------------------------------------------------------------------------------------- built-in objectives
+
+
+@register_objective("sft", needs=NO_TEACHER)
+def supervised_fine_tuning(inputs: ObjectiveInputs) -> torch.Tensor:
+    """Supervised fine-tuning: cross-entropy on the data's given completions (``completion`` of each record); the
+    prompt's tokens carry no loss."""
+    return obj.cross_entropy_loss(inputs.student_token_logprobs, inputs.mask)
 
 
 @register_objective("pg", needs=SAMPLED_TOKEN, reward_in_advantage=True)

@@ -33,6 +33,11 @@ def opd_advantages(student_token_logprobs: torch.Tensor, teacher_token_logprobs:
     return (teacher_token_logprobs - student_token_logprobs).detach()
 
 
+def cross_entropy_loss(student_token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning: the mean negative log-likelihood of the given tokens over ``mask``."""
+    return -masked_mean(student_token_logprobs, mask)
+
+
 def policy_gradient_loss(
     student_token_logprobs: torch.Tensor,
     advantages: torch.Tensor,

@@ -10,20 +10,26 @@ from lockedopd.plotting import save_figure
 
 
 def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, lock_step: int | None = None) -> Path:
-    """Three panels over steps: training loss, training reverse KL (sampled), held-out reverse KL."""
+    """Panels over steps: training loss, training reverse KL (sampled; the NLL for supervised runs), held-out
+    reverse KL (or NLL) and, when measured, held-out task accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_reverse_kl" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [
-        (axes[0], train, "loss", "training loss"),
-        (axes[1], train, "reverse_kl", "train reverse KL (sampled, nats/token)"),
-        (axes[2], evals, "eval_reverse_kl", "held-out reverse KL (nats/token)"),
-    ]
+    supervised = any("nll" in r for r in train)
+    wanted = [
+        ("loss", "training loss"),
+        ("nll" if supervised else "reverse_kl", "train NLL (nats/token)" if supervised
+         else "train reverse KL (sampled, nats/token)"),
+        ("eval_nll" if supervised else "eval_reverse_kl", "held-out NLL of the given completions" if supervised
+         else "held-out reverse KL (nats/token)"),
+        ("eval_accuracy", "held-out task accuracy (greedy)"),
+    ]  # fmt: skip
+    shown = [(key, title) for key, title in wanted if any(key in r for r in records)]
+    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(4.4 * max(len(shown), 1), 3.6), squeeze=False)
+    panels = [(ax, [r for r in records if key in r], key, title) for ax, (key, title) in zip(axes[0], shown)]
     for ax, rows, key, title in panels:
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", markersize=3)
         ax.set_title(title, fontsize=10)

@@ -75,6 +75,21 @@ def encode_prompts(
     return encoded
 
 
+def encode_completions(tokenizer, completions: Sequence[str]) -> list[list[int]]:
+    """Tokenize given completions as the assistant's reply to a prompt encoded by :func:`encode_prompts`: the text's
+    tokens (no special tokens added) followed by the EOS token, where the reply ends."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; given completions need one to end on.")
+    stop = eos if isinstance(eos, int) else list(eos)[0]
+    encoded = []
+    for text in completions:
+        if not text:
+            raise ValueError("a given completion is empty; every record trained on needs a non-empty completion.")
+        encoded.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [stop])
+    return encoded
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: ``(B, L)`` → ``(B, L)``."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

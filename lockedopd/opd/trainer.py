@@ -34,6 +34,7 @@ from lockedopd.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoi
 from lockedopd.data import PromptRecord
 from lockedopd.distributed import DistContext, init_distributed
 from lockedopd.host_allocator import set_malloc_mmap_threshold
+from lockedopd.opd.accuracy import AccuracyResult, evaluate_accuracy
 from lockedopd.opd.chunked_loss import rollout_opd_loss
 from lockedopd.opd.config import RESUMABLE_CHANGES, OPDConfig, config_changes, config_to_dict
 from lockedopd.opd.evaluation import (
@@ -43,7 +44,15 @@ from lockedopd.opd.evaluation import (
     load_or_make_fixed_text,
 )
 from lockedopd.opd.loss import teacher_request
-from lockedopd.opd.rollout import HFStudentSampler, encode_prompts
+from lockedopd.opd.objective_registry import get_objective
+from lockedopd.opd.rollout import (
+    HFStudentSampler,
+    Rollout,
+    encode_completions,
+    encode_prompts,
+    rollout_from_completions,
+    student_completion_logprobs,
+)
 from lockedopd.opd.schedule import lr_at_step
 from lockedopd.params import (
     build_adamw,
@@ -54,10 +63,11 @@ from lockedopd.params import (
 )
 from lockedopd.phases import ADAPTER_NAME
 from lockedopd.rewards import resolve_reward_fn
-from lockedopd.teachers.base import TeacherScorer
+from lockedopd.teachers.base import TeacherScorer, TeacherScores
 
 logger = logging.getLogger(__name__)
 EVAL_SEED_OFFSET = 1_000_003
+ACCURACY_SEED_OFFSET = 2_000_029
 
 
 def step_seed(seed: int, step: int, micro: int = 0) -> int:
@@ -119,12 +129,15 @@ class OPDTrainer:
         config: the run's :class:`OPDConfig`.
         student: a causal LM (trained in place).
         tokenizer: the student's tokenizer (shared with the teacher).
-        teacher: any :class:`lockedopd.teachers.TeacherScorer`.
+        teacher: any :class:`lockedopd.teachers.TeacherScorer`; ``None`` for objectives that need no teacher
+            (``sft``, which trains on each record's given completion).
         train_prompts / eval_prompts: prompt records.
         eval_teacher: scores held-out evaluation instead of ``teacher`` (e.g. an in-process copy for the exact
             full-vocabulary KL while a vLLM teacher scores training); ``None`` = ``teacher``.
         dist: this process's place in a multi-process run; ``None`` = :func:`lockedopd.distributed.init_distributed`
             (one process unless launched by ``torchrun`` / ``accelerate launch``).
+        accuracy_problems: problems with answers whose task accuracy every evaluation measures (with
+            ``accuracy.verifier``; see :mod:`lockedopd.opd.accuracy`).
 
     Use :meth:`from_config` to build everything from a config, then :meth:`train`.
     """
@@ -134,14 +147,21 @@ class OPDTrainer:
         config: OPDConfig,
         student: nn.Module,
         tokenizer,
-        teacher: TeacherScorer,
+        teacher: TeacherScorer | None,
         train_prompts: Sequence[PromptRecord],
         eval_prompts: Sequence[PromptRecord],
         eval_teacher: TeacherScorer | None = None,
         dist: DistContext | None = None,
+        accuracy_problems: Sequence[PromptRecord] | None = None,
     ) -> None:
         if not train_prompts:
             raise ValueError("OPDTrainer: the training prompt set is empty; give data.train_path with prompts.")
+        self.objective = get_objective(config.objective.name)
+        if teacher is None and self.objective.needs_teacher:
+            raise ValueError(
+                f"OPDTrainer: objective.name={config.objective.name} scores the student against a teacher, but none "
+                "was given; pass a TeacherScorer (or build everything with OPDTrainer.from_config)."
+            )
         if config.malloc_mmap_threshold:
             set_malloc_mmap_threshold(config.malloc_mmap_threshold)
         self.dist = dist if dist is not None else init_distributed()
@@ -164,6 +184,13 @@ class OPDTrainer:
         use_template = config.data.use_chat_template
         self.train_ids = encode_prompts(tokenizer, [r.prompt for r in self.train_prompts], use_template, max_prompt)
         self.eval_ids = encode_prompts(tokenizer, [r.prompt for r in self.eval_prompts], use_template, max_prompt)
+        self.train_completion_ids = None  # the given completions an objective without a teacher trains on
+        if not self.objective.needs_teacher:
+            self.train_completion_ids = encode_completions(tokenizer, [r.completion for r in self.train_prompts])
+        self.accuracy_problems = list(accuracy_problems or [])
+        self.accuracy_ids = encode_prompts(
+            tokenizer, [r.prompt for r in self.accuracy_problems], use_template, max_prompt
+        ) if self.accuracy_problems else []  # fmt: skip
         self.reward_fn = resolve_reward_fn(config.objective.reward_fn) if config.objective.reward_fn else None
         self.request = teacher_request(config.objective)
         self.phase = "warmup" if config.lock.enabled else "full"
@@ -189,6 +216,10 @@ class OPDTrainer:
                 params, config.lr, g.rank or config.lock.rank, g.update_proj_gap, g.scale, g.proj_type, betas,
                 config.adam_eps, config.weight_decay,
             )  # fmt: skip
+        elif config.optimizer == "factored":
+            from lockedopd.optim.factored_full import FactoredAdamW
+
+            self.optimizer = FactoredAdamW(params, config.lr, betas, config.adam_eps, config.weight_decay)
         elif config.optimizer == "adamw8bit":
             from lockedopd.quantization import build_adamw8bit
 
@@ -216,6 +247,7 @@ class OPDTrainer:
             inputs.train_prompts,
             inputs.eval_prompts,
             eval_teacher=inputs.eval_teacher,
+            accuracy_problems=inputs.accuracy_problems,
         )
 
     def target_parameters(self) -> dict[str, nn.Parameter]:
@@ -238,10 +270,10 @@ class OPDTrainer:
         c = self.config
         return lr_at_step(step, c.lr, c.max_steps, c.lr_scheduler, c.lr_warmup_steps, c.min_lr_ratio)
 
-    def _sample_prompts(self, step: int, micro: int) -> tuple[list[list[int]], list[PromptRecord]]:
+    def _sample_prompts(self, step: int, micro: int) -> list[int]:
+        """Indices of the micro-batch's training records (a pure function of seed, step and micro-batch)."""
         rng = random.Random(step_seed(self.config.seed, step, micro))
-        picks = [rng.randrange(len(self.train_ids)) for _ in range(self.config.batch_size)]
-        return [self.train_ids[i] for i in picks], [self.train_prompts[i] for i in picks]
+        return [rng.randrange(len(self.train_ids)) for _ in range(self.config.batch_size)]
 
     def training_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (``grad_accum_steps`` micro-batches); returns its metrics."""
@@ -255,27 +287,22 @@ class OPDTrainer:
         self.model.train()
         for micro in range(c.grad_accum_steps):
             seed = step_seed(c.seed, step, micro)
-            prompt_ids, records = self._sample_prompts(step, micro)
+            picks = self._sample_prompts(step, micro)
             offset = 0  # global index of this process's first prompt: row i samples with seed + offset + i
             if self.dist.enabled:
-                offset, prompt_ids = self.dist.shard(prompt_ids)
-                records = records[offset : offset + len(prompt_ids)]
+                offset, picks = self.dist.shard(picks)
+            prompt_ids, records = [self.train_ids[i] for i in picks], [self.train_prompts[i] for i in picks]
             t0 = time.perf_counter()
-            per_row = c.rollout.seeding == "prompt"
-            sampler = self.sampler if self.sampler is not None else HFStudentSampler(self.model, seed_per_row=per_row)
-            with self._whole_student() as gathered:  # fsdp: every process gathers, then samples alone
-                gather_s += gathered()
-                rollout = sampler.generate(
-                    prompt_ids,
-                    self.pad_token_id,
-                    self.eos_token_id,
-                    c.rollout.max_new_tokens,
-                    c.rollout.temperature,
-                    c.rollout.top_p,
-                    seed=seed + offset,
-                )
-            t1 = time.perf_counter()
-            scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
+            if self.objective.needs_teacher:
+                rollout, seconds = self._sample_rollout(prompt_ids, seed + offset)
+                gather_s += seconds
+                t1 = time.perf_counter()
+                scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
+            else:  # supervised: the data's completions, scored by nobody
+                completions = [self.train_completion_ids[i] for i in picks]
+                rollout = rollout_from_completions(prompt_ids, completions, None, self.pad_token_id, self.eos_token_id)
+                t1 = time.perf_counter()
+                scores = TeacherScores(torch.zeros(rollout.completion_ids.shape), rollout.completion_mask)
             t2 = time.perf_counter()
             rollout_s, score_s = rollout_s + t1 - t0, score_s + t2 - t1
             rewards = None
@@ -317,6 +344,8 @@ class OPDTrainer:
             self.lock.before_optimizer_step(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.objective.needs_teacher:  # no teacher: the "KL" against zero teacher log-probs is −NLL
+            totals["nll"] = -totals.pop("reverse_kl")
         record = {"step": step + 1, "phase": self.phase, **totals, "lr": lr, "grad_norm": grad_norm}
         if exact:
             record["exact_reverse_kl"] = sum(exact) / len(exact)
@@ -333,6 +362,23 @@ class OPDTrainer:
             record["gather_s"] = round(gather_s, 4)  # the all-gather before the rollouts (part of rollout_s)
         return record
 
+    def _sample_rollout(self, prompt_ids: list[list[int]], seed: int) -> tuple[Rollout, float]:
+        """The student's samples of ``prompt_ids`` and the seconds an FSDP gather took (0 without FSDP)."""
+        c = self.config
+        per_row = c.rollout.seeding == "prompt"
+        sampler = self.sampler if self.sampler is not None else HFStudentSampler(self.model, seed_per_row=per_row)
+        with self._whole_student() as gathered:  # fsdp: every process gathers, then samples alone
+            rollout = sampler.generate(
+                prompt_ids,
+                self.pad_token_id,
+                self.eos_token_id,
+                c.rollout.max_new_tokens,
+                c.rollout.temperature,
+                c.rollout.top_p,
+                seed=seed,
+            )
+            return rollout, gathered()
+
     @contextlib.contextmanager
     def _whole_student(self):
         """With ``fsdp``: the student gathered whole on every process (a collective; each may then run any number
@@ -347,11 +393,65 @@ class OPDTrainer:
             seconds = time.perf_counter() - started
             yield lambda: seconds
 
-    def _evaluate_on_main(self) -> EvalResult | None:
-        """:meth:`evaluate` on the main process (``None`` elsewhere); with ``fsdp`` every process must call it, to
-        gather the student for the main process's evaluation."""
+    def _evaluate_on_main(self, accuracy: bool = True) -> dict[str, Any] | None:
+        """:meth:`evaluation_metrics` on the main process (``None`` elsewhere); with ``fsdp`` every process must call
+        it, to gather the student for the main process's evaluation."""
         with self._whole_student():
-            return self.evaluate() if self.dist.is_main else None
+            return self.evaluation_metrics(accuracy) if self.dist.is_main else None
+
+    def evaluation_metrics(self, accuracy: bool = True) -> dict[str, Any]:
+        """Every held-out metric of the current student, flat, as metrics.jsonl records them: the KLs of
+        :meth:`evaluate` (or, without a teacher, the NLL of the held-out completions) and, with
+        ``accuracy.verifier`` and ``accuracy`` true, the task accuracy of :meth:`evaluate_accuracy`."""
+        metrics: dict[str, Any] = {}
+        if self.eval_ids:
+            if self.objective.needs_teacher:
+                metrics.update(self.evaluate().as_dict())
+            else:
+                metrics["eval_nll"] = self.evaluate_completion_nll()
+        if self.accuracy_problems and accuracy:
+            metrics.update(self.evaluate_accuracy().as_dict())
+        return metrics
+
+    def evaluate_accuracy(self) -> AccuracyResult:
+        """Task accuracy on the accuracy problems: greedy exact match and the mean over ``accuracy.samples`` samples
+        per problem, seeded from the run's seed (the same seeds at every evaluation and in every run of that seed)."""
+        c, acc = self.config, self.config.accuracy
+        return evaluate_accuracy(
+            self.model,
+            self.tokenizer,
+            self.accuracy_ids,
+            [r.answer for r in self.accuracy_problems],
+            resolve_reward_fn(acc.verifier),
+            acc.max_new_tokens or c.rollout.max_new_tokens,
+            batch_size=acc.batch_size,
+            samples=acc.samples,
+            temperature=acc.temperature,
+            seed=step_seed(c.seed + ACCURACY_SEED_OFFSET, 0),
+        )
+
+    @torch.no_grad()
+    def evaluate_completion_nll(self) -> float:
+        """Mean per-token NLL of the held-out records' given completions (what a supervised run is trained on)."""
+        records = [r for r in self.eval_prompts if r.completion]
+        if not records:
+            raise ValueError('held-out evaluation of objective.name=sft needs held-out records with a "completion".')
+        ids = [self.eval_ids[i] for i, r in enumerate(self.eval_prompts) if r.completion]
+        completions = encode_completions(self.tokenizer, [r.completion for r in records])
+        was_training = self.model.training
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for start in range(0, len(ids), self.config.batch_size):
+            stop = start + self.config.batch_size
+            rollout = rollout_from_completions(
+                ids[start:stop], completions[start:stop], None, self.pad_token_id, self.eos_token_id
+            )
+            token_lp = student_completion_logprobs(self.model, rollout)
+            token_lp = token_lp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1).cpu()
+            total -= float((token_lp * rollout.completion_mask).sum())
+            tokens += rollout.num_tokens
+        self.model.train(was_training)
+        return total / max(tokens, 1)
 
     def _share_of_micro_batch(self, out, prompts: int):
         """This process's part of a micro-batch split over processes, as the loss to back-propagate.
@@ -425,6 +525,10 @@ class OPDTrainer:
             )
         return result
 
+    @property
+    def _evaluates(self) -> bool:
+        return bool(self.eval_ids or self.accuracy_problems)
+
     def _exact_eval(self) -> bool:
         return bool(self.eval_teacher.returns_full_logprobs)
 
@@ -448,9 +552,9 @@ class OPDTrainer:
                 change = self.lock.start(self.base_model, self.optimizer)
                 if change is not None:
                     self.apply_phase_change(change)
-            initial = self._evaluate_on_main() if self.eval_ids else None
+            initial = self._evaluate_on_main() if self._evaluates and c.eval_at_start else None
             if initial is not None:
-                log.write({"step": 0, "phase": self.phase, **initial.as_dict()})
+                log.write({"step": 0, "phase": self.phase, **initial})
             self.save()
         progress = _progress(c.progress and main, total=c.max_steps, initial=self.step)
         try:
@@ -465,20 +569,22 @@ class OPDTrainer:
                 if self.sampler is not None:
                     record["sync_s"] = round(self._sync_sampler(), 4)
                 is_last = self.step == c.max_steps
-                due = is_last or (c.eval_steps and self.step % c.eval_steps == 0) or record.get("locked_now")
-                if self.eval_ids and due:
-                    result = self._evaluate_on_main()
+                every = c.accuracy.eval_steps
+                accuracy_due = bool(is_last or record.get("locked_now") or (every and self.step % every == 0))
+                kl_due = is_last or (c.eval_steps and self.step % c.eval_steps == 0) or record.get("locked_now")
+                if self._evaluates and (kl_due or (accuracy_due and self.accuracy_problems)):
+                    result = self._evaluate_on_main(accuracy=accuracy_due)
                     if result is not None:
-                        record.update(result.as_dict())
+                        record.update(result)
                 if log is not None:
                     log.write(record)
                 if is_last or (c.save_steps and self.step % c.save_steps == 0) or record.get("locked_now"):
                     self.save()
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(
-                        phase=self.phase, kl=f"{record['reverse_kl']:.3f}", loss=f"{record['loss']:.3f}"
-                    )
+                    shown = {"kl": record["reverse_kl"]} if "reverse_kl" in record else {"nll": record["nll"]}
+                    progress.set_postfix(phase=self.phase, **{k: f"{v:.3f}" for k, v in shown.items()},
+                                         loss=f"{record['loss']:.3f}")  # fmt: skip
         except Exception as exc:
             self._add_resume_note(exc)
             raise

@@ -1,0 +1,136 @@
+"""Task accuracy of a causal LM on problems with reference answers, judged by a verifier.
+
+Two numbers, as the distillation literature reports them: **greedy exact match** (one greedy completion per
+problem, scored by the verifier) and **mean accuracy over k samples** at a temperature (each problem sampled k
+times; the mean of the k·N scores). Sampling is seeded per row (:class:`~lockedopd.opd.rollout.PerRowSampling`), so
+a problem's samples depend only on the model, the problem and the seed, never on the batch it shares: the same
+model gives the same accuracy twice under the same seed, at any batch size.
+
+The verifier is any :data:`lockedopd.rewards.RewardFn` (a task's ``verify``, ``contains_answer``, or
+``"module:function"``): the same interface that gives verifiable rewards in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lockedopd.opd.rollout import HFStudentSampler, Rollout, StudentSampler
+from lockedopd.rewards import RewardFn
+
+
+@dataclass
+class AccuracyResult:
+    """Accuracy on ``problems`` problems.
+
+    Attributes:
+        greedy: share of problems whose greedy completion the verifier accepts.
+        sampled: mean verifier score over ``samples`` samples per problem at the sampling temperature (``None`` when
+            ``samples == 0``).
+        samples: samples per problem behind ``sampled``.
+        problems: problems scored.
+        mean_completion_tokens: mean length of the greedy completions (EOS included).
+        greedy_correct: per problem, whether its greedy completion was accepted (in problem order).
+    """
+
+    greedy: float
+    sampled: float | None
+    samples: int
+    problems: int
+    mean_completion_tokens: float
+    greedy_correct: list[bool]
+
+    def as_dict(self, prefix: str = "eval_") -> dict:
+        """Flat dict for metrics.jsonl (``eval_accuracy`` is the greedy exact match)."""
+        out = {
+            f"{prefix}accuracy": self.greedy,
+            f"{prefix}accuracy_problems": self.problems,
+            f"{prefix}accuracy_completion_tokens": self.mean_completion_tokens,
+        }
+        if self.sampled is not None:
+            out[f"{prefix}accuracy_sampled"] = self.sampled
+            out[f"{prefix}accuracy_samples"] = self.samples
+        return out
+
+
+def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
+    """The decoded completions of a rollout (special tokens dropped)."""
+    rows = [ids[mask].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    answers: Sequence[str],
+    verifier: RewardFn,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    samples: int = 4,
+    temperature: float = 1.0,
+    seed: int = 0,
+    greedy_sampler: StudentSampler | None = None,
+) -> AccuracyResult:
+    """Greedy exact match and mean accuracy over ``samples`` samples per problem.
+
+    Args:
+        model: the causal LM (a PEFT-wrapped one too); evaluated in eval mode, its mode restored.
+        tokenizer: decodes completions for the verifier.
+        prompt_ids: N prompts (token ids, chat template applied as in training).
+        answers: N reference answers.
+        verifier: scores decoded completions against the answers (1.0 = correct).
+        max_new_tokens: the longest completion.
+        batch_size: rows per ``generate`` call.
+        samples: samples per problem at ``temperature`` (0 = greedy only).
+        temperature: the sampling temperature.
+        seed: sample j of problem i draws from the stream seeded ``seed + j * N + i``.
+        greedy_sampler: decodes greedily instead of transformers ``generate`` on ``model``.
+    """
+    if not prompt_ids:
+        raise ValueError("evaluate_accuracy: no problems to evaluate; give prompts that carry an answer.")
+    if len(prompt_ids) != len(answers):
+        raise ValueError(f"evaluate_accuracy: {len(prompt_ids)} prompts but {len(answers)} answers.")
+    if samples < 0 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"evaluate_accuracy: samples must be >= 0, batch_size and max_new_tokens >= 1 (got {samples}, "
+            f"{batch_size}, {max_new_tokens})."
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    n = len(prompt_ids)
+    greedy = greedy_sampler if greedy_sampler is not None else HFStudentSampler(model, do_sample=False)
+    correct: list[bool] = []
+    tokens = 0
+    for start in range(0, n, batch_size):
+        rollout = greedy.generate(list(prompt_ids[start : start + batch_size]), pad, eos, max_new_tokens, seed=None)
+        scores = verifier(completion_texts(tokenizer, rollout), list(answers[start : start + batch_size]))
+        correct.extend(float(s) >= 1.0 for s in scores)
+        tokens += rollout.num_tokens
+    sampled = None
+    if samples > 0:
+        sampler = HFStudentSampler(model, do_sample=True, seed_per_row=True)
+        rows = [(j * n + i, i) for j in range(samples) for i in range(n)]
+        total = 0.0
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            prompts = [list(prompt_ids[i]) for _, i in chunk]
+            # row r of a call seeded s draws from stream s + r, and the rows' k are consecutive: row k gets seed + k
+            rollout = sampler.generate(
+                prompts, pad, eos, max_new_tokens, temperature=temperature, seed=seed + chunk[0][0]
+            )
+            scores = verifier(completion_texts(tokenizer, rollout), [answers[i] for _, i in chunk])
+            total += float(sum(float(s) for s in scores))
+        sampled = total / len(rows)
+    return AccuracyResult(
+        greedy=sum(correct) / n,
+        sampled=sampled,
+        samples=samples,
+        problems=n,
+        mean_completion_tokens=tokens / n,
+        greedy_correct=correct,
+    )

@@ -1,0 +1,122 @@
+"""``lockedopd task make``, ``lockedopd build-model`` and ``lockedopd eval``: make a task's data, build a model from a
+recipe once (e.g. the task's SFT teacher), and measure a model's task accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_task_parsers(subparsers) -> None:
+    """Register ``task``, ``build-model`` and ``eval``."""
+    task = subparsers.add_parser("task", help="verifiable tasks: write a task's train/validation/test splits")
+    actions = task.add_subparsers(dest="task_command", required=True)
+    make = actions.add_parser(
+        "make",
+        help="write NAME's splits as JSONL (prompt, completion, answer)",
+        description="Write {train,validation,test}.jsonl of a registered task; the splits never share a problem "
+        "and the files are the same for the same --seed.",
+    )
+    make.add_argument("name", help="the task (e.g. column_addition)")
+    make.add_argument("--out", required=True, type=Path, help="directory for the JSONL files")
+    make.add_argument("--train", type=int, default=8000, help="training problems")
+    make.add_argument("--validation", type=int, default=500, help="validation problems (choose settings on these)")
+    make.add_argument("--test", type=int, default=1000, help="test problems (report these)")
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(handler=_run_task_make)
+
+    build = subparsers.add_parser(
+        "build-model",
+        help="train a recipe once and cache its final model (e.g. a task's SFT teacher): `source: built:RECIPE`",
+        description="Train RECIPE (a distill config with lock.enabled=false) unless its model is cached, and print "
+        "the directory. The cache key is a hash of the recipe's training settings and data; a killed build resumes "
+        "when run again.",
+    )
+    build.add_argument("recipe", help="YAML recipe (e.g. recipes/configs/teacher_column_addition.yaml)")
+    build.add_argument("overrides", nargs="*", help="key=value overrides (they change the cache key)")
+    build.set_defaults(handler=_run_build_model)
+
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="task accuracy of a model: greedy exact match and mean accuracy over k samples",
+        description="Score a model directory (or built:RECIPE, smollm2) on problems with answers: greedy exact "
+        "match and the mean accuracy of --samples samples per problem at --temperature; JSON to stdout or --json.",
+    )
+    evaluate.add_argument("model", help="a Hugging Face model directory, built:RECIPE.yaml or smollm2")
+    evaluate.add_argument("--data", required=True, help="JSONL problems with an answer each")
+    evaluate.add_argument("--verifier", required=True, help="a task name, contains_answer or module:function")
+    evaluate.add_argument("--size", type=int, default=None, help="score only the first N problems")
+    evaluate.add_argument("--samples", type=int, default=4, help="samples per problem (0 = greedy only)")
+    evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--drop-every", type=int, default=None, help="evaluate the model with every n-th layer removed"
+    )
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", dest="json_out", type=Path, help="also write the result here")
+    evaluate.set_defaults(handler=_run_eval)
+
+
+def _run_task_make(args) -> int:
+    from lockedopd.tasks.base import write_task_splits
+    from lockedopd.tasks.registry import get_task
+
+    task = get_task(args.name)
+    sizes = {"train": args.train, "validation": args.validation, "test": args.test}
+    paths = write_task_splits(task, args.out, sizes, seed=args.seed)
+    for split, path in paths.items():
+        print(f"{split}: {sizes[split]} problems -> {path}")
+    return 0
+
+
+def _run_build_model(args) -> int:
+    from lockedopd.opd.build import build_model_from_recipe
+
+    directory, record = build_model_from_recipe(args.recipe, args.overrides)
+    print(json.dumps(record.get("final_evaluation", {}), indent=2))
+    print(f"built model: {directory}")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from lockedopd.data import load_prompts
+    from lockedopd.opd.accuracy import evaluate_accuracy
+    from lockedopd.opd.builders import build_model
+    from lockedopd.opd.config import ModelConfig
+    from lockedopd.opd.rollout import encode_prompts
+    from lockedopd.rewards import resolve_reward_fn
+
+    verifier = resolve_reward_fn(args.verifier)
+    problems = [r for r in load_prompts(args.data) if r.answer is not None][: args.size]
+    if not problems:
+        raise ValueError(f'{args.data} has no record with an "answer"; accuracy needs reference answers.')
+    model, tokenizer = build_model(ModelConfig(source=args.model, drop_every=args.drop_every))
+    prompt_ids = encode_prompts(tokenizer, [r.prompt for r in problems])
+    result = evaluate_accuracy(
+        model, tokenizer, prompt_ids, [r.answer for r in problems], verifier, args.max_new_tokens,
+        batch_size=args.batch_size, samples=args.samples, temperature=args.temperature, seed=args.seed,
+    )  # fmt: skip
+    report = {
+        "model": args.model,
+        "drop_every": args.drop_every,
+        "data": str(args.data),
+        "verifier": args.verifier,
+        "greedy_accuracy": result.greedy,
+        "sampled_accuracy": result.sampled,
+        "samples": result.samples,
+        "temperature": args.temperature,
+        "problems": result.problems,
+        "mean_completion_tokens": result.mean_completion_tokens,
+        "seed": args.seed,
+    }
+    text = json.dumps(report, indent=2)
+    if args.json_out:
+        from lockedopd.atomic_io import atomic_write_text
+
+        atomic_write_text(args.json_out, text + "\n")
+    print(text)
+    return 0
+
+
+__all__ = ["add_task_parsers"]

@@ -1,0 +1,77 @@
+"""Column addition: add two 3- or 4-digit numbers column by column, carrying, then state the sum.
+
+Why this task: a 135M model fine-tuned on it becomes competent within minutes on a CPU, every problem needs a worked
+solution of about 20-35 tokens before its answer (so sampling the student's own completions matters: one wrong
+carry spoils the answer), correctness is exact and cheap to check, and the problem space (~10^8 pairs) is large
+enough for splits that never overlap. One line per column, ones first: the column's digits plus the carry coming
+in, and their sum (whose tens digit is the carry going out). For 457 + 86::
+
+    7+6=13
+    5+8+1=14
+    4+0+1=5
+    The answer is 543.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+
+from lockedopd.tasks.base import Task, TaskProblem
+
+_ANSWER = re.compile(r"answer is\s*(-?[\d,]+)")
+
+
+def draw_operands(rng: random.Random) -> tuple[int, int]:
+    """Two operands, each of 3 or 4 digits (the digit count drawn first, so short and long ones are equally likely)."""
+    digits = [rng.choice((3, 4)), rng.choice((3, 4))]
+    return tuple(rng.randrange(10 ** (d - 1), 10**d) for d in digits)  # type: ignore[return-value]
+
+
+def worked_solution(a: int, b: int) -> str:
+    """The column-by-column solution of ``a + b`` (ones first), ending with ``The answer is {a + b}.``"""
+    da, db = str(a)[::-1], str(b)[::-1]
+    carry, lines = 0, []
+    for column in range(max(len(da), len(db))):
+        x = int(da[column]) if column < len(da) else 0
+        y = int(db[column]) if column < len(db) else 0
+        total = x + y + carry
+        terms = f"{x}+{y}" if column == 0 else f"{x}+{y}+{carry}"
+        carry = total // 10
+        lines.append(f"{terms}={total}")
+    lines.append(f"The answer is {a + b}.")
+    return "\n".join(lines)
+
+
+def render(key: tuple[int, int]) -> TaskProblem:
+    """The problem of the operands ``key``."""
+    a, b = key
+    return TaskProblem(prompt=f"What is {a} + {b}?", completion=worked_solution(a, b), answer=str(a + b))
+
+
+def extract_answer(completion: str) -> int | None:
+    """The integer after the last ``answer is`` in a completion (commas allowed), or ``None``."""
+    found = _ANSWER.findall(completion)
+    if not found:
+        return None
+    digits = found[-1].replace(",", "")
+    return int(digits) if digits.lstrip("-").isdigit() else None
+
+
+def verify(completions: Sequence[str], answers: Sequence[str | None]) -> list[float]:
+    """1.0 where the completion states ``The answer is N`` with N equal to the reference answer, else 0.0."""
+    scores = []
+    for text, answer in zip(completions, answers, strict=True):
+        stated = extract_answer(text)
+        scores.append(float(answer is not None and stated is not None and stated == int(str(answer).strip())))
+    return scores
+
+
+COLUMN_ADDITION = Task(
+    name="column_addition",
+    draw=draw_operands,
+    render=render,
+    verify=verify,
+    description="add two 3- or 4-digit numbers column by column with carries",
+)

@@ -1,0 +1,87 @@
+"""Accuracy as the quality grid's headline: per-seed shares of the best full reference's gain, and a tiny grid."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import accuracy_report  # noqa: E402
+import quality  # noqa: E402
+
+from lockedopd.tasks import COLUMN_ADDITION  # noqa: E402
+from lockedopd.tasks.base import write_task_splits  # noqa: E402
+
+
+def cell(final, start=None, lock_step=None, sampled_final=None):
+    acc = {0: start} if start is not None else {}
+    if lock_step:
+        acc[lock_step] = start
+    acc[30] = final
+    return {"lock_step": lock_step, "eval_accuracy": acc,
+            "eval_accuracy_sampled": {k: (sampled_final if k == 30 and sampled_final is not None else v)
+                                      for k, v in acc.items()}}  # fmt: skip
+
+
+def test_shares_are_read_against_the_full_reference_with_the_larger_gain():
+    cells = {
+        "full": {0: cell(0.50, start=0.10), 1: cell(0.60, start=0.20)},  # gains 0.40, 0.40
+        "full_factored": {0: cell(0.60), 1: cell(0.70)},  # gains 0.50, 0.50 (start from full's step 0)
+        "locked_right": {0: cell(0.55, start=0.30, lock_step=8), 1: cell(0.40, start=0.30, lock_step=8)},
+        "lora": {0: cell(0.35), 1: cell(0.45)},
+    }
+    out = accuracy_report.aggregate_accuracy(cells, list(cells), quality.t_interval)
+    assert out["reference"] == "full_factored"
+    assert out["reference_gains"]["full"]["mean"] == pytest.approx(0.40)
+    assert out["student_start_accuracy"]["mean"] == pytest.approx(0.15)
+    locked = out["methods"]["locked_right"]["share_of_full_accuracy_gain"]["per_seed"]
+    assert locked["0"] == pytest.approx((0.55 - 0.30) / (0.60 - 0.30))  # post-lock gain, from its own lock step
+    assert locked["1"] == pytest.approx((0.40 - 0.30) / (0.70 - 0.30))
+    lora = out["methods"]["lora"]["share_of_full_accuracy_gain"]["per_seed"]
+    assert lora == {"0": pytest.approx(0.25 / 0.50), "1": pytest.approx(0.25 / 0.50)}  # whole-run gain
+    assert out["methods"]["full"]["share_of_full_accuracy_gain"]["mean"] == pytest.approx(0.8)
+    assert out["methods"]["lora"]["accuracy"]["mean"] == pytest.approx(0.40)
+
+
+def count_digits(completions, answers):
+    """A verifier a random tiny model passes sometimes (the share of its completion that is digits)."""
+    return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]
+
+
+def test_a_tiny_accuracy_grid_writes_the_headline_report(tmp_path):
+    files = write_task_splits(COLUMN_ADDITION, tmp_path / "task", {"train": 64, "test": 8}, seed=0)
+    exp = dataclasses.replace(
+        quality.load_experiment(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml", str(tmp_path / "grid")),
+        methods={"full": {"lock.enabled": False}, "full_factored": {"lock.enabled": False, "optimizer": "factored"},
+                 "locked_right": {}},
+        seeds=[0, 1],
+        task="column_addition",
+        overrides={**quality.load_experiment(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml").overrides,
+                   "data.train_path": str(files["train"]), "data.eval_size": 4,
+                   "accuracy.verifier": "tests.test_accuracy_grid:count_digits", "accuracy.path": str(files["test"]),
+                   "accuracy.samples": 2, "accuracy.batch_size": 8, "rollout.max_new_tokens": 6},
+    )  # fmt: skip
+    result = quality.run(exp)
+    report = json.loads((exp.out_dir / "results.json").read_text())
+    assert len(result["computed"]) == 6
+    assert report["task"] == "column_addition" and report["reference"] in ("full", "full_factored")
+    for name in ("full", "full_factored", "locked_right"):
+        entry = report["methods"][name]
+        assert entry["seeds"] == [0, 1]
+        assert set(entry["accuracy"]) >= {"mean", "low", "high"}
+        assert "share_of_full_accuracy_gain" in entry and entry["optimizer_state_bytes"] > 0
+    lines = (exp.cell_dir("locked_right", 0) / "metrics.jsonl").read_text().splitlines()
+    records = {json.loads(line)["step"]: json.loads(line) for line in lines}
+    assert 0 not in records  # only full's cells evaluate the step-0 student
+    lock = report["methods"]["locked_right"]["lock_step"]["0"]
+    assert "eval_accuracy" in records[lock] and "eval_accuracy" in records[8]
+    assert "eval_accuracy" not in records[2]  # the KL's period (2) does not measure accuracy
+    assert report["student_start_accuracy"] is not None
+    text = (exp.out_dir / "results.md").read_text()
+    assert text.index("## Task accuracy") < text.index("## Held-out reverse KL")
+    assert (exp.out_dir / "accuracy.png").is_file()

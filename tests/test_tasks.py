@@ -1,0 +1,68 @@
+"""The verifiable task: a deterministic generator, splits that never overlap, and its verifier."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lockedopd.rewards import resolve_reward_fn
+from lockedopd.tasks import COLUMN_ADDITION, get_task
+from lockedopd.tasks.base import write_task_splits
+from lockedopd.tasks.column_addition import extract_answer, worked_solution
+
+
+def test_the_generator_is_deterministic_under_its_seed():
+    first = COLUMN_ADDITION.problems("train", 300, seed=3)
+    again = COLUMN_ADDITION.problems("train", 300, seed=3)
+    other = COLUMN_ADDITION.problems("train", 300, seed=4)
+    assert first == again
+    assert [p.prompt for p in first] != [p.prompt for p in other]
+    assert len({p.prompt for p in first}) == 300  # distinct problems
+
+
+def test_the_splits_never_share_a_problem_whatever_the_seed():
+    prompts = {
+        split: {p.prompt for seed in (0, 1) for p in COLUMN_ADDITION.problems(split, 1500, seed=seed)}
+        for split in ("train", "validation", "test")
+    }
+    assert not prompts["train"] & prompts["validation"]
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["validation"] & prompts["test"]
+    # the split is a function of the problem: a test problem is never drawn into train under any seed
+    test_problem = next(iter(COLUMN_ADDITION.problems("test", 1, seed=0)))
+    a, b = (int(x) for x in test_problem.prompt.removeprefix("What is ").removesuffix("?").split(" + "))
+    assert COLUMN_ADDITION.split_of((a, b)) == "test"
+
+
+def test_the_worked_solution_carries_column_by_column():
+    assert worked_solution(457, 86) == "7+6=13\n5+8+1=14\n4+0+1=5\nThe answer is 543."
+    assert worked_solution(999, 1) == "9+1=10\n9+0+1=10\n9+0+1=10\nThe answer is 1000."
+    for problem in COLUMN_ADDITION.problems("validation", 200, seed=0):
+        a, b = (int(x) for x in problem.prompt.removeprefix("What is ").removesuffix("?").split(" + "))
+        assert int(problem.answer) == a + b
+        assert 3 <= problem.completion.count("\n") <= 4  # one line per column (3 or 4), then the answer
+        assert len(problem.completion.split("The answer")[0]) >= 16  # a worked solution precedes the answer
+
+
+def test_the_verifier_accepts_the_tasks_own_answers_and_rejects_wrong_ones():
+    problems = COLUMN_ADDITION.problems("test", 50, seed=0)
+    answers = [p.answer for p in problems]
+    assert COLUMN_ADDITION.verify([p.completion for p in problems], answers) == [1.0] * 50
+    off_by_one = [p.completion.replace(f"is {p.answer}.", f"is {int(p.answer) + 1}.") for p in problems]
+    assert COLUMN_ADDITION.verify(off_by_one, answers) == [0.0] * 50
+    assert COLUMN_ADDITION.verify(["7+6=13", "The answer is 1,234.", ""], ["13", "1234", "0"]) == [0.0, 1.0, 0.0]
+    assert extract_answer("The answer is 12. No, the answer is 15.") == 15
+    # the same verifier is the reward function of that name
+    assert resolve_reward_fn("column_addition") is COLUMN_ADDITION.verify
+
+
+def test_task_files_hold_prompt_completion_and_answer(tmp_path):
+    paths = write_task_splits(get_task("column_addition"), tmp_path, {"train": 20, "test": 5}, seed=1)
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    assert len(rows) == 20 and set(rows[0]) == {"prompt", "completion", "answer", "source"}
+    with pytest.raises(ValueError, match="unknown split"):
+        write_task_splits(COLUMN_ADDITION, tmp_path / "bad", {"dev": 3})
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("no_such_task")
