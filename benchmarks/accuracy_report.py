@@ -103,6 +103,32 @@ def aggregate_accuracy(cells, methods: list[str], t_interval) -> dict[str, Any]:
     return out
 
 
+ACCURACY_LR_RULE = (
+    "highest mean final greedy accuracy on the split the screen evaluates (the validation split: a screen's "
+    "accuracy.path), ties broken by mean@k; never the test split"
+)
+
+
+def select_by_accuracy(methods: dict[str, Any], screens: dict[str, list[str]]) -> dict[str, Any]:
+    """Each screen's chosen method by :data:`ACCURACY_LR_RULE` from ``results.json``'s merged ``methods``."""
+    out: dict[str, Any] = {}
+    for family, members in screens.items():
+        candidates = {
+            name: None if "accuracy" not in methods.get(name, {}) else {
+                "accuracy": methods[name]["accuracy"]["mean"],
+                "accuracy_sampled": methods[name]["accuracy_sampled"]["mean"],
+            }
+            for name in members
+        }  # fmt: skip
+        scored = {n: (c["accuracy"], c["accuracy_sampled"] or 0.0) for n, c in candidates.items() if c}
+        out[family] = {
+            "candidates": candidates,
+            "selected": max(scored, key=scored.__getitem__) if scored else None,
+            "complete": len(scored) == len(members),
+        }
+    return out
+
+
 def _pct(entry: dict[str, Any] | None) -> str:
     if not entry or entry.get("mean") is None:
         return "—"

@@ -45,7 +45,14 @@ import yaml
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
-from accuracy_report import accuracy_markdown, aggregate_accuracy, cell_accuracy, plot_accuracy  # noqa: E402
+from accuracy_report import (  # noqa: E402
+    ACCURACY_LR_RULE,
+    accuracy_markdown,
+    aggregate_accuracy,
+    cell_accuracy,
+    plot_accuracy,
+    select_by_accuracy,
+)
 
 REFERENCE = "full"
 ORDERS = ("method_major", "seed_major")
@@ -84,7 +91,7 @@ class Experiment:
         extra_seeds: method -> seeds it runs beyond ``seeds`` (where a method's interval is too wide to tell a
             target). Its share on such a seed needs the same seed's ``full`` run, so ``full`` must list them too.
         task: the verifiable task the cells measure accuracy on (their config's ``accuracy`` section); accuracy then
-            leads the report (:mod:`accuracy_report`), and only ``full``'s cells evaluate the step-0 student.
+            leads the report (:mod:`accuracy_report`), and only the first method's cells evaluate the step-0 student.
         teacher_model: the teacher's model source (e.g. ``built:RECIPE.yaml``), scored once with the cells' accuracy
             settings into ``OUT/teacher_accuracy.json``.
     """
@@ -203,8 +210,8 @@ def cell_overrides(exp: Experiment, method: str, seed: int) -> list[str]:
     """The config overrides of one cell: common ones, the method's, then seed, output_dir and resume."""
     overrides = _override_list(exp.overrides) + _override_list(exp.methods[method])
     overrides += [f"seed={seed}", f"output_dir={exp.cell_dir(method, seed)}", "resume=true"]
-    if exp.task and method != REFERENCE:  # the step-0 student is the same for every method of a seed
-        overrides.append("eval_at_start=false")
+    if exp.task and method != next(iter(exp.methods)):  # the step-0 student is the same for every method of a seed:
+        overrides.append("eval_at_start=false")  # only the experiment's first method evaluates it
     if exp.fixed_text_cache:
         overrides.append(f"eval_fixed_text_path={exp.out_dir / 'fixed_text'}")
     return overrides
@@ -617,6 +624,13 @@ def aggregate_on_common_seeds(
     return aggregated, all_seeds
 
 
+def lr_selection(exp: Experiment, methods: dict[str, Any]) -> dict[str, Any]:
+    """The learning-rate screens' choices: by accuracy on a task grid, else by the fixed-text KL."""
+    if exp.task:
+        return {"rule": ACCURACY_LR_RULE, "families": select_by_accuracy(methods, exp.lr_screens)}
+    return {"rule": LR_SELECTION_RULE, "families": select_learning_rates(methods, exp.lr_screens)}
+
+
 def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
     """The whole ``results.json`` content."""
     cells = collect(exp)
@@ -653,16 +667,7 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
         "monitor_ranking": ranking_agreement(every_seed),
         "monitor_ranking_next_batch": ranking_agreement(every_seed, "next_batch_progress_share"),
         "monitor_ranking_by_run": cell_ranking_agreement(every_seed),
-        **(
-            {
-                "lr_selection": {
-                    "rule": LR_SELECTION_RULE,
-                    "families": select_learning_rates(aggregated, exp.lr_screens),
-                }
-            }
-            if exp.lr_screens
-            else {}
-        ),
+        **({"lr_selection": lr_selection(exp, aggregated)} if exp.lr_screens else {}),
         "not_run": errors,
         "pending_cells": pending,
     }
@@ -799,20 +804,18 @@ def markdown_report(report: dict[str, Any]) -> str:
     selection = report.get("lr_selection")
     if selection:
         lines += ["", "## Learning-rate selection", "", f"Rule: {selection['rule']}.", ""]
-        lines += [
-            "| family | candidate | final held-out KL | final fixed-text KL | selected |",
-            "|---|---|---|---|---|",
-        ]
+        by_accuracy = selection["rule"] == ACCURACY_LR_RULE
+        columns = ("accuracy", "accuracy_sampled") if by_accuracy else ("final_reverse_kl", "final_fixed_text_kl")
+        heads = "final accuracy (greedy) | final mean@k" if by_accuracy else "final held-out KL | final fixed-text KL"
+        lines += [f"| family | candidate | {heads} | selected |", "|---|---|---|---|---|"]
         for family, screen in selection["families"].items():
             for name, c in screen["candidates"].items():
                 mark = "**yes**" if name == screen["selected"] else ""
                 if c is None:
                     lines.append(f"| {family} | {name} | not run | | |")
                 else:
-                    lines.append(
-                        f"| {family} | {name} | {_fmt(c['final_reverse_kl'], 3)} | "
-                        f"{_fmt(c['final_fixed_text_kl'], 3)} | {mark} |"
-                    )
+                    first, second = _fmt(c[columns[0]], 3), _fmt(c[columns[1]], 3)
+                    lines.append(f"| {family} | {name} | {first} | {second} | {mark} |")
             if not screen["complete"]:
                 lines.append(f"| {family} | (incomplete: the choice may change) | | | |")
     lines += ["", "## Per seed", "", "| method | seed | lock step | final held-out KL | share of full gain | wall s |"]

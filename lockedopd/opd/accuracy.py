@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import LogitsProcessorList
 
-from lockedopd.opd.rollout import HFStudentSampler, Rollout, StudentSampler
+from lockedopd.opd.rollout import PerRowSampling, Rollout, mask_after_eos
 from lockedopd.rewards import RewardFn
 
 
@@ -74,7 +75,6 @@ def evaluate_accuracy(
     samples: int = 4,
     temperature: float = 1.0,
     seed: int = 0,
-    greedy_sampler: StudentSampler | None = None,
 ) -> AccuracyResult:
     """Greedy exact match and mean accuracy over ``samples`` samples per problem.
 
@@ -89,7 +89,6 @@ def evaluate_accuracy(
         samples: samples per problem at ``temperature`` (0 = greedy only).
         temperature: the sampling temperature.
         seed: sample j of problem i draws from the stream seeded ``seed + j * N + i``.
-        greedy_sampler: decodes greedily instead of transformers ``generate`` on ``model``.
     """
     if not prompt_ids:
         raise ValueError("evaluate_accuracy: no problems to evaluate; give prompts that carry an answer.")
@@ -103,28 +102,24 @@ def evaluate_accuracy(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     n = len(prompt_ids)
-    greedy = greedy_sampler if greedy_sampler is not None else HFStudentSampler(model, do_sample=False)
     correct: list[bool] = []
     tokens = 0
     for start in range(0, n, batch_size):
-        rollout = greedy.generate(list(prompt_ids[start : start + batch_size]), pad, eos, max_new_tokens, seed=None)
-        scores = verifier(completion_texts(tokenizer, rollout), list(answers[start : start + batch_size]))
+        chunk = list(prompt_ids[start : start + batch_size])
+        texts, lengths = _generate_texts(model, tokenizer, chunk, pad, eos, max_new_tokens, None, temperature)
+        scores = verifier(texts, list(answers[start : start + batch_size]))
         correct.extend(float(s) >= 1.0 for s in scores)
-        tokens += rollout.num_tokens
+        tokens += sum(lengths)
     sampled = None
     if samples > 0:
-        sampler = HFStudentSampler(model, do_sample=True, seed_per_row=True)
-        rows = [(j * n + i, i) for j in range(samples) for i in range(n)]
+        rows = [(j * n + i, i) for j in range(samples) for i in range(n)]  # sample j of problem i: stream seed + k
         total = 0.0
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             prompts = [list(prompt_ids[i]) for _, i in chunk]
-            # row r of a call seeded s draws from stream s + r, and the rows' k are consecutive: row k gets seed + k
-            rollout = sampler.generate(
-                prompts, pad, eos, max_new_tokens, temperature=temperature, seed=seed + chunk[0][0]
-            )
-            scores = verifier(completion_texts(tokenizer, rollout), [answers[i] for _, i in chunk])
-            total += float(sum(float(s) for s in scores))
+            seeds = [seed + k for k, _ in chunk]
+            texts, _ = _generate_texts(model, tokenizer, prompts, pad, eos, max_new_tokens, seeds, temperature)
+            total += float(sum(float(s) for s in verifier(texts, [answers[i] for _, i in chunk])))
         sampled = total / len(rows)
     return AccuracyResult(
         greedy=sum(correct) / n,
@@ -134,3 +129,45 @@ def evaluate_accuracy(
         mean_completion_tokens=tokens / n,
         greedy_correct=correct,
     )
+
+
+def _generate_texts(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    pad: int,
+    eos,
+    max_new_tokens: int,
+    seeds: list[int] | None,
+    temperature: float,
+) -> tuple[list[str], list[int]]:
+    """Decoded completions (to the first EOS) and their token counts: greedy when ``seeds`` is None, else row r
+    sampled from its own stream ``seeds[r]`` (:class:`~lockedopd.opd.rollout.PerRowSampling`). Unlike a training
+    rollout nothing but the tokens is kept (no per-step logits), which is what makes scoring hundreds of problems
+    affordable."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    extra = {}
+    if seeds is not None:  # row r's sample depends only on its logits and seeds[r], never on the batch
+        extra["logits_processor"] = LogitsProcessorList([PerRowSampling(seeds, width, temperature)])
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        **extra,
+    )
+    model.train(was_training)
+    completions = out[:, width:].cpu()
+    mask = mask_after_eos(completions, eos)
+    rows = [ids[keep].tolist() for ids, keep in zip(completions, mask)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True), [len(r) for r in rows]

@@ -210,7 +210,7 @@ class HFStudentSampler(StudentSampler):
         model.train(was_training)
         sequences = out.sequences.cpu()
         completion_ids = sequences[:, width:]
-        completion_mask = _completion_mask(completion_ids, eos_token_id)
+        completion_mask = mask_after_eos(completion_ids, eos_token_id)
         completion_ids = completion_ids.masked_fill(~completion_mask, pad_token_id)
         logits = torch.stack(out.logits, dim=1).float().cpu()  # (B, C, V) raw logits of each generated position
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
@@ -305,7 +305,7 @@ def rollout_from_completions(
             if completion_logprobs is not None:
                 logprobs[i, : len(completion)] = torch.tensor(list(completion_logprobs[i]), dtype=torch.float32)
     lengths = torch.tensor([len(c) for c in completions])
-    completion_mask = _completion_mask(completion_ids, eos_token_id) & (torch.arange(span) < lengths.unsqueeze(-1))
+    completion_mask = mask_after_eos(completion_ids, eos_token_id) & (torch.arange(span) < lengths.unsqueeze(-1))
     completion_ids = completion_ids.masked_fill(~completion_mask, pad_token_id)
     return Rollout(
         input_ids=torch.cat([input_ids, completion_ids], dim=1),
@@ -318,7 +318,7 @@ def rollout_from_completions(
     )
 
 
-def _completion_mask(completion_ids: torch.Tensor, eos_token_id) -> torch.Tensor:
+def mask_after_eos(completion_ids: torch.Tensor, eos_token_id) -> torch.Tensor:
     """True up to and including the first EOS of each row."""
     if eos_token_id is None:
         return torch.ones_like(completion_ids, dtype=torch.bool)

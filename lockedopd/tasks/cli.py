@@ -53,6 +53,9 @@ def add_task_parsers(subparsers) -> None:
     evaluate.add_argument(
         "--drop-every", type=int, default=None, help="evaluate the model with every n-th layer removed"
     )
+    evaluate.add_argument(
+        "--keep-layers", default=None, help="evaluate the model with only these decoder layers (comma list of indices)"
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", dest="json_out", type=Path, help="also write the result here")
     evaluate.set_defaults(handler=_run_eval)
@@ -91,7 +94,8 @@ def _run_eval(args) -> int:
     problems = [r for r in load_prompts(args.data) if r.answer is not None][: args.size]
     if not problems:
         raise ValueError(f'{args.data} has no record with an "answer"; accuracy needs reference answers.')
-    model, tokenizer = build_model(ModelConfig(source=args.model, drop_every=args.drop_every))
+    keep = [int(i) for i in args.keep_layers.split(",")] if args.keep_layers else None
+    model, tokenizer = build_model(ModelConfig(source=args.model, drop_every=args.drop_every, keep_layers=keep))
     prompt_ids = encode_prompts(tokenizer, [r.prompt for r in problems])
     result = evaluate_accuracy(
         model, tokenizer, prompt_ids, [r.answer for r in problems], verifier, args.max_new_tokens,
@@ -100,6 +104,7 @@ def _run_eval(args) -> int:
     report = {
         "model": args.model,
         "drop_every": args.drop_every,
+        "keep_layers": keep,
         "data": str(args.data),
         "verifier": args.verifier,
         "greedy_accuracy": result.greedy,
