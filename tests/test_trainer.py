@@ -262,7 +262,7 @@ def test_a_changed_lock_file_is_refused_on_resume(relock_run, tmp_path):
 def test_resume_refuses_config_drift_and_records_allowed_changes(tmp_path):
     run(tmp_path, "max_steps=4", "eval_steps=0")
     original = (tmp_path / "config.yaml").read_text()
-    allowed = r"only \['accuracy.eval_steps', 'eval_at_start', 'eval_steps', 'fsdp', 'malloc_mmap_threshold', 'max_steps'"
+    allowed = r"only \['accuracy.eval_steps', 'eval_at_start', 'eval_steps', 'fsdp', 'malloc_mmap_threshold'"
     with pytest.raises(ValueError, match=r"lr: 0\.003 -> 0\.001.*" + allowed):
         run(tmp_path, "max_steps=6", "eval_steps=0", "lr=1e-3", "resume=true")
     with pytest.raises(ValueError, match=r"lock\.mode: 'right' -> 'two_sided'"):
