@@ -129,20 +129,22 @@ def select_by_accuracy(methods: dict[str, Any], screens: dict[str, list[str]]) -
     return out
 
 
-def _pct(entry: dict[str, Any] | None) -> str:
+def _interval(entry: dict[str, Any] | None, scale: float, fmt: str, unit: str = "") -> str:
+    """``mean [low, high]`` of an interval entry (``(n=1)`` without an interval; ``—`` without a mean)."""
     if not entry or entry.get("mean") is None:
         return "—"
+    mean = format(scale * entry["mean"], fmt) + unit
     if entry.get("low") is None:
-        return f"{100 * entry['mean']:.1f}% (n=1)"
-    return f"{100 * entry['mean']:.1f}% [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}]"
+        return f"{mean} (n=1)"
+    return f"{mean} [{format(scale * entry['low'], fmt)}, {format(scale * entry['high'], fmt)}]"
+
+
+def _pct(entry: dict[str, Any] | None) -> str:
+    return _interval(entry, 100.0, ".1f", "%")
 
 
 def _ratio(entry: dict[str, Any] | None) -> str:
-    if not entry or entry.get("mean") is None:
-        return "—"
-    if entry.get("low") is None:
-        return f"{entry['mean']:.3f} (n=1)"
-    return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+    return _interval(entry, 1.0, ".3f")
 
 
 def accuracy_markdown(report: dict[str, Any]) -> list[str]:

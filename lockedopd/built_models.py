@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 BUILT_PREFIX = "built:"
 BUILD_FORMAT = 1
@@ -45,12 +44,12 @@ def build_key(config) -> str:
     """A 16-hex content hash of what decides a recipe's final weights: its settings that differ from the defaults
     (less :data:`OBSERVING_KEYS`; a setting added to lockedopd later, at its default, leaves the key as it was) and
     the bytes of its training data file."""
-    from lockedopd.opd.config import OPDConfig, config_to_dict
+    from lockedopd.opd.config import OPDConfig, config_to_dict, flatten_settings
 
-    defaults = _flatten(config_to_dict(OPDConfig()))
+    defaults = flatten_settings(config_to_dict(OPDConfig()))
     settings = {
         key: value
-        for key, value in _flatten(config_to_dict(config)).items()
+        for key, value in flatten_settings(config_to_dict(config)).items()
         if defaults.get(key, object()) != value and not _observing(key)
     }
     digest = hashlib.sha256(json.dumps([BUILD_FORMAT, settings], sort_keys=True).encode())
@@ -87,13 +86,3 @@ def resolve_built_source(source: str) -> Path:
 
 def _observing(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in OBSERVING_KEYS)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -486,7 +486,7 @@ class OPDConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work."""
-        for key, value in _flatten(dataclasses.asdict(self)).items():
+        for key, value in flatten_settings(dataclasses.asdict(self)).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"config: {key} must be a finite number, got {value}.")
         choices = {
@@ -704,11 +704,12 @@ RESUMABLE_CHANGES = frozenset(
 (a restarted vLLM server may listen elsewhere) or how the host allocates memory; the training path stays the same."""
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_settings(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings mapping as ``{dotted key: value}``."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -720,8 +721,8 @@ def config_changes(saved: dict[str, Any], current: OPDConfig) -> dict[str, tuple
     A setting the saved file does not have (written by an older version) counts as changed only when its current
     value is not the default.
     """
-    old, new = _flatten(saved), _flatten(config_to_dict(current))
-    defaults = _flatten(config_to_dict(OPDConfig()))
+    old, new = flatten_settings(saved), flatten_settings(config_to_dict(current))
+    defaults = flatten_settings(config_to_dict(OPDConfig()))
     changes = {}
     for key, value in new.items():
         before = old.get(key, defaults.get(key))
