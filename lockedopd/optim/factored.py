@@ -2,7 +2,7 @@
 
 Adam on the coefficients A (ΔW = A·Vᵀ) normalises each coefficient on its own, so each of the r basis directions of a
 row moves by about the same amount, however little of the gradient it carries — coordinates of A are not
-coordinates of W. Projected full AdamW (``lock.optimizer=projected_full``; the first probe in ``MEASURED.md``) does
+coordinates of W. Projected full AdamW (``lock.optimizer=projected_full``; a scratch probe before lockedopd) does
 what full OPD does instead: W-space moments of the projected gradient g_W = P(G), the update m̂_W ⊘ √v̂_W projected
 onto the subspace. It needs two W-sized moments per matrix.
 
