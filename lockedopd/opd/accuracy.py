@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList
 
-from lockedopd.opd.rollout import PerRowSampling, Rollout, mask_after_eos
+from lockedopd.opd.rollout import PerRowSampling, mask_after_eos
 from lockedopd.rewards import RewardFn
 
 
@@ -55,12 +55,6 @@ class AccuracyResult:
             out[f"{prefix}accuracy_sampled"] = self.sampled
             out[f"{prefix}accuracy_samples"] = self.samples
         return out
-
-
-def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
-    """The decoded completions of a rollout (special tokens dropped)."""
-    rows = [ids[mask].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 @torch.no_grad()
