@@ -150,14 +150,15 @@ def _ratio(entry: dict[str, Any] | None) -> str:
 def accuracy_markdown(report: dict[str, Any]) -> list[str]:
     """The accuracy tables that open ``results.md`` (lines)."""
     acc = report["accuracy"]
-    teacher = report.get("teacher_accuracy") or {}
+    teacher = report.get("teacher") or {}
     lines = [
-        f"Task `{report.get('task')}`: greedy exact match on {teacher.get('problems', '?')} test problems (mean, 95% "
+        f"Task `{report.get('task')}`: greedy exact match on {teacher.get('problems', '?')} problems (mean, 95% "
         "t-interval over training seeds); mean@k = mean accuracy of k samples per problem at temperature 1. Share = "
         f"share of the reference's accuracy gain; reference **{acc['reference']}** (the full-parameter run with the "
         "larger gain).",
         "",
-        f"Teacher: greedy {_pct({'mean': teacher.get('greedy')})}, mean@k {_pct({'mean': teacher.get('sampled')})}. "
+        f"Teacher: greedy {_pct({'mean': teacher.get('greedy_accuracy')})}, mean@k "
+        f"{_pct({'mean': teacher.get('sampled_accuracy')})}. "
         f"Student at step 0: greedy {_pct(acc['student_start_accuracy'])}, mean@k "
         f"{_pct(acc['student_start_accuracy_sampled'])}.",
         "",
@@ -222,7 +223,7 @@ def plot_accuracy(report: dict[str, Any], path) -> Any:
             low, high = share.get("low"), share.get("high")
             err = None if low is None else [[share["mean"] - low], [high - share["mean"]]]
             right.bar(i, share["mean"], color=colours[name], alpha=0.8, yerr=err, capsize=3)
-    teacher = (report.get("teacher_accuracy") or {}).get("greedy")
+    teacher = report.get("teacher_accuracy")
     if teacher is not None:
         left.axhline(100 * teacher, color="tab:green", linestyle="--", linewidth=1, label="teacher")
     start = acc["student_start_accuracy"].get("mean")

@@ -649,6 +649,7 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
             "task": exp.task,
             "teacher_accuracy": None if teacher is None else teacher["greedy_accuracy"],
             "teacher_accuracy_sampled": None if teacher is None else teacher["sampled_accuracy"],
+            "teacher": teacher,
             "student_start_accuracy": section["student_start_accuracy"]["mean"],
             "reference": section["reference"],
             "accuracy": section,

@@ -61,6 +61,7 @@ def test_a_tiny_accuracy_grid_writes_the_headline_report(tmp_path):
                  "locked_right": {}},
         seeds=[0, 1],
         task="column_addition",
+        teacher_model="tiny",  # scored once with the cells' accuracy settings
         overrides={**quality.load_experiment(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml").overrides,
                    "data.train_path": str(files["train"]), "data.eval_size": 4,
                    "accuracy.verifier": "tests.test_accuracy_grid:count_digits", "accuracy.path": str(files["test"]),
@@ -82,6 +83,7 @@ def test_a_tiny_accuracy_grid_writes_the_headline_report(tmp_path):
     assert "eval_accuracy" in records[lock] and "eval_accuracy" in records[8]
     assert "eval_accuracy" not in records[2]  # the KL's period (2) does not measure accuracy
     assert report["student_start_accuracy"] is not None
+    assert report["teacher_accuracy"] == report["teacher"]["greedy_accuracy"] and report["teacher"]["problems"] == 8
     text = (exp.out_dir / "results.md").read_text()
     assert text.index("## Task accuracy") < text.index("## Held-out reverse KL")
     assert (exp.out_dir / "accuracy.png").is_file()
