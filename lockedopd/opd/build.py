@@ -27,6 +27,9 @@ def build_model_from_recipe(recipe: str | Path, overrides: list[str] | None = No
     summary and last evaluation) are then moved into place in one rename, and the run's checkpoints deleted.
     """
     config = recipe_config(recipe, overrides)
+    if config.lock.enabled:  # refused before any training: the export is the plain model of a full-parameter run
+        raise ValueError("build-model exports a full-parameter run; set lock.enabled=false in the recipe.")
+    key = build_key(config)
     target = built_dir(recipe, config)
     if (target / "build.json").is_file():
         return target, json.loads((target / "build.json").read_text())
@@ -34,14 +37,12 @@ def build_model_from_recipe(recipe: str | Path, overrides: list[str] | None = No
     config = dataclasses.replace(config, output_dir=str(run_dir), resume=run_dir.is_dir())
     trainer = OPDTrainer.from_config(config)
     summary = trainer.train()
-    if trainer.lock is not None:
-        raise ValueError("build-model exports a full-parameter run; set lock.enabled=false in the recipe.")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last_eval = next((r for r in reversed(records) if any(k.startswith("eval_") for k in r)), {})
     record = {
         "format": BUILD_FORMAT,
         "recipe": str(recipe),
-        "key": build_key(config),
+        "key": key,
         "summary": summary,
         "final_evaluation": {k: v for k, v in last_eval.items() if k.startswith("eval_") or k == "step"},
     }

@@ -185,8 +185,17 @@ class OPDTrainer:
         self.train_ids = encode_prompts(tokenizer, [r.prompt for r in self.train_prompts], use_template, max_prompt)
         self.eval_ids = encode_prompts(tokenizer, [r.prompt for r in self.eval_prompts], use_template, max_prompt)
         self.train_completion_ids = None  # the given completions an objective without a teacher trains on
+        self.eval_completions: list[tuple[list[int], list[int]]] = []  # (prompt, completion) its evaluation scores
         if not self.objective.needs_teacher:
             self.train_completion_ids = encode_completions(tokenizer, [r.completion for r in self.train_prompts])
+            held = [(ids, r.completion) for ids, r in zip(self.eval_ids, self.eval_prompts) if r.completion]
+            if self.eval_prompts and not held:
+                raise ValueError(
+                    f'objective.name={config.objective.name}: no held-out record has a "completion" to score; give '
+                    "data.eval_path records with completions (or data.eval_size=0)."
+                )
+            completions = encode_completions(tokenizer, [text for _, text in held]) if held else []
+            self.eval_completions = [(ids, c) for (ids, _), c in zip(held, completions)]
         self.accuracy_problems = list(accuracy_problems or [])
         self.accuracy_ids = encode_prompts(
             tokenizer, [r.prompt for r in self.accuracy_problems], use_template, max_prompt
@@ -433,11 +442,8 @@ class OPDTrainer:
     @torch.no_grad()
     def evaluate_completion_nll(self) -> float:
         """Mean per-token NLL of the held-out records' given completions (what a supervised run is trained on)."""
-        records = [r for r in self.eval_prompts if r.completion]
-        if not records:
-            raise ValueError('held-out evaluation of objective.name=sft needs held-out records with a "completion".')
-        ids = [self.eval_ids[i] for i, r in enumerate(self.eval_prompts) if r.completion]
-        completions = encode_completions(self.tokenizer, [r.completion for r in records])
+        ids = [prompt for prompt, _ in self.eval_completions]
+        completions = [completion for _, completion in self.eval_completions]
         was_training = self.model.training
         self.model.eval()
         total, tokens = 0.0, 0
