@@ -957,7 +957,7 @@ def measure_teacher_accuracy(exp: Experiment) -> dict[str, Any] | None:
     from lockedopd.opd.builders import build_accuracy_problems, build_model
     from lockedopd.opd.config import ModelConfig
     from lockedopd.opd.rollout import encode_prompts
-    from lockedopd.opd.trainer import ACCURACY_SEED_OFFSET, step_seed
+    from lockedopd.opd.seeds import ACCURACY_SEED_OFFSET, step_seed
     from lockedopd.rewards import resolve_reward_fn
 
     config = cell_config(exp, REFERENCE if REFERENCE in exp.methods else next(iter(exp.methods)), exp.seeds[0])

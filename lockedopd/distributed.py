@@ -13,7 +13,9 @@ before clipping and the optimizer step, so every process takes the same step and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,9 @@ import torch
 
 __all__ = [
     "DistContext",
+    "check_world_size",
+    "fsdp_from_launcher",
+    "share_of_micro_batch",
     "full_tensor",
     "init_distributed",
     "is_row_sharded",
@@ -31,6 +36,9 @@ __all__ = [
     "shutdown_distributed",
     "weights_fingerprint",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 def _env_world_size() -> int:
@@ -224,3 +232,77 @@ def shutdown_distributed() -> None:
         dist.barrier()
         dist.destroy_process_group()
     _CONTEXT = None
+
+
+def share_of_micro_batch(dist: DistContext, out: Any, prompts: int) -> Any:
+    """This process's part of a micro-batch split over processes, as the loss to back-propagate.
+
+    ``out`` is the objective's output on this process's ``prompts`` prompts
+    (:class:`lockedopd.opd.loss.LossOutput`). The objective is a mean over the micro-batch's loss tokens; a
+    process's mean is weighted by its share of them (summed gradients then equal the whole micro-batch's). The logged
+    statistics become the micro-batch's: token-weighted KLs, summed token counts, the prompt-weighted reward.
+    """
+    exact = out.exact_reverse_kl
+    reward = out.reward_mean
+    kept, tokens, kl_sum, exact_sum, reward_sum, rows = dist.sum_floats(
+        [
+            out.kept_tokens,
+            out.tokens,
+            out.reverse_kl * out.tokens,
+            (exact or 0.0) * out.tokens,
+            (reward or 0.0) * prompts,
+            prompts,
+        ]
+    )
+    return dataclasses.replace(
+        out,
+        loss=out.loss * (out.kept_tokens / max(kept, 1.0)),
+        reverse_kl=kl_sum / max(tokens, 1.0),
+        tokens=int(tokens),
+        kept_tokens=int(kept),
+        exact_reverse_kl=None if exact is None else exact_sum / max(tokens, 1.0),
+        reward_mean=None if reward is None else reward_sum / max(rows, 1.0),
+    )
+
+
+def fsdp_from_launcher(config: Any) -> Any:
+    """``config`` (an :class:`lockedopd.OPDConfig`) with ``fsdp`` on when ``accelerate launch`` runs an FSDP config
+    (``ACCELERATE_USE_FSDP=true``)."""
+    if config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("true", "1"):
+        return config
+    logger.info("accelerate launch with an FSDP config (ACCELERATE_USE_FSDP=true): training with fsdp=true")
+    return dataclasses.replace(config, fsdp=True)
+
+
+def check_world_size(config: Any, dist: DistContext) -> None:
+    """Refuse settings of ``config`` (an :class:`lockedopd.OPDConfig`) that cannot mean the same run when
+    ``batch_size`` prompts are split over ``dist``'s processes."""
+    if config.fsdp and not dist.enabled:
+        raise ValueError(
+            "fsdp=true shards the student over processes, but this is one process; launch several (torchrun "
+            "--nproc_per_node 2 -m lockedopd distill CONFIG fsdp=true) or set fsdp=false."
+        )
+    if not dist.enabled:
+        return
+    if config.rollout.backend == "hf" and config.rollout.seeding != "prompt":
+        raise ValueError(
+            f"{dist.world_size} processes: rollout.seeding=batch samples a micro-batch from one random stream, which "
+            "cannot be split over processes; set rollout.seeding=prompt (each prompt its own stream; use it at one "
+            "process too for the same run)."
+        )
+    if config.batch_size < dist.world_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} prompts cannot be split over {dist.world_size} processes (each needs at "
+            f"least one); raise batch_size to >= {dist.world_size} or start fewer processes."
+        )
+    per_process = []
+    if config.objective.token_keep_fraction < 1.0:
+        per_process.append("objective.token_keep_fraction (the kept tokens are chosen among each process's)")
+    if config.objective.reward_lambda < 1.0:
+        per_process.append("objective.reward_lambda (rewards are normalised over each process's prompts)")
+    if per_process:
+        logger.warning(
+            "with %d processes these act per process, so the run differs from a one-process run: %s",
+            dist.world_size,
+            "; ".join(per_process),
+        )

@@ -33,7 +33,8 @@ student while it samples, evaluates, and at the lock.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -123,6 +124,15 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
         for module in modules:
             module.reshard()
             module.set_reshard_after_forward(module is not modules[0], recurse=False)  # the defaults above
+
+
+@contextlib.contextmanager
+def timed_unsharded(model: nn.Module) -> Iterator[Callable[[], float]]:
+    """:func:`unsharded`, yielding a function that returns the seconds the gather took."""
+    started = time.perf_counter()
+    with unsharded(model):
+        seconds = time.perf_counter() - started
+        yield lambda: seconds
 
 
 def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from lockedopd.opd.evaluation import (
     teacher_greedy_completions,
 )
 from lockedopd.opd.rollout import encode_prompts, generate_rollout
-from lockedopd.opd.trainer import EVAL_SEED_OFFSET, step_seed
+from lockedopd.opd.seeds import EVAL_SEED_OFFSET, step_seed
 from lockedopd.teachers.hf import HFTeacher
 from tests.conftest import TINY_CONFIG
 
@@ -79,7 +79,8 @@ def test_trainer_averages_seeds_and_keeps_seed_zero_and_training_unchanged(tmp_p
         assert b["eval_reverse_kl_per_seed"][1] != pytest.approx(a["eval_reverse_kl"], abs=1e-6)
     # seed i is step_seed(seed + EVAL_SEED_OFFSET, i): evaluating the final student by hand gives the logged value
     c = trainer.config
-    args = (trainer.model, trainer.eval_teacher, trainer.eval_ids, trainer.pad_token_id, trainer.eos_token_id)
+    eval_ids = trainer.evaluator.eval_ids
+    args = (trainer.model, trainer.eval_teacher, eval_ids, trainer.pad_token_id, trainer.eos_token_id)
     seed1 = evaluate_reverse_kl(
         *args, c.rollout.max_new_tokens, c.batch_size, seed=step_seed(c.seed + EVAL_SEED_OFFSET, 1)
     )

@@ -59,7 +59,7 @@ def test_plan_matches_bytes_counted_on_the_tiny_models(tmp_path, extra):
     rollout = full_length_rollout(len(trainer.tokenizer))
     measured = {"warmup": measured_phase(trainer, rollout)}
     trainer.step = 1
-    _, change = trainer.lock.after_step(1, "warmup", trainer.base_model, trainer.optimizer)
+    _, change = trainer.lock.on_step_end(1, "warmup", trainer.base_model, trainer.optimizer)
     trainer.apply_phase_change(change)
     measured["locked"] = measured_phase(trainer, rollout)
     measured["locked"]["weights"] = sum(

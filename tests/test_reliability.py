@@ -23,7 +23,7 @@ from lockedopd.atomic_io import atomic_directory, atomic_file, recover_interrupt
 from lockedopd.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.cli import main
 from lockedopd.opd import OPDTrainer, load_config
-from lockedopd.opd.trainer import MetricsLog
+from lockedopd.opd.run_checkpoint import MetricsLog
 from lockedopd.teachers.vllm_server import (
     VLLMServerError,
     VLLMServerTeacher,

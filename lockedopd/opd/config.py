@@ -679,6 +679,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(data)
 
 
+def config_to_yaml(config: OPDConfig) -> str:
+    """The config as the YAML a run directory keeps (``config.yaml``): every setting, in declaration order."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
 def config_to_dict(config: OPDConfig) -> dict[str, Any]:
     """Plain nested dict of a config (what ``output_dir/config.yaml`` holds)."""
     return dataclasses.asdict(config)

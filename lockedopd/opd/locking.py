@@ -9,9 +9,10 @@ says so (stable subspace, ``lock.max_warmup_steps`` or exactly ``lock.at_step``)
    the warmup's moments and a learning-rate scale per matrix), and drops the full optimizer state,
 3. writes ``adapter/`` (PEFT format),
 
-and hands the trainer a :class:`PhaseChange` — the model to run, its optimizer and the phase name — which the
-trainer applies. The controller never assigns the trainer's attributes. The same applies to an unlock or relock
-after a drift of the trajectory monitor.
+and hands the trainer a :class:`~lockedopd.opd.callbacks.PhaseChange` — the model to run, its optimizer and the
+phase name — which the trainer applies. The controller is the loop's
+:class:`~lockedopd.opd.callbacks.TrainingCallback`: it never assigns the trainer's attributes. The same applies to an
+unlock or relock after a drift of the trajectory monitor.
 
 With several processes (data parallel, identical weights everywhere) only the main process runs the policy; its
 decision and its bases are broadcast, every process checks at the lock that its target weights are the main
@@ -28,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from lockedopd.adapter.model import locked_layers
 from lockedopd.atomic_io import atomic_copy, atomic_directory, atomic_write_text
 from lockedopd.checkpoint import atomic_save_safetensors
 from lockedopd.distributed import DistContext, full_tensor, weights_fingerprint
+from lockedopd.opd.callbacks import CheckpointParts, PhaseChange, TrainingCallback
 from lockedopd.optim import WarmupCarry
 from lockedopd.params import optimizer_state_bytes, trainable_parameters
 from lockedopd.phases import (
@@ -60,18 +61,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["ADAPTER_NAME", "LockController", "PhaseChange"]
 
 
-@dataclass
-class PhaseChange:
-    """What the trainer switches to: the module it runs, the plain model under it, its optimizer and the phase."""
-
-    model: nn.Module
-    base_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    phase: str
-
-
-class LockController:
+class LockController(TrainingCallback):
     """The lock's state in one OPD run: the policy during warmup, the locked phase after it, the monitor, the events.
+
+    The loop talks to it only through the :class:`~lockedopd.opd.callbacks.TrainingCallback` hooks.
 
     Args:
         config: the run's :class:`lockedopd.OPDConfig` (``lock`` and ``monitor`` sections, Adam settings, seed).
@@ -137,7 +130,7 @@ class LockController:
         return {"betas": (c.adam_beta1, c.adam_beta2), "eps": c.adam_eps}
 
     # --------------------------------------------------------------------------------------------- the phases
-    def start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> PhaseChange | None:
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> PhaseChange | None:
         """Before step 0 of a fresh run: lock at once when ``lock.basis_path`` is set or ``lock.at_step`` is 0."""
         if self.preset_bases is not None:
             return self.lock(0, model, optimizer, dict(self.preset_bases), reason="basis_path")
@@ -145,7 +138,7 @@ class LockController:
             return self.lock(0, model, optimizer, {}, reason="at_step")
         return None
 
-    def before_backward(self, step: int) -> None:
+    def on_step_begin(self, step: int) -> None:
         """On monitor steps of the locked phase (and the step after each, which scores it on a fresh batch), let the
         backward pass also fill the frozen weights' gradients."""
         if self.locked is None or self.locked.kind != "subspace" or self.monitor is None:
@@ -157,12 +150,12 @@ class LockController:
         for weight in self._watch["weights"].values():
             weight.requires_grad_(True)
 
-    def before_optimizer_step(self, step: int) -> None:
+    def on_before_optimizer_step(self, step: int) -> None:
         """Snapshot the coefficients of a monitor step so the locked step can be measured afterwards."""
         if self._watch is not None:
             self._watch["before"] = {name: p.detach().clone() for name, p in self.locked.coefficients().items()}
 
-    def after_step(
+    def on_step_end(
         self, step: int, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[dict[str, Any], PhaseChange | None]:
         """Observe the weights after optimizer step ``step`` (1-based) of ``phase``.
@@ -378,8 +371,9 @@ class LockController:
         return PhaseChange(model, model, optimizer, "warmup" if relock else "full")
 
     # ----------------------------------------------------------------------------------------- checkpointing
-    def checkpoint_state(self, tensors: dict, states: dict, trainer_state: dict) -> None:
+    def state_dict(self, parts: CheckpointParts) -> None:
         """Add the lock's state to a checkpoint being written."""
+        tensors, states, trainer_state = parts.tensors, parts.states, parts.trainer_state
         trainer_state["lock_step"] = self.lock_step
         trainer_state["lock_reason"] = self.lock_reason
         trainer_state["lock_events"] = self.events
@@ -405,6 +399,36 @@ class LockController:
         self.track_origin = int(trainer_state.get("track_origin", 0))
         if self.monitor is not None and "monitor" in trainer_state:
             self.monitor.load_state_dict(trainer_state["monitor"], (tensors or {}).get("monitor_pending"))
+
+    def load_state_dict(self, model: nn.Module, parts: CheckpointParts) -> PhaseChange | None:
+        """Resume the lock from a checkpoint: after the lock, the locked phase (:meth:`restore_locked`); before it
+        (``model`` already holds the checkpoint's weights), the policy's state (:meth:`restore_unlocked`)."""
+        if self.owns_phase(parts.trainer_state.get("phase", "full")):
+            return self.restore_locked(model, parts.tensors, parts.states, parts.trainer_state)
+        self.restore_unlocked(model, parts.states, parts.trainer_state)
+        return None
+
+    def owns_phase(self, phase: str) -> bool:
+        """The locked phase's model (adapter, coefficients, its optimizer) is the controller's to restore."""
+        return phase == "locked"
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """In the locked phase, the student's weights with the adapter merged in (gathered whole with ``fsdp``)."""
+        if self.locked is None:
+            return None
+        if self.config.fsdp:
+            from lockedopd.fsdp import gathered_merged_state_dict
+
+            return gathered_merged_state_dict(self.locked)
+        return self.locked.merged_state_dict()
+
+    def frozen_base_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """In the locked phase, the frozen base under the adapter."""
+        return self.locked.base_state_dict() if self.locked is not None else None
+
+    def phase_key(self, phase: str) -> tuple:
+        """The phase and the step of the lock that made the current base (a relock makes a new one)."""
+        return (phase, self.lock_step)
 
     def restore_unlocked(self, model: nn.Module, states: dict, trainer_state: dict) -> None:
         """Resume in a full-parameter phase: the policy's sketches of W_0 come back from the checkpoint."""
@@ -541,9 +565,12 @@ class LockController:
             if f"{tag}." in key or key.endswith(tag)
         }
 
-    def finish(self, summary: dict[str, Any], adapter_state: dict[str, torch.Tensor] | None = None) -> None:
-        """End of training: save the final adapter (PEFT format) next to the run's other results (``adapter_state``:
-        its tensors gathered whole, with ``fsdp``)."""
+    def on_train_end(self, summary: dict[str, Any] | None) -> None:
+        """End of training: the main process saves the final adapter (PEFT format; with ``fsdp`` every process first
+        gathers its tensors whole), ``lock.json`` and the trajectory report next to the run's other results."""
+        adapter_state = self.gathered_adapter_state() if self.config.fsdp else None
+        if summary is None:
+            return
         if self.locked is not None and self.locked.kind != "projected_full":
             self.save_adapter(adapter_state)
         atomic_write_text(self.run_dir / "lock.json", json.dumps(self.summary(), indent=2))

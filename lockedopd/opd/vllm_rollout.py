@@ -139,6 +139,56 @@ class VLLMStudentSampler(StudentSampler):
         )
 
 
+class RunSamplerSync:
+    """A :class:`VLLMStudentSampler` that follows an :class:`lockedopd.OPDTrainer`'s student through its phases.
+
+    Full-parameter phases copy all weights after every step; a phase whose model is an adapter over a frozen base
+    (the lock; ``rollout.vllm_locked_sync=lora``) copies the base once, whenever it changes (a lock, a relock), and
+    after that only the adapter, as a LoRA (``vllm_locked_sync=full``: the merged weights, every step).
+
+    Args:
+        trainer: the trainer whose (possibly resumed) student the engine starts from.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        from lockedopd.phases import ADAPTER_NAME
+
+        self.adapter_name = ADAPTER_NAME
+        c, dist = trainer.config, trainer.dist
+        base = self._frozen_base(trainer)
+        context = getattr(trainer.base_model.config, "max_position_embeddings", None)
+        self.sampler = VLLMStudentSampler(
+            trainer.base_model.config,
+            base if base is not None else trainer.effective_state_dict(),
+            trainer.tokenizer,
+            trainer.run_dir / ("vllm_student" if not dist.enabled else f"vllm_student-rank{dist.rank}"),
+            lora_rank=c.lock.rank,
+            max_model_len=context,
+        )
+        self.base_key = trainer.lock.phase_key(trainer.phase)
+        if base is not None:
+            self.sampler.sync_adapter(trainer.model, self.adapter_name)
+
+    @staticmethod
+    def _frozen_base(trainer: Any) -> dict[str, torch.Tensor] | None:
+        """The frozen base under the trainer's adapter, when the engine should hold it (else None)."""
+        if not trainer.lock.owns_phase(trainer.phase) or trainer.config.rollout.vllm_locked_sync != "lora":
+            return None
+        return trainer.lock.frozen_base_state_dict()
+
+    def sync(self, trainer: Any) -> float:
+        """Bring the engine up to date after an optimizer step of ``trainer``; returns the seconds it took."""
+        key = trainer.lock.phase_key(trainer.phase)
+        if not trainer.lock.owns_phase(trainer.phase) or trainer.config.rollout.vllm_locked_sync == "full":
+            self.base_key = key
+            return self.sampler.sync_weights(trainer.effective_state_dict())
+        seconds = 0.0
+        if self.base_key != key:
+            seconds += self.sampler.sync_weights(trainer.lock.frozen_base_state_dict())
+            self.base_key = key
+        return seconds + self.sampler.sync_adapter(trainer.model, self.adapter_name)
+
+
 def write_hf_directory(path: Path, config: Any, state_dict: dict[str, torch.Tensor], tokenizer: Any) -> None:
     """A loadable Hugging Face model directory from a config and a plain state dict (tied weights stored once)."""
     from safetensors.torch import save_file
