@@ -208,7 +208,7 @@ def plot_accuracy(report: dict[str, Any], path) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lockedopd.plotting import distinct_colours, save_figure
+    from lockedopd.runtime.plotting import distinct_colours, save_figure
 
     names = list(methods)
     colours = distinct_colours(names)

@@ -4,7 +4,7 @@ gathers (and a tracker check) during the warmup.
 ``torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_gather.py [HIDDEN LAYERS]`` shards a random Llama
 student (``fully_shard_layers``, gloo on the CPU) and times, as medians over repeats on the main process:
 
-* ``unshard_s``: :func:`lockedopd.fsdp.unsharded` entered and left (every layer all-gathered, then resharded) — what
+* ``unshard_s``: ``fsdp.unsharded`` entered and left (every layer all-gathered, then resharded) — what
   every rollout and evaluation pays;
 * ``per_matrix_s``: every target matrix gathered one at a time with ``full_tensor`` — what one tracker observation
   gathers;
@@ -34,11 +34,11 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def main(hidden: int, layers: int, repeats: int = 9) -> None:
-    from lockedopd.distributed import full_tensor, init_distributed, shutdown_distributed
-    from lockedopd.fsdp import fully_shard_layers, unsharded
+    from lockedopd.lock.params import select_target_linears
     from lockedopd.models import build_tiny_llama, build_tiny_tokenizer
     from lockedopd.opd.config import DEFAULT_TARGET_MODULES
-    from lockedopd.params import select_target_linears
+    from lockedopd.runtime.distributed import full_tensor, init_distributed, shutdown_distributed
+    from lockedopd.runtime.fsdp import fully_shard_layers, unsharded
     from lockedopd.subspace import SubspaceTracker
 
     dist = init_distributed()

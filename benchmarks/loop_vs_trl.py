@@ -128,10 +128,10 @@ def run_trl(run: str, out: Path, steps: int, eval_steps: int) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
+    from lockedopd.lock.params import select_target_linears
+    from lockedopd.lock.phases import enter_locked_phase, write_lock_files
     from lockedopd.opd import load_config
     from lockedopd.opd.builders import build_model, build_prompts
-    from lockedopd.params import select_target_linears
-    from lockedopd.phases import enter_locked_phase, write_lock_files
     from lockedopd.subspace import SubspaceBasis
 
     warnings.filterwarnings("ignore", module="trl")
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(cmd, check=True, env=env, cwd=REPO)
         report["runs"][run] = {**json.loads(child_json.read_text()), "load_average": load}
         report["ratios_to_trl"] = ratios_to_trl(report["runs"])
-        from lockedopd.atomic_io import atomic_write_text
+        from lockedopd.runtime.atomic_io import atomic_write_text
 
         atomic_write_text(results_path, json.dumps(report, indent=2))
         atomic_write_text(out / "results.md", markdown(report))

@@ -3,10 +3,10 @@
     python benchmarks/memory_speed.py benchmarks/experiments/smollm2.yaml [--out DIR] [--methods full,lora]
 
 Methods (:data:`METHOD_SPECS`, ``defaults.yaml``): full OPD (AdamW on every target weight); the subspace-locked
-adapter, right-sided and two-sided, made by the library's own lock (:func:`lockedopd.phases.enter_locked_phase`)
+adapter, right-sided and two-sided, made by the library's own lock (:func:`lockedopd.lock.phases.enter_locked_phase`)
 with the default ``lock.optimizer=factored`` (``locked_right_adamw``: Adam per coefficient, ``LockedAdamW``), alone,
 with the loss over chunks of ``objective.chunk_size`` tokens (``_chunked``), with activation checkpointing of the
-decoder layers (``_ckpt``, :mod:`lockedopd.activation_checkpointing`) or both; LoRA on the same targets;
+decoder layers (``_ckpt``, :mod:`lockedopd.runtime.activation_checkpointing`) or both; LoRA on the same targets;
 GaLore-style projected full-parameter training (``LockedAdamW`` projected mode, fixed basis); the real GaLore AdamW
 when ``galore-torch`` imports; and ``inference``, the floor: the same forward under ``no_grad`` (the student's
 log-probs of the completion positions), no optimizer. Each method runs in a fresh process (``isolation: fork``)
@@ -51,8 +51,8 @@ import torch
 import yaml
 from torch import nn
 
+from lockedopd.lock.params import freeze_all_but, select_target_linears
 from lockedopd.optim.galore import load_galore_adamw
-from lockedopd.params import freeze_all_but, select_target_linears
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULTS = BENCH_DIR / "defaults.yaml"
@@ -65,10 +65,10 @@ class MethodSpec:
     ``base``: ``full`` | ``locked`` | ``lora`` | ``projected_right`` | ``galore`` | ``inference``; ``mode`` and
     ``optimizer`` of the locked adapter (``factored`` = the library's default ``lock.optimizer``,
     :class:`~lockedopd.optim.FactoredSubspaceAdamW`; ``coefficients`` = :class:`~lockedopd.LockedAdamW`);
-    ``checkpointing``: activation checkpointing of the decoder layers (:mod:`lockedopd.activation_checkpointing`);
+    ``checkpointing``: activation checkpointing of the decoder layers (``runtime.activation_checkpointing``);
     ``chunked``: the loss over chunks of ``objective.chunk_size`` completion tokens
     (:mod:`lockedopd.opd.chunked_loss`); ``lean_malloc``: the worker fixes glibc's mmap threshold at the config's
-    ``malloc_mmap_threshold`` first (:mod:`lockedopd.host_allocator`; what ``OPDConfig.malloc_mmap_threshold`` does).
+    ``malloc_mmap_threshold`` first (``runtime.host_allocator``; what ``OPDConfig.malloc_mmap_threshold`` does).
     """
 
     base: str
@@ -338,8 +338,8 @@ def _full_params(model: nn.Module, targets: dict[str, nn.Linear]) -> list[nn.Par
 
 def _locked_setup(spec: MethodSpec, model: nn.Module, targets: dict[str, nn.Linear], config: dict, workdir: Path,
                   g: torch.Generator) -> tuple[nn.Module, torch.optim.Optimizer]:  # fmt: skip
-    """The library's own lock (:func:`lockedopd.phases.enter_locked_phase`) on random orthonormal bases."""
-    from lockedopd.phases import enter_locked_phase
+    """The library's own lock (:func:`lockedopd.lock.phases.enter_locked_phase`) on random orthonormal bases."""
+    from lockedopd.lock.phases import enter_locked_phase
     from lockedopd.subspace import save_basis
     from lockedopd.subspace.basis import SubspaceBasis
 
@@ -356,8 +356,8 @@ def setup_method(method: str, model: nn.Module, config: dict, workdir: Path) -> 
     """Wrap/freeze ``model`` and build the optimizer of ``method`` (see :data:`METHOD_SPECS`)."""
     import peft
 
-    from lockedopd.activation_checkpointing import enable_activation_checkpointing
     from lockedopd.optim import LockedAdamW
+    from lockedopd.runtime.activation_checkpointing import enable_activation_checkpointing
 
     if method not in METHOD_SPECS:
         raise ValueError(f"unknown method {method!r}; allowed: {list(METHODS)}")
@@ -593,7 +593,7 @@ class _NoOptimizer:
 def _worker(method: str, config: dict, queue) -> None:
     try:
         if METHOD_SPECS[method].lean_malloc:
-            from lockedopd.host_allocator import set_malloc_mmap_threshold
+            from lockedopd.runtime.host_allocator import set_malloc_mmap_threshold
 
             if config["isolation"] == "none":
                 raise _Skip("glibc's mmap threshold cannot be undone in-process: run *_mmap methods with fork/spawn")
@@ -870,7 +870,7 @@ def plot_memory(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lockedopd.plotting import distinct_colours, save_figure
+    from lockedopd.runtime.plotting import distinct_colours, save_figure
 
     results = list(report["results"].values())
     components = [

@@ -260,7 +260,7 @@ def run_cell(exp: Experiment, method: str, seed: int) -> dict[str, Any]:
         torch.set_num_threads(exp.threads)
     cell = exp.cell_dir(method, seed)
     config = cell_config(exp, method, seed)
-    from lockedopd.checkpoint import list_checkpoints
+    from lockedopd.runtime.checkpoint import list_checkpoints
 
     saved = list_checkpoints(cell) if cell.is_dir() else []
     resumed_from = saved[-1][0] if saved else None
@@ -291,7 +291,7 @@ def run_cell(exp: Experiment, method: str, seed: int) -> dict[str, Any]:
         "lock_reason": summary.get("lock_reason"),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    from lockedopd.checkpoint import atomic_write_text
+    from lockedopd.runtime.checkpoint import atomic_write_text
 
     atomic_write_text(cell / CELL_FILE, json.dumps(info, indent=2))
     _cleanup(cell)
@@ -895,7 +895,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lockedopd.plotting import distinct_colours, save_figure
+    from lockedopd.runtime.plotting import distinct_colours, save_figure
 
     keys = [("eval_reverse_kl", "held-out reverse KL, on-policy (nats/token)")]
     if any(m.get("eval_fixed_text_kl") for m in methods.values()):
@@ -924,7 +924,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> Path | None:
 
 def write_reports(exp: Experiment, errors: dict[str, str] | None = None) -> dict[str, Any]:
     """Rewrite ``results.json``, ``results.md`` and ``quality.png`` from the finished cells."""
-    from lockedopd.checkpoint import atomic_write_text
+    from lockedopd.runtime.checkpoint import atomic_write_text
 
     errors = method_errors(exp) if errors is None else errors
     report = build_report(exp, errors)
@@ -952,13 +952,13 @@ def measure_teacher_accuracy(exp: Experiment) -> dict[str, Any] | None:
     cached = read_teacher_accuracy(exp)
     if cached is not None:
         return cached
-    from lockedopd.checkpoint import atomic_write_text
     from lockedopd.opd.accuracy import evaluate_accuracy
     from lockedopd.opd.builders import build_accuracy_problems, build_model
     from lockedopd.opd.config import ModelConfig
     from lockedopd.opd.rollout import encode_prompts
     from lockedopd.opd.seeds import ACCURACY_SEED_OFFSET, step_seed
-    from lockedopd.rewards import resolve_reward_fn
+    from lockedopd.runtime.checkpoint import atomic_write_text
+    from lockedopd.tasks.rewards import resolve_reward_fn
 
     config = cell_config(exp, REFERENCE if REFERENCE in exp.methods else next(iter(exp.methods)), exp.seeds[0])
     acc = config.accuracy

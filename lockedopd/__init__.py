@@ -4,10 +4,8 @@
 lockedopd.SubspaceLockedConfig(...))`` and ``PeftModel.from_pretrained(...)`` work.
 """
 
-from lockedopd import (
-    quiet_imports,  # noqa: F401  (first: before peft imports bitsandbytes)
-    teachers,
-)
+from lockedopd.runtime import quiet_imports  # noqa: F401, I001  (first: before peft imports bitsandbytes)
+from lockedopd import teachers
 from lockedopd.adapter import SubspaceLockedConfig, SubspaceLockedLayer, SubspaceLockedModel, export_lora
 from lockedopd.diagnostics.monitor import TrajectoryMonitor
 from lockedopd.integrations import SubspaceLockCallback, locked_peft_config

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from lockedopd.cli_errors import run_guarded
-from lockedopd.vllm_runtime import set_verbose
+from lockedopd.runtime.vllm_runtime import set_verbose
 
 VERBOSE_HELP = "log at INFO level and show vLLM's start-up log (or set LOCKEDOPD_VERBOSE=1)"
 DEBUG_HELP = "print the traceback of an error, not only its one-line message (or set LOCKEDOPD_DEBUG=1)"
@@ -31,8 +31,8 @@ def _add_distill_parser(subparsers) -> None:
 
 
 def _run_distill(args) -> int:
-    from lockedopd.distributed import shutdown_distributed
     from lockedopd.opd import OPDTrainer, load_config
+    from lockedopd.runtime.distributed import shutdown_distributed
 
     config = load_config(args.config, args.overrides)
     trainer = OPDTrainer.from_config(config)
@@ -93,12 +93,10 @@ def _run_bench(args) -> int:
     return 0
 
 
-def _add_optional_parsers(subparsers) -> None:
-    """Subcommands that live with their subsystems (diagnostics, benchmarks)."""
-    try:
-        from lockedopd.diagnostics.cli import add_diagnose_parser, add_trajectory_parser
-    except ImportError:  # pragma: no cover - diagnostics always ship; guard keeps `distill` usable if broken
-        return
+def _add_subsystem_parsers(subparsers) -> None:
+    """Subcommands that live with their subsystems (diagnostics, tasks, memory plans); each sets ``handler``."""
+    from lockedopd.diagnostics.cli import add_diagnose_parser, add_trajectory_parser
+
     add_diagnose_parser(subparsers)
     add_trajectory_parser(subparsers)
     from lockedopd.tasks.cli import add_task_parsers
@@ -117,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_distill_parser(subparsers)
     _add_bench_parser(subparsers)
-    _add_optional_parsers(subparsers)
+    _add_subsystem_parsers(subparsers)
     return parser
 
 
@@ -129,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         set_verbose(True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    handler = getattr(args, "handler", None) or args.func
-    return run_guarded(args.command, handler, args)
+    return run_guarded(args.command, args.handler, args)
 
 
 if __name__ == "__main__":

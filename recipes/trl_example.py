@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     # optimizer continuing the warmup optimizer (moments and lr scales from the files written at the lock)
     warmed = warmup.model
     if any(type(p).__name__ == "DTensor" for p in warmed.parameters()):  # FSDP2 shards: the lock needs whole weights
-        from lockedopd.distributed import full_tensor
+        from lockedopd.runtime.distributed import full_tensor
 
         whole = {key: full_tensor(value.detach()).cpu() for key, value in warmed.state_dict().items()}
         warmed = build_tiny_llama(len(tokenizer), num_layers=2, hidden_size=64, intermediate_size=128, seed=0,

@@ -45,9 +45,9 @@ def warmup(model, sharded: bool):
 
 
 def locked(model, basis_file: Path, sharded: bool):
-    from lockedopd.distributed import full_tensor
-    from lockedopd.fsdp import shard_locked_phase
-    from lockedopd.phases import load_locked_phase
+    from lockedopd.lock.phases import load_locked_phase
+    from lockedopd.runtime.distributed import full_tensor
+    from lockedopd.runtime.fsdp import shard_locked_phase
 
     phase = load_locked_phase(model, basis_file, lr=3e-3, optimizer="coefficients")  # the carry file's moments
     if sharded:  # (the trainer's test, fsdp=true, runs the default factored optimizer)
@@ -66,10 +66,10 @@ def locked(model, basis_file: Path, sharded: bool):
 
 
 def main(out: Path) -> None:
-    from lockedopd.distributed import full_tensor, init_distributed
+    from lockedopd.lock.phases import write_lock_files
     from lockedopd.models import build_tiny_llama, build_tiny_tokenizer
     from lockedopd.optim import WarmupCarry
-    from lockedopd.phases import write_lock_files
+    from lockedopd.runtime.distributed import full_tensor, init_distributed
 
     dist = init_distributed()
     tokenizer = build_tiny_tokenizer()

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from lockedopd import SubspaceLockedConfig
-from lockedopd.activation_checkpointing import activation_checkpointing_enabled, enable_activation_checkpointing
 from lockedopd.diagnostics.memory import SavedTensorBytes
 from lockedopd.models import build_tiny_llama
 from lockedopd.opd.chunked_loss import rollout_opd_loss
 from lockedopd.opd.config import ObjectiveConfig
 from lockedopd.opd.rollout import rollout_from_completions
+from lockedopd.runtime.activation_checkpointing import (
+    activation_checkpointing_enabled,
+    enable_activation_checkpointing,
+)
 from lockedopd.subspace.basis_io import save_basis
 from lockedopd.teachers import HFTeacher
 

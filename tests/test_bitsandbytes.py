@@ -10,10 +10,10 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from lockedopd.lock.params import build_adamw, optimizer_state_bytes  # noqa: E402
 from lockedopd.models import build_tiny_llama  # noqa: E402
 from lockedopd.optim import WarmupCarry  # noqa: E402
-from lockedopd.params import build_adamw, optimizer_state_bytes  # noqa: E402
-from lockedopd.quantization import (  # noqa: E402
+from lockedopd.runtime.quantization import (  # noqa: E402
     adam_state_fp32,
     build_adamw8bit,
     dense_weight,

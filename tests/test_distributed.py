@@ -23,9 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lockedopd.distributed import DistContext, shard_bounds
 from lockedopd.opd import OPDTrainer, load_config
 from lockedopd.opd.rollout import HFStudentSampler
+from lockedopd.runtime.distributed import DistContext, shard_bounds
 from tests.conftest import REPO, TINY_CONFIG
 
 pytestmark = pytest.mark.distributed

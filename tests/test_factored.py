@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lockedopd.lock.params import optimizer_state_bytes
 from lockedopd.optim import FactoredSubspaceAdamW, WarmupCarry
-from lockedopd.params import optimizer_state_bytes
 from lockedopd.subspace.basis import SubspaceBasis
 from tests.test_trainer import final_weights, read_metrics, run
 

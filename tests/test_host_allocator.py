@@ -1,4 +1,4 @@
-"""glibc's mmap threshold (lockedopd.host_allocator): values checked, freed blocks leave, the trainer sets it."""
+"""glibc's mmap threshold (runtime.host_allocator): values checked, freed blocks leave, the trainer sets it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from lockedopd import host_allocator
 from lockedopd.opd import OPDTrainer, load_config
+from lockedopd.runtime import host_allocator
 from tests.conftest import TINY_CONFIG
 
 needs_glibc = pytest.mark.skipif(host_allocator.glibc() is None, reason="mallopt needs glibc")
@@ -18,7 +18,7 @@ needs_glibc = pytest.mark.skipif(host_allocator.glibc() is None, reason="mallopt
 # stay alive; free the large ones and report how much of them stays resident.
 _FRAGMENT = """
 import json, sys, torch
-from lockedopd.host_allocator import set_malloc_mmap_threshold
+from lockedopd.runtime.host_allocator import set_malloc_mmap_threshold
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmRSS:'))
 threshold = int(sys.argv[1])

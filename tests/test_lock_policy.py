@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from lockedopd.lock.phases import carry_path_for, enter_locked_phase, leave_locked_phase, load_locked_phase
 from lockedopd.optim import LockedAdamW, WarmupCarry
-from lockedopd.phases import carry_path_for, enter_locked_phase, leave_locked_phase, load_locked_phase
 from lockedopd.subspace import LockPolicy, SubspaceBasis, TrackerSettings
 from tests.test_trainer import run
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lockedopd.activation_checkpointing import enable_activation_checkpointing
 from lockedopd.diagnostics.components import COMPONENTS, SavedBytesByComponent, component_of
 from lockedopd.diagnostics.memory import PeakLiveBytes, SavedTensorBytes
 from lockedopd.models import build_tiny_llama
+from lockedopd.runtime.activation_checkpointing import enable_activation_checkpointing
 
 VOCAB, LAYERS, HIDDEN, BATCH, LENGTH = 96, 2, 64, 3, 10
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lockedopd.adapter.model import locked_layers
+from lockedopd.lock.params import select_target_linears
+from lockedopd.lock.phases import enter_locked_phase
 from lockedopd.models import build_tiny_llama
-from lockedopd.params import select_target_linears
-from lockedopd.phases import enter_locked_phase
 from lockedopd.subspace import save_basis
 from lockedopd.subspace.basis import SubspaceBasis
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lockedopd.diagnostics.memory import SavedTensorBytes
+from lockedopd.lock.params import optimizer_state_bytes
 from lockedopd.opd import OPDTrainer, load_config
 from lockedopd.opd.chunked_loss import rollout_opd_loss
 from lockedopd.opd.rollout import rollout_from_completions
-from lockedopd.params import optimizer_state_bytes
 from lockedopd.plan import ARCHITECTURES, architecture_of, plan_memory
 from tests.conftest import REPO, TINY_CONFIG
 

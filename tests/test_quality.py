@@ -304,7 +304,7 @@ def test_lr_screens_must_name_methods_of_the_experiment(tmp_path):
 
 
 def test_distinct_colours_keeps_twenty_methods_apart_dark_shades_first():
-    from lockedopd.plotting import distinct_colours
+    from lockedopd.runtime.plotting import distinct_colours
 
     names = [f"m{i}" for i in range(21)]
     colours = distinct_colours(names + ["m0"])  # a repeated name keeps its first colour

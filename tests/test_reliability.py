@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lockedopd.atomic_io import atomic_directory, atomic_file, recover_interrupted_writes, replace_directory
-from lockedopd.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.cli import main
 from lockedopd.opd import OPDTrainer, load_config
 from lockedopd.opd.run_checkpoint import MetricsLog
+from lockedopd.runtime.atomic_io import atomic_directory, atomic_file, recover_interrupted_writes, replace_directory
+from lockedopd.runtime.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.teachers.vllm_server import (
     VLLMServerError,
     VLLMServerTeacher,

@@ -172,9 +172,9 @@ def test_optimizer_factored_in_the_full_phase_matches_the_reference_to_1e6(tmp_p
 
 
 def test_a_built_model_is_trained_once_and_named_by_its_recipe(tmp_path, task_files, monkeypatch):
-    from lockedopd.built_models import build_key, built_dir, recipe_config
     from lockedopd.opd.build import build_model_from_recipe
     from lockedopd.opd.builders import build_model
+    from lockedopd.opd.built_models import build_key, built_dir, recipe_config
     from lockedopd.opd.config import ModelConfig
 
     monkeypatch.setenv("LOCKEDOPD_CACHE", str(tmp_path / "cache"))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from lockedopd.rewards import resolve_reward_fn
 from lockedopd.tasks import COLUMN_ADDITION, get_task
 from lockedopd.tasks.base import write_task_splits
 from lockedopd.tasks.column_addition import extract_answer, worked_solution
+from lockedopd.tasks.rewards import resolve_reward_fn
 
 
 def test_the_generator_is_deterministic_under_its_seed():

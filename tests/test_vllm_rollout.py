@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import lockedopd
-from lockedopd.checkpoint import list_checkpoints
 from lockedopd.opd import OPDTrainer, load_config
 from lockedopd.opd.rollout import generate_rollout, rollout_from_completions, student_completion_logprobs
+from lockedopd.runtime.checkpoint import list_checkpoints
 from lockedopd.subspace.basis_io import save_basis
 from tests.conftest import TINY_CONFIG
 from tests.test_adapter import LLAMA_TARGETS, make_bases

@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from lockedopd import vllm_runtime as runtime
+from lockedopd.runtime import vllm_runtime as runtime
 
 
 @pytest.fixture()

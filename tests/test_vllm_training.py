@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lockedopd.checkpoint import list_checkpoints
 from lockedopd.cli import main
 from lockedopd.opd import OPDTrainer, load_config
 from lockedopd.opd.builders import build_model, resolve_teacher_backend
+from lockedopd.runtime.checkpoint import list_checkpoints
 from lockedopd.teachers.vllm_server import VLLMServerTeacher, VLLMServerUnavailable
 from tests.conftest import TINY_CONFIG
 from tests.fake_vllm import FakeVLLM, free_port
@@ -76,7 +76,7 @@ def test_auto_backend_falls_back_to_hf_with_one_line_saying_why(tmp_path, overri
 
 def test_auto_backend_without_vllm_installed_says_how_to_get_it(tmp_path, monkeypatch):
     import lockedopd.opd.builders as builders
-    import lockedopd.vllm_runtime as runtime
+    import lockedopd.runtime.vllm_runtime as runtime
 
     config = load_config(
         TINY_CONFIG, [f"output_dir={tmp_path}", "teacher.backend=auto", "teacher.model.source=smollm2", *TOPK]

@@ -21,9 +21,9 @@ def main(out: Path) -> None:
     from trl import DistillationConfig, DistillationTrainer
 
     import lockedopd  # noqa: F401  (registers the PEFT method)
-    from lockedopd.distributed import init_distributed, weights_fingerprint
     from lockedopd.integrations.trl import SubspaceLockCallback
     from lockedopd.models import build_tiny_llama, build_tiny_tokenizer
+    from lockedopd.runtime.distributed import init_distributed, weights_fingerprint
 
     warnings.filterwarnings("ignore")
     tokenizer = build_tiny_tokenizer()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lockedopd.atomic_io import atomic_directory
+from lockedopd.runtime.atomic_io import atomic_directory
 
 from .model import locked_layers
 

@@ -1,7 +1,7 @@
 """argparse wiring for ``lockedopd diagnose`` and ``lockedopd trajectory``.
 
 The main CLI calls ``add_diagnose_parser(subparsers)`` / ``add_trajectory_parser(subparsers)``;
-each sets ``func`` (``run_diagnose`` / ``run_trajectory``) as the parser default.  The runners
+each sets ``handler`` (``run_diagnose`` / ``run_trajectory``) as the parser default, as every subcommand does.  The runners
 return an exit code: 0 on success, 2 on a user-facing error (one line on stderr, no traceback).
 """
 
@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from lockedopd.atomic_io import atomic_write_text
 from lockedopd.cli_errors import run_guarded
+from lockedopd.runtime.atomic_io import atomic_write_text
 
 __all__ = ["add_diagnose_parser", "run_diagnose", "add_trajectory_parser", "run_trajectory", "main"]
 
@@ -74,7 +74,7 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", default=None, help="per-layer bar plot PNG")
     p.add_argument("--top", type=int, default=10, help="matrices listed in the markdown table (10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_diagnose)
+    p.set_defaults(handler=run_diagnose)
     return p
 
 
@@ -135,7 +135,7 @@ def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=16, help="K right singular vectors for sim(t) and Hill (16)")
     p.add_argument("--include", metavar="REGEX", default=None, help="only matrices whose name matches (re.search)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_trajectory)
+    p.set_defaults(handler=run_trajectory)
     return p
 
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     add_diagnose_parser(sub)
     add_trajectory_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lockedopd.checkpoint import atomic_write_text, list_checkpoints
-from lockedopd.plotting import save_figure
+from lockedopd.runtime.checkpoint import atomic_write_text, list_checkpoints
+from lockedopd.runtime.plotting import save_figure
 
 GAIN_SHARE_FOR_MATCH = 0.8
 

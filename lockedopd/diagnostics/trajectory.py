@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lockedopd.plotting import save_figure
+from lockedopd.runtime.plotting import save_figure
 
 from . import geometry as G
 from .checkpoint_reader import INDEX_NAME, SINGLE_NAME, CheckpointReader

@@ -9,12 +9,12 @@ Two-run design.  Locked OPD is two Trainer runs on the same model:
    ``at_step``), writes ``basis.safetensors`` into ``args.output_dir`` (or ``basis_path``) and, by default, stops
    the run (``control.should_training_stop = True``).
 2. **Locked phase**: start a second trainer on the *warmed-up* model in its locked phase:
-   :meth:`SubspaceLockCallback.locked_phase` (or :func:`lockedopd.phases.load_locked_phase` in a new process) wraps
+   :meth:`SubspaceLockCallback.locked_phase` (or ``phases.load_locked_phase`` in a new process) wraps
    it in the :class:`~lockedopd.SubspaceLockedConfig` adapter and builds the coefficient optimizer
    (:class:`~lockedopd.optim.FactoredSubspaceAdamW` by default, :class:`~lockedopd.LockedAdamW` with
    ``optimizer="coefficients"``) over the coefficients with the warmup's moments and a learning-rate scale per
    matrix, read from the files the callback wrote at the lock — exactly what :class:`lockedopd.OPDTrainer` does
-   (:mod:`lockedopd.phases`). Pass ``model=phase.model, optimizers=(phase.optimizer, None)``; the trainer's
+   (:mod:`lockedopd.lock.phases`). Pass ``model=phase.model, optimizers=(phase.optimizer, None)``; the trainer's
    scheduler scales each matrix's learning rate. (``peft_config=locked_peft_config(basis_path)`` still works, with
    the trainer's plain AdamW on the coefficients: README measured it stalling, 2.82 against 2.18.) Only the
    coefficients inside the frozen subspace train; the base weights stay untouched.
@@ -65,10 +65,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapter import SubspaceLockedConfig
-from ..atomic_io import atomic_file
-from ..distributed import init_distributed, weights_fingerprint
+from ..lock.phases import COEFFICIENT_OPTIMIZERS, LockedPhase, load_locked_phase, write_lock_files
 from ..optim import WarmupCarry
-from ..phases import COEFFICIENT_OPTIMIZERS, LockedPhase, load_locked_phase, write_lock_files
+from ..runtime.atomic_io import atomic_file
+from ..runtime.distributed import init_distributed, weights_fingerprint
 from ..subspace import SubspaceTracker, load_basis
 from ..subspace.basis import check_lock_mode
 from ..subspace.policy import LockPolicy, TrackerSettings

@@ -6,7 +6,7 @@ times; the mean of the k·N scores). Sampling is seeded per row (:class:`~locked
 a problem's samples depend only on the model, the problem and the seed, never on the batch it shares: the same
 model gives the same accuracy twice under the same seed, at any batch size.
 
-The verifier is any :data:`lockedopd.rewards.RewardFn` (a task's ``verify``, ``contains_answer``, or
+The verifier is any :data:`lockedopd.tasks.rewards.RewardFn` (a task's ``verify``, ``contains_answer``, or
 ``"module:function"``): the same interface that gives verifiable rewards in training.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 from transformers import LogitsProcessorList
 
 from lockedopd.opd.rollout import PerRowSampling, mask_after_eos
-from lockedopd.rewards import RewardFn
+from lockedopd.tasks.rewards import RewardFn
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """``lockedopd build-model``: train a recipe once and export its final model into the built-model cache
-(:mod:`lockedopd.built_models`)."""
+(:mod:`lockedopd.opd.built_models`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lockedopd.atomic_io import atomic_write_text
-from lockedopd.built_models import BUILD_FORMAT, build_key, built_dir, recipe_config
+from lockedopd.opd.built_models import BUILD_FORMAT, build_key, built_dir, recipe_config
 from lockedopd.opd.trainer import OPDTrainer
+from lockedopd.runtime.atomic_io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lockedopd.built_models import is_built_source, resolve_built_source
 from lockedopd.data import PromptRecord, load_prompts, split_prompts, synthetic_prompts
 from lockedopd.models import build_tiny_llama, build_tiny_tokenizer, layers_to_keep, load_smollm2, prune_layers
+from lockedopd.opd.built_models import is_built_source, resolve_built_source
 from lockedopd.opd.config import ModelConfig, OPDConfig
 from lockedopd.opd.objective_registry import get_objective
+from lockedopd.runtime.vllm_runtime import vllm_unavailable_reason
 from lockedopd.teachers.base import TeacherScorer
 from lockedopd.teachers.registry import AUTO_BACKEND, TeacherBuildContext, teacher_backend
-from lockedopd.vllm_runtime import vllm_unavailable_reason
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -183,7 +183,7 @@ def check_vocabularies(student: nn.Module, tokenizer, teacher: TeacherScorer) ->
 def build_accuracy_problems(config: OPDConfig) -> list[PromptRecord] | None:
     """The problems ``accuracy`` scores (the first ``accuracy.size`` of ``accuracy.path`` or ``data.eval_path``),
     with the verifier checked; ``None`` when ``accuracy.verifier`` is unset."""
-    from lockedopd.rewards import resolve_reward_fn
+    from lockedopd.tasks.rewards import resolve_reward_fn
 
     acc = config.accuracy
     if acc.verifier is None:

@@ -1,7 +1,7 @@
 """The protocol between :class:`lockedopd.OPDTrainer`'s loop and what steers its phases.
 
 The loop owns the data, the rollouts, the loss and the optimizer step. Whatever changes *what* trains — the subspace
-lock (:class:`lockedopd.opd.locking.LockController`), or nothing at all — is a :class:`TrainingCallback`: the loop
+lock (:class:`lockedopd.lock.controller.LockController`), or nothing at all — is a :class:`TrainingCallback`: the loop
 calls its hooks at fixed points of every step, and a hook that switches the phase returns a :class:`PhaseChange`
 (the module to run, the plain model under it, its optimizer, the phase's name), which the loop applies. A callback
 never assigns the trainer's attributes.

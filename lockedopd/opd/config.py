@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from lockedopd.host_allocator import check_mmap_threshold
 from lockedopd.opd.objective_registry import OBJECTIVES, get_objective
-from lockedopd.quantization import BASE_DTYPES
+from lockedopd.runtime.host_allocator import check_mmap_threshold
+from lockedopd.runtime.quantization import BASE_DTYPES
 from lockedopd.subspace.basis import LOCK_MODES
 from lockedopd.subspace.policy import TrackerSettings
 from lockedopd.teachers.registry import AUTO_BACKEND, teacher_backend, teacher_backend_choices
@@ -301,9 +301,9 @@ class OPDConfig:
             matched full-parameter reference; with ``lock.enabled: false``) or ``"galore"`` (a baseline; see
             ``galore``).
         gradient_checkpointing: recompute the student's decoder-layer activations in the backward instead of keeping
-            them (both phases; :mod:`lockedopd.activation_checkpointing`): less memory, one more forward per step.
+            them (both phases; ``runtime.activation_checkpointing``): less memory, one more forward per step.
         malloc_mmap_threshold: bytes; > 0 fixes glibc's mmap threshold at this size when the trainer starts
-            (:mod:`lockedopd.host_allocator`): freed blocks at least this large go back to the OS, so a CPU step's
+            (``runtime.host_allocator``): freed blocks at least this large go back to the OS, so a CPU step's
             peak RSS follows its live tensors instead of glibc's resident heap, at some speed. 0 (default) keeps
             glibc's dynamic threshold. Ignored with a warning where the C library is not glibc.
         target_modules: student Linear modules trained (all other weights frozen).
@@ -320,7 +320,7 @@ class OPDConfig:
         eval_fixed_text: also measure KL on fixed text, the teacher's greedy completions of the held-out prompts
             (``eval_fixed_text_kl``, plus forward KL and the student's NLL of that text); needs full-vocabulary
             teacher log-probs for evaluation.
-        fsdp: shard the student over the processes with FSDP2 (:mod:`lockedopd.fsdp`; needs ``torchrun`` /
+        fsdp: shard the student over the processes with FSDP2 (:mod:`lockedopd.runtime.fsdp`; needs ``torchrun`` /
             ``accelerate launch`` with >= 2 processes, and ``accelerate launch`` with an FSDP config turns it on):
             weights, gradients and AdamW state in the warmup, the frozen base, the coefficients and the locked
             optimizer's state after the lock (the bases stay whole). Rollouts gather the student whole for sampling;

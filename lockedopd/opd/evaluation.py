@@ -301,7 +301,7 @@ def load_or_make_fixed_text(
         return cached
     completions = teacher_greedy_completions(teacher, prompt_ids, eos_token_id, max_new_tokens, batch_size)
     fixed = FixedText([list(p) for p in prompt_ids], completions, int(max_new_tokens), teacher_description)
-    from lockedopd.checkpoint import atomic_write_text
+    from lockedopd.runtime.checkpoint import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({**fixed.__dict__, "key": fixed.key()}))

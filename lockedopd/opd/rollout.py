@@ -202,7 +202,7 @@ class HFStudentSampler(StudentSampler):
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
             # each process samples alone, stopping when its own rows end: under FSDP2 the trainer gathers the
-            # weights first (lockedopd.fsdp.unsharded); transformers would otherwise sync every step over processes
+            # weights first (runtime.fsdp.unsharded); transformers would otherwise sync every step over processes
             synced_gpus=False,
             return_dict_in_generate=True,
             output_logits=True,

@@ -1,7 +1,7 @@
 """An OPD run's directory: the per-step log, checkpoints of the loop's state, the resume checks, the summary.
 
 A run directory holds ``config.yaml``, ``metrics.jsonl`` (:class:`MetricsLog`) and ``checkpoints/step-*``
-(:mod:`lockedopd.checkpoint`: atomic). :func:`save_run` writes the trainer's state at its current step (weights,
+(``runtime.checkpoint``: atomic). :func:`save_run` writes the trainer's state at its current step (weights,
 optimizer, RNG, phase and whatever its :class:`~lockedopd.opd.callbacks.TrainingCallback` adds);
 :func:`resume_run` restores the newest complete one after :func:`check_config_drift` has refused settings that would
 make the resumed run another run. A run killed at any point resumes to the same result.
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lockedopd.atomic_io import atomic_write_text, recover_interrupted_writes
-from lockedopd.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lockedopd.opd.callbacks import CheckpointParts
 from lockedopd.opd.config import RESUMABLE_CHANGES, config_changes
+from lockedopd.runtime.atomic_io import atomic_write_text, recover_interrupted_writes
+from lockedopd.runtime.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 
 #: What these functions take as ``trainer``: an :class:`lockedopd.OPDTrainer` (its public attributes only).
 Trainer = Any
@@ -92,7 +92,7 @@ def save_run(trainer: Trainer) -> Path:
         return checkpoint_dir(trainer.run_dir, trainer.step)
     tensors = {"model": trainer.effective_state_dict()}  # (a collective with fsdp, as is the optimizer's gather)
     if trainer.fsdp:
-        from lockedopd.fsdp import gather_optimizer_state_dict
+        from lockedopd.runtime.fsdp import gather_optimizer_state_dict
 
         optimizer_state = gather_optimizer_state_dict(trainer.optimizer)
     else:
@@ -180,7 +180,7 @@ def _load_plain_state(trainer: Trainer, parts: CheckpointParts, path: Path) -> N
     """The student's weights and the full-parameter optimizer's state of a checkpoint outside a callback's phase."""
     model = trainer.base_model
     if trainer.fsdp:  # whole tensors onto this process's shards
-        from lockedopd.fsdp import load_full_state_dict
+        from lockedopd.runtime.fsdp import load_full_state_dict
 
         missing, unexpected = load_full_state_dict(model, parts.tensors["model"])
     else:
@@ -193,7 +193,7 @@ def _load_plain_state(trainer: Trainer, parts: CheckpointParts, path: Path) -> N
         )
     trainer.optimizer.load_state_dict(parts.states["optimizer"])
     if trainer.fsdp:
-        from lockedopd.fsdp import shard_optimizer_state
+        from lockedopd.runtime.fsdp import shard_optimizer_state
 
         shard_optimizer_state(trainer.optimizer)
 

@@ -36,7 +36,7 @@ from lockedopd.opd.rollout import (
     student_completion_logprobs,
 )
 from lockedopd.opd.seeds import ACCURACY_SEED_OFFSET, EVAL_SEED_OFFSET, step_seed
-from lockedopd.rewards import resolve_reward_fn
+from lockedopd.tasks.rewards import resolve_reward_fn
 from lockedopd.teachers.base import TeacherScorer
 
 __all__ = ["RunEvaluator"]

@@ -5,11 +5,11 @@ the subspace tracker watches ΔW) and ``locked`` (only the coefficients of the S
 talks to the loop through one callback (:mod:`lockedopd.opd.callbacks`); saving and resuming live in
 :mod:`lockedopd.opd.run_checkpoint`, held-out metrics in :mod:`lockedopd.opd.run_evaluation`.
 
-Under ``torchrun`` / ``accelerate launch`` the loop runs data-parallel (:mod:`lockedopd.distributed`): each process
+Under ``torchrun`` / ``accelerate launch`` the loop runs data-parallel (``runtime.distributed``): each process
 samples and scores its contiguous share of every micro-batch of ``batch_size`` prompts, weights its loss by its share
 of the micro-batch's loss tokens, and the gradients are summed over processes, so the step is the one a single
 process takes on the whole micro-batch. Only the main process evaluates and writes the run directory. With
-``fsdp: true`` the student is sharded over the processes instead of replicated (:mod:`lockedopd.fsdp`): rollouts and
+``fsdp: true`` the student is sharded over the processes instead of replicated (``runtime.fsdp``): rollouts and
 the main process's evaluation run on the gathered weights, FSDP2 sums the gradients, checkpoints are gathered whole.
 """
 
@@ -27,17 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lockedopd.activation_checkpointing import enable_activation_checkpointing
-from lockedopd.atomic_io import atomic_write_text
 from lockedopd.data import PromptRecord
-from lockedopd.distributed import (
-    DistContext,
-    check_world_size,
-    fsdp_from_launcher,
-    init_distributed,
-    share_of_micro_batch,
-)
-from lockedopd.host_allocator import set_malloc_mmap_threshold
+from lockedopd.lock.params import freeze_all_but, optimizer_state_bytes, select_target_linears, trainable_parameters
 from lockedopd.opd.callbacks import PhaseChange, TrainingCallback
 from lockedopd.opd.chunked_loss import rollout_opd_loss
 from lockedopd.opd.config import OPDConfig, config_to_yaml
@@ -56,8 +47,17 @@ from lockedopd.opd.run_evaluation import RunEvaluator
 from lockedopd.opd.schedule import lr_at_step
 from lockedopd.opd.seeds import step_seed
 from lockedopd.optim.full import build_full_optimizer
-from lockedopd.params import freeze_all_but, optimizer_state_bytes, select_target_linears, trainable_parameters
-from lockedopd.rewards import resolve_reward_fn
+from lockedopd.runtime.activation_checkpointing import enable_activation_checkpointing
+from lockedopd.runtime.atomic_io import atomic_write_text
+from lockedopd.runtime.distributed import (
+    DistContext,
+    check_world_size,
+    fsdp_from_launcher,
+    init_distributed,
+    share_of_micro_batch,
+)
+from lockedopd.runtime.host_allocator import set_malloc_mmap_threshold
+from lockedopd.tasks.rewards import resolve_reward_fn
 from lockedopd.teachers.base import TeacherScorer, TeacherScores
 
 __all__ = ["OPDTrainer"]
@@ -77,7 +77,7 @@ class OPDTrainer:
         train_prompts / eval_prompts: prompt records.
         eval_teacher: scores held-out evaluation instead of ``teacher`` (e.g. an in-process copy for the exact
             full-vocabulary KL while a vLLM teacher scores training); ``None`` = ``teacher``.
-        dist: this process's place in a multi-process run; ``None`` = :func:`lockedopd.distributed.init_distributed`
+        dist: this process's place in a multi-process run; ``None`` = ``runtime.distributed.init_distributed()``
             (one process unless launched by ``torchrun`` / ``accelerate launch``).
         accuracy_problems: problems with answers whose task accuracy every evaluation measures (with
             ``accuracy.verifier``; see :mod:`lockedopd.opd.accuracy`).
@@ -138,7 +138,7 @@ class OPDTrainer:
         targets = self.target_parameters()
         params = freeze_all_but(student, targets.values())
         if self.fsdp:  # shard before the optimizer is built: it then holds the shards and their state
-            from lockedopd.fsdp import fully_shard_layers
+            from lockedopd.runtime.fsdp import fully_shard_layers
 
             fully_shard_layers(student, sum_gradients=True)
             targets = self.target_parameters()
@@ -146,7 +146,7 @@ class OPDTrainer:
         self.optimizer = build_full_optimizer(config, params)
         self.lock: TrainingCallback = TrainingCallback()  # a plain run: nothing steers the phases
         if config.lock.enabled:
-            from lockedopd.opd.locking import LockController
+            from lockedopd.lock.controller import LockController
 
             self.lock = LockController(config, self.run_dir, student, list(targets), self.lr_at, dist=self.dist)
 
@@ -296,7 +296,7 @@ class OPDTrainer:
         of forward passes alone) and resharded after. Yields a function returning the seconds the gather took."""
         if not self.fsdp:
             return contextlib.nullcontext(lambda: 0.0)
-        from lockedopd.fsdp import timed_unsharded
+        from lockedopd.runtime.fsdp import timed_unsharded
 
         return timed_unsharded(self.model)
 
@@ -392,7 +392,7 @@ class OPDTrainer:
         if merged is not None:
             return merged
         if self.fsdp:
-            from lockedopd.fsdp import gather_state_dict
+            from lockedopd.runtime.fsdp import gather_state_dict
 
             return gather_state_dict(self.base_model)
         return {k: v for k, v in self.base_model.state_dict().items()}

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lockedopd.opd.rollout import Rollout, SamplingSettings, StudentSampler, rollout_from_completions
-from lockedopd.vllm_runtime import import_vllm, start_llm
+from lockedopd.runtime.vllm_runtime import import_vllm, start_llm
 
 #: LoRA ranks vLLM accepts for ``max_lora_rank``.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -151,7 +151,7 @@ class RunSamplerSync:
     """
 
     def __init__(self, trainer: Any) -> None:
-        from lockedopd.phases import ADAPTER_NAME
+        from lockedopd.lock.phases import ADAPTER_NAME
 
         self.adapter_name = ADAPTER_NAME
         c, dist = trainer.config, trainer.dist

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..distributed import full_tensor
-from ..quantization import adam_state_fp32
+from ..runtime.distributed import full_tensor
+from ..runtime.quantization import adam_state_fp32
 from ..subspace.basis import SubspaceBasis
 
 __all__ = ["CARRY_FORMAT", "WarmupCarry", "lr_scale_from_adam_state"]
@@ -80,7 +80,7 @@ class WarmupCarry:
 
         Args:
             optimizer: the warmup's ``torch.optim.AdamW``, an optimizer with the same state keys, or bitsandbytes'
-                (8-bit) AdamW, whose moments are dequantized (:func:`lockedopd.quantization.adam_state_fp32`).
+                (8-bit) AdamW, whose moments are dequantized (:func:`lockedopd.runtime.quantization.adam_state_fp32`).
             full_params: module name → the weight W the warmup trained.
             bases: module name → its locked :class:`SubspaceBasis`.
             lr_scale: ``"auto"`` (per matrix, :func:`lr_scale_from_adam_state`) or one number for all matrices.
@@ -127,7 +127,7 @@ class WarmupCarry:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the carry as one safetensors file (tensors + JSON metadata), atomically."""
-        from lockedopd.checkpoint import atomic_save_safetensors
+        from lockedopd.runtime.checkpoint import atomic_save_safetensors
 
         tensors = {}
         for name in self.exp_avg:

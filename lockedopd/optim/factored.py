@@ -56,7 +56,7 @@ class FactoredSubspaceAdamW(torch.optim.Optimizer):
     """
 
     row_sharded_state = ("exp_avg", "row_sq")
-    """State keys split by rows like the coefficients under FSDP2 (:func:`lockedopd.fsdp.shard_optimizer_state`)."""
+    """State keys split by rows like the coefficients under FSDP2 (``fsdp.shard_optimizer_state``)."""
 
     def __init__(
         self,
@@ -205,7 +205,7 @@ class _RowShards:
 
     @classmethod
     def of(cls, param: Tensor, two_sided: bool) -> _RowShards:
-        from ..distributed import is_row_sharded
+        from ..runtime.distributed import is_row_sharded
 
         if not is_row_sharded(param):
             return cls()
@@ -230,7 +230,7 @@ class _RowShards:
         """``tensor`` (whole, one entry per row) split by rows like the parameter (no communication)."""
         if self.param is None:
             return tensor
-        from ..distributed import shard_like
+        from ..runtime.distributed import shard_like
 
         return shard_like(tensor, self.param)
 

@@ -33,9 +33,9 @@ def build_full_optimizer(config: Any, params: Sequence[nn.Parameter]) -> torch.o
 
         return FactoredAdamW(params, c.lr, betas, c.adam_eps, c.weight_decay)
     if c.optimizer == "adamw8bit":
-        from lockedopd.quantization import build_adamw8bit
+        from lockedopd.runtime.quantization import build_adamw8bit
 
         return build_adamw8bit(params, c.lr, betas, c.adam_eps, c.weight_decay)
-    from lockedopd.params import build_adamw
+    from lockedopd.lock.params import build_adamw
 
     return build_adamw(params, c.lr, betas, c.adam_eps, c.weight_decay)

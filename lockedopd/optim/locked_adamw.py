@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from ..distributed import shard_like
+from ..runtime.distributed import shard_like
 from ..subspace.basis import LOCK_MODES, SubspaceBasis, change_moment_basis, check_lock_mode, check_orthonormal
 from .carry import WarmupCarry
 

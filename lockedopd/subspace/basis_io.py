@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lockedopd.atomic_io import atomic_file
+from lockedopd.runtime.atomic_io import atomic_file
 
 __all__ = ["BASIS_FORMAT", "check_orthonormal", "load_basis", "save_basis"]
 

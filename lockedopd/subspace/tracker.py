@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..distributed import full_tensor
+from ..runtime.distributed import full_tensor
 from .basis import check_rank_fits
 from .sketch import (
     LowRankFactors,

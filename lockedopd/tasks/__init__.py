@@ -1,6 +1,6 @@
 """Verifiable tasks: seeded generators with disjoint train / validation / test splits and a verifier.
 
-A task's verifier has the reward-function signature of :mod:`lockedopd.rewards` (completions, reference answers →
+A task's verifier has the reward-function signature of :mod:`lockedopd.tasks.rewards` (completions, reference answers →
 one score in [0, 1] each), so the same function serves as ``objective.reward_fn`` and as the accuracy evaluator's
 judge (:mod:`lockedopd.opd.accuracy`).
 """

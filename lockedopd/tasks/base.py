@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lockedopd.atomic_io import atomic_write_text
+from lockedopd.runtime.atomic_io import atomic_write_text
 
 #: A verifier (and verifiable reward): completions and their reference answers -> one score in [0, 1] each.
 Verifier = Callable[[Sequence[str], Sequence[str | None]], list[float]]

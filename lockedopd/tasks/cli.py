@@ -88,7 +88,7 @@ def _run_eval(args) -> int:
     from lockedopd.opd.builders import build_model
     from lockedopd.opd.config import ModelConfig
     from lockedopd.opd.rollout import encode_prompts
-    from lockedopd.rewards import resolve_reward_fn
+    from lockedopd.tasks.rewards import resolve_reward_fn
 
     verifier = resolve_reward_fn(args.verifier)
     problems = [r for r in load_prompts(args.data) if r.answer is not None][: args.size]
@@ -117,7 +117,7 @@ def _run_eval(args) -> int:
     }
     text = json.dumps(report, indent=2)
     if args.json_out:
-        from lockedopd.atomic_io import atomic_write_text
+        from lockedopd.runtime.atomic_io import atomic_write_text
 
         atomic_write_text(args.json_out, text + "\n")
     print(text)

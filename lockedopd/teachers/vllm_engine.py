@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lockedopd.runtime.vllm_runtime import import_vllm, model_context, start_llm
 from lockedopd.teachers.prompt_logprobs import PositionLogprobs, PromptLogprobScorer
-from lockedopd.vllm_runtime import import_vllm, model_context, start_llm
 
 
 def _position_dicts(prompt_logprobs: Any) -> list[PositionLogprobs | None]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from lockedopd.runtime.vllm_runtime import import_vllm, start_llm
 from lockedopd.teachers.base import (
     LOGIT_POSTPROCESSING_KEYS,
     CompletionScoreWriter,
@@ -29,7 +30,6 @@ from lockedopd.teachers.base import (
     ScoreRequest,
     TeacherScores,
 )
-from lockedopd.vllm_runtime import import_vllm, start_llm
 
 __all__ = ["LOGIT_POSTPROCESSING_KEYS", "VLLMHiddenStateTeacher", "load_output_layer"]
 

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from lockedopd.runtime.vllm_runtime import SERVER_ENV_DEFAULTS
 from lockedopd.teachers.prompt_logprobs import PositionLogprobs, PromptLogprobScorer
-from lockedopd.vllm_runtime import SERVER_ENV_DEFAULTS
 
 logger = logging.getLogger(__name__)
 

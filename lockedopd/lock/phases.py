@@ -28,9 +28,15 @@ from torch import nn
 
 from lockedopd.adapter import SubspaceLockedConfig
 from lockedopd.adapter.model import base_module_name, locked_coefficients, locked_layers
+from lockedopd.lock.params import build_adamw, freeze_all_but, select_target_linears
 from lockedopd.optim import FactoredSubspaceAdamW, LockedAdamW, WarmupCarry
-from lockedopd.params import build_adamw, freeze_all_but, select_target_linears
-from lockedopd.quantization import QuantizationReport, adam_state_fp32, dense_weight, is_quantized, quantize_linears
+from lockedopd.runtime.quantization import (
+    QuantizationReport,
+    adam_state_fp32,
+    dense_weight,
+    is_quantized,
+    quantize_linears,
+)
 from lockedopd.subspace.basis import SubspaceBasis, check_lock_mode
 
 __all__ = [
@@ -196,7 +202,7 @@ def enter_locked_phase(
             coefficient) or ``factored`` (:class:`FactoredSubspaceAdamW`, W-space Adam's step with a factored second
             moment).
         base_dtype: keep the locked matrices' frozen weights as they are (``"keep"``) or round them to ``"bf16"``,
-            ``"int8"`` or ``"nf4"`` first (:func:`lockedopd.quantization.quantize_linears`; the loss is reported in
+            ``"int8"`` or ``"nf4"`` first (``quantization.quantize_linears``; the loss is reported in
             the phase's ``quantization``); the coefficients stay float32.
     """
     import peft

@@ -3,9 +3,9 @@
 During warmup a :class:`lockedopd.subspace.LockPolicy` sketches ΔW_t = W_t − W_0 of every target matrix. When it
 says so (stable subspace, ``lock.max_warmup_steps`` or exactly ``lock.at_step``), the controller
 
-1. writes ``basis.safetensors``, the warmup carry beside it (:func:`lockedopd.phases.write_lock_files`) and the
+1. writes ``basis.safetensors``, the warmup carry beside it (:func:`lockedopd.lock.phases.write_lock_files`) and the
    lock-time weights ``lock/base_model.safetensors`` (the warmup update is thereby folded into the frozen base),
-2. enters the locked phase (:func:`lockedopd.phases.enter_locked_phase`: the PEFT adapter, and ``LockedAdamW`` with
+2. enters the locked phase (:func:`~lockedopd.lock.phases.enter_locked_phase`: the PEFT adapter, ``LockedAdamW`` with
    the warmup's moments and a learning-rate scale per matrix), and drops the full optimizer state,
 3. writes ``adapter/`` (PEFT format),
 
@@ -18,7 +18,7 @@ With several processes (data parallel, identical weights everywhere) only the ma
 decision and its bases are broadcast, every process checks at the lock that its target weights are the main
 process's (a SHA-256 of their bytes), and only the main process writes files (the others wait for them).
 
-With ``fsdp`` (the student sharded by FSDP2, :mod:`lockedopd.fsdp`) every process runs the policy, since its
+With ``fsdp`` (the student sharded by FSDP2, :mod:`lockedopd.runtime.fsdp`) every process runs the policy, since its
 tracker gathers each matrix from the shards (a collective); the main process's decision is still the one taken.
 At the lock the shards are gathered into a plain copy of the student, the locked phase is entered on it and then
 sharded; checkpoints and the adapter hold whole tensors.
@@ -37,13 +37,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lockedopd.adapter.model import locked_layers
-from lockedopd.atomic_io import atomic_copy, atomic_directory, atomic_write_text
-from lockedopd.checkpoint import atomic_save_safetensors
-from lockedopd.distributed import DistContext, full_tensor, weights_fingerprint
-from lockedopd.opd.callbacks import CheckpointParts, PhaseChange, TrainingCallback
-from lockedopd.optim import WarmupCarry
-from lockedopd.params import optimizer_state_bytes, trainable_parameters
-from lockedopd.phases import (
+from lockedopd.lock.params import optimizer_state_bytes, trainable_parameters
+from lockedopd.lock.phases import (
     ADAPTER_NAME,
     LockedPhase,
     enter_locked_phase,
@@ -53,6 +48,11 @@ from lockedopd.phases import (
     load_preset_bases,
     write_lock_files,
 )
+from lockedopd.opd.callbacks import CheckpointParts, PhaseChange, TrainingCallback
+from lockedopd.optim import WarmupCarry
+from lockedopd.runtime.atomic_io import atomic_copy, atomic_directory, atomic_write_text
+from lockedopd.runtime.checkpoint import atomic_save_safetensors
+from lockedopd.runtime.distributed import DistContext, full_tensor, weights_fingerprint
 from lockedopd.subspace.basis import SubspaceBasis, check_rank_fits
 from lockedopd.subspace.policy import LockPolicy
 
@@ -214,7 +214,7 @@ class LockController(TrainingCallback):
         base_file = self.lock_dir(generation) / "base_model.safetensors"
         warmup_model, whole = model, None
         if fsdp:  # every process gathers the shards: the locked phase is entered on a whole copy, then sharded
-            from lockedopd.fsdp import gather_state_dict, plain_copy
+            from lockedopd.runtime.fsdp import gather_state_dict, plain_copy
 
             whole = gather_state_dict(model)
         if s.optimizer != "projected_full" and main:  # the frozen base of an adapter: W at the lock (warmup folded in)
@@ -251,7 +251,7 @@ class LockController(TrainingCallback):
                 self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, optimizer=s.optimizer,
                                                  base_dtype=s.base_dtype, **self._adam())  # fmt: skip
                 if fsdp:
-                    from lockedopd.fsdp import shard_locked_phase
+                    from lockedopd.runtime.fsdp import shard_locked_phase
 
                     shard_locked_phase(self.locked, sum_gradients=True)
                 self._log_quantization()
@@ -355,7 +355,7 @@ class LockController(TrainingCallback):
         """Fold the adapter into the weights and return to full-parameter training.
 
         The coefficient moments are lifted back to full-weight coordinates and the step count carries on (see
-        :func:`lockedopd.phases.leave_locked_phase`). With ``relock`` a new policy tracks the subspace from the
+        :func:`lockedopd.lock.phases.leave_locked_phase`). With ``relock`` a new policy tracks the subspace from the
         current weights and locks a fresh basis once that is stable.
         """
         c = self.config
@@ -417,7 +417,7 @@ class LockController(TrainingCallback):
         if self.locked is None:
             return None
         if self.config.fsdp:
-            from lockedopd.fsdp import gathered_merged_state_dict
+            from lockedopd.runtime.fsdp import gathered_merged_state_dict
 
             return gathered_merged_state_dict(self.locked)
         return self.locked.merged_state_dict()
@@ -473,7 +473,7 @@ class LockController(TrainingCallback):
             else (load_file(base_file), str(base_file))
         )
         if self.config.fsdp:  # the locked phase is entered on a whole copy of the student, then sharded
-            from lockedopd.fsdp import plain_copy
+            from lockedopd.runtime.fsdp import plain_copy
 
             model = plain_copy(model, weights)
         else:
@@ -506,7 +506,7 @@ class LockController(TrainingCallback):
         for group, name in zip(self.locked.optimizer.param_groups, self.locked.trainable()):
             group.setdefault("lr_scale", float(saved_scales.get(name, 1.0)))
         if self.config.fsdp:  # coefficients and the optimizer state they hold move onto the shards
-            from lockedopd.fsdp import shard_locked_phase
+            from lockedopd.runtime.fsdp import shard_locked_phase
 
             shard_locked_phase(self.locked, sum_gradients=True)
         self.policy = None

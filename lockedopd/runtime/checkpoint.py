@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lockedopd.atomic_io import atomic_directory, atomic_file, atomic_write_text
+from lockedopd.runtime.atomic_io import atomic_directory, atomic_file, atomic_write_text
 
 __all__ = [
     "atomic_save_safetensors",

@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from lockedopd.distributed import full_tensor, shard_like
-from lockedopd.phases import LockedPhase, tuner_layers
+from lockedopd.lock.phases import LockedPhase, tuner_layers
+from lockedopd.runtime.distributed import full_tensor, shard_like
 
 __all__ = [
     "decoder_layers",
@@ -226,7 +226,7 @@ def plain_copy(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module
 
 
 def shard_locked_phase(phase: LockedPhase, **fsdp_kwargs) -> LockedPhase:
-    """Shard a subspace-locked phase built on a whole model (:func:`lockedopd.phases.enter_locked_phase`) in place:
+    """Shard a subspace-locked phase built on a whole model (``phases.enter_locked_phase``) in place:
     :func:`fully_shard_layers` on the model inside its PEFT wrapper (frozen base and coefficients split by rows, the
     bases whole), and
     its optimizer — :class:`lockedopd.LockedAdamW` or :class:`lockedopd.optim.FactoredSubspaceAdamW`, with whatever

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lockedopd.atomic_io import atomic_file
+from lockedopd.runtime.atomic_io import atomic_file
 
 DISTINCT_COLOURS = 20
 """How many names :func:`distinct_colours` keeps apart (matplotlib's ``tab20``)."""
