@@ -52,3 +52,57 @@ def test_missing_config_file_is_clear(tmp_path):
 def test_override_syntax_error():
     with pytest.raises(ValueError, match="key=value"):
         load_config(TINY_CONFIG, ["max_steps"])
+
+
+def _choice_fields(section, prefix=""):
+    """(dotted key, allowed values) of every setting that declares its allowed values."""
+    import dataclasses
+
+    from lockedopd.opd.config import allowed_values
+
+    found = []
+    for spec in dataclasses.fields(section):
+        value = getattr(section, spec.name)
+        if dataclasses.is_dataclass(value):
+            found += _choice_fields(value, f"{prefix}{spec.name}.")
+        elif allowed_values(spec) is not None:
+            found.append((f"{prefix}{spec.name}", allowed_values(spec)))
+    return found
+
+
+def test_every_declared_choice_is_checked_and_its_default_allowed():
+    config = load_config(TINY_CONFIG)
+    fields = dict(_choice_fields(config))
+    # the choices live with their fields: the ones a user sets most often are among them
+    for key in (
+        "optimizer",
+        "lr_scheduler",
+        "lock.mode",
+        "lock.optimizer",
+        "objective.name",
+        "teacher.backend",
+        "rollout.backend",
+        "monitor.on_drift",
+        "student.dtype",
+        "teacher.model.dtype",
+        "galore.proj_type",
+    ):
+        assert key in fields, key
+    assert set(fields["lock.optimizer"]) == {"coefficients", "factored", "projected_full"}
+    assert "sft" in fields["objective.name"] and "hf" in fields["teacher.backend"]  # registries, read when checked
+    for key, allowed in fields.items():
+        with pytest.raises(ValueError, match=rf"{key}='not-a-choice' is not one of") as refused:
+            load_config(TINY_CONFIG, [f"{key}=not-a-choice"])
+        assert str(list(allowed)) in str(refused.value)  # the message lists what is allowed
+    OPDConfig()  # every default is among its choices (construction validates)
+
+
+def test_a_sections_own_checks_run_when_the_config_is_built():
+    from lockedopd.opd.config import LockConfig, MonitorConfig
+
+    with pytest.raises(ValueError, match="lock.threshold must be in"):
+        LockConfig(threshold=1.5).validate()
+    with pytest.raises(ValueError, match="monitor.capture_threshold"):
+        MonitorConfig(capture_threshold=2.0).validate()
+    with pytest.raises(ValueError, match="lock.lr_scale"):
+        load_config(TINY_CONFIG, ["lock.lr_scale=-1"])

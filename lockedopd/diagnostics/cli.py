@@ -1,7 +1,7 @@
 """argparse wiring for ``lockedopd diagnose`` and ``lockedopd trajectory``.
 
 The main CLI calls ``add_diagnose_parser(subparsers)`` / ``add_trajectory_parser(subparsers)``;
-each sets ``handler`` (``run_diagnose`` / ``run_trajectory``) as the parser default, as every subcommand does.  The runners
+each sets ``handler`` (``run_diagnose`` / ``run_trajectory``), as every subcommand does.  The runners
 return an exit code: 0 on success, 2 on a user-facing error (one line on stderr, no traceback).
 """
 

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,39 @@ from lockedopd.teachers.registry import AUTO_BACKEND, teacher_backend, teacher_b
 from lockedopd.teachers.vllm_server import check_server_url
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = ("float32", "bfloat16")
+
+
+def choice(default: Any, allowed: tuple | Callable[[], Sequence[Any]], help: str) -> Any:
+    """A setting whose allowed values are declared with it: ``allowed`` is a tuple, or a function returning them
+    (a registry's names, read when the config is checked). :meth:`OPDConfig.validate` refuses any other value,
+    naming the key and the allowed values; ``help`` says what the setting does."""
+    return field(default=default, metadata={"choices": allowed, "help": help})
+
+
+def allowed_values(spec: dataclasses.Field) -> tuple | None:
+    """The allowed values a :func:`choice` field declares (None for a free setting)."""
+    allowed = spec.metadata.get("choices")
+    return tuple(allowed()) if callable(allowed) else allowed
+
+
+def check_choices(section: Any, prefix: str = "") -> None:
+    """Refuse, in ``section`` (a config dataclass) and its sub-sections, the first value of a :func:`choice` field
+    that is not among its allowed values."""
+    for spec in dataclasses.fields(section):
+        value = getattr(section, spec.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}{spec.name}.")
+            continue
+        allowed = allowed_values(spec)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"config: {prefix}{spec.name}={value!r} is not one of {list(allowed)}.")
+
+
+def _at_least_one(section: str, values: dict[str, int]) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"config: {section}{key} must be >= 1, got {value}.")
 
 
 @dataclass
@@ -49,7 +83,7 @@ class ModelConfig:
     init_std: float = 0.02
     drop_every: int | None = None
     keep_layers: list[int] | None = None
-    dtype: str = "float32"
+    dtype: str = choice("float32", DTYPES, "the weights' dtype")
     architecture: str | None = None
 
 
@@ -74,9 +108,9 @@ class TeacherConfig:
         server_url: base URL of a running vLLM OpenAI server (``vllm_server`` backend).
     """
 
-    backend: str = "hf"
-    vllm_scoring: str = "hidden_states"
-    eval_backend: str | None = None
+    backend: str = choice("hf", teacher_backend_choices, "who scores the teacher (a registered backend or auto)")
+    vllm_scoring: str = choice("hidden_states", ("hidden_states", "prompt_logprobs"), "what the vllm engine returns")
+    eval_backend: str | None = choice(None, (None, "hf"), "who scores held-out evaluation (null = the teacher)")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=4, seed=1))
     batch_size: int = 8
     temperature: float = 1.0
@@ -89,6 +123,11 @@ class TeacherConfig:
             return True
         return teacher_backend(self.backend).returns_full_logprobs(self)
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a setting of this section that cannot work."""
+        if self.backend == "vllm_server":
+            check_server_url(self.server_url)
+
 
 @dataclass
 class RolloutConfig:
@@ -99,20 +138,28 @@ class RolloutConfig:
     adapter as a LoRA after the lock; see :mod:`lockedopd.opd.vllm_rollout`).
     ``vllm_locked_sync``: after the lock, ``"lora"`` sends only the adapter (r·(in+out) numbers per matrix) and
     vLLM samples through its LoRA kernels; ``"full"`` merges and copies all weights every step and samples
-    without LoRA (on CPU that is faster: SmolLM2 locked step 11.9 s vs 18.7 s, vLLM's CPU LoRA kernels being slow).
+    without LoRA (on CPU that is faster: vLLM's CPU LoRA kernels are slow; ``docs/vllm.md`` has the measurement).
     ``seeding`` (``hf`` backend): ``"batch"`` seeds torch's RNG once per micro-batch and samples the whole batch from
     it (the original behaviour; one process only); ``"prompt"`` gives the i-th prompt of a micro-batch its own
     stream, seeded ``seed + i`` (what the ``vllm`` backend always does), so a micro-batch split over several
     processes samples exactly what one process samples: needed for more than one process.
     """
 
-    backend: str = "hf"
-    vllm_locked_sync: str = "lora"
-    seeding: str = "batch"
+    backend: str = choice("hf", ("hf", "vllm"), "who samples the student")
+    vllm_locked_sync: str = choice("lora", ("lora", "full"), "what reaches the vLLM sampler after the lock")
+    seeding: str = choice("batch", ("batch", "prompt"), "one random stream per micro-batch or per prompt")
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
     max_prompt_tokens: int = 256
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a setting of this section that cannot work."""
+        _at_least_one("rollout.", {"max_new_tokens": self.max_new_tokens})
+        if self.temperature <= 0:
+            raise ValueError(f"config: rollout.temperature must be > 0, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"config: rollout.top_p must be in (0, 1], got {self.top_p}.")
 
 
 @dataclass
@@ -139,15 +186,28 @@ class ObjectiveConfig:
             in-process teacher then returns hidden states instead of full log-probs. 0 = off (one pass).
     """
 
-    name: str = "pg"
+    name: str = choice("pg", lambda: tuple(OBJECTIVES), "the objective (a registered name)")
     top_k: int = 20
-    topk_tail: str = "sampled"
+    topk_tail: str = choice("sampled", ("sampled", "bucket", "renormalize"), "topk_reverse_kl outside the top-k")
     beta: float = 0.5
     token_keep_fraction: float = 1.0
-    token_keep_mode: str = "top"
+    token_keep_mode: str = choice("top", ("top", "random"), "which tokens token_keep_fraction keeps")
     reward_lambda: float = 1.0
     reward_fn: str | None = None
     chunk_size: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a setting of this section that cannot work."""
+        if not 0.0 < self.token_keep_fraction <= 1.0:
+            raise ValueError(
+                f"config: objective.token_keep_fraction must be in (0, 1], got {self.token_keep_fraction}."
+            )
+        if self.chunk_size < 0:
+            raise ValueError(f"config: objective.chunk_size must be >= 0 (0 = unchunked), got {self.chunk_size}.")
+        if not 0.0 <= self.reward_lambda <= 1.0:
+            raise ValueError(f"config: objective.reward_lambda must be in [0, 1], got {self.reward_lambda}.")
+        if self.reward_lambda < 1.0 and not self.reward_fn:
+            raise ValueError("config: objective.reward_lambda < 1 mixes in a reward; set objective.reward_fn too.")
 
 
 @dataclass
@@ -190,11 +250,10 @@ class LockConfig(TrackerSettings):
             same rank: the control that shows the subspace, not the rank, carries the gain).
         optimizer: ``"factored"`` (the default: :class:`lockedopd.optim.FactoredSubspaceAdamW`, the W-space AdamW
             step of the projected gradient, its second moment kept as row and column sums; coefficient-size state;
-            ``lr_scale: auto`` = 1; on the SmolLM2 recipe it kept 1.13 of full OPD's post-lock gain over 3 seeds
-            where ``coefficients`` kept 0.79), ``"coefficients"`` (LockedAdamW: Adam on each coefficient of A or C) or
+            ``lr_scale: auto`` = 1), ``"coefficients"`` (LockedAdamW: Adam on each coefficient of A or C) or
             ``"projected_full"`` (the full weights stay trainable; AdamW keeps full W-space moments of the projected
-            gradient and every update is projected onto the subspace: memory-heavy, a benchmark reference; on SmolLM2
-            it keeps less than ``factored``).
+            gradient and every update is projected onto the subspace: memory-heavy, a benchmark reference). What
+            each keeps of full OPD's gain is measured in ``benchmarks/README.md``.
         lora_alpha: LoRA's alpha (``null`` = rank, scaling 1) for ``adapter: lora``.
         base_dtype: the locked matrices' frozen weights after the lock (the warmup update folded in): ``"keep"``
             (the student's dtype), ``"bf16"``, ``"int8"`` or ``"nf4"`` (bitsandbytes, QLoRA-style; the coefficients
@@ -203,15 +262,41 @@ class LockConfig(TrackerSettings):
     """
 
     enabled: bool = False
-    mode: str = "right"
+    mode: str = choice("right", LOCK_MODES, "right: ΔW = A·Vᵀ; two_sided: ΔW = U·C·Vᵀ")
     at_step: int | None = None
     basis_path: str | None = None
     lr_scale: float | str = "auto"
-    adapter: str = "subspace"
-    basis_source: str = "tracker"
-    optimizer: str = "factored"
+    adapter: str = choice("subspace", ("subspace", "lora"), "what trains after the lock")
+    basis_source: str = choice("tracker", ("tracker", "random"), "the warmup's subspace, or a random control")
+    optimizer: str = choice("factored", ("coefficients", "factored", "projected_full"), "the locked optimizer")
     lora_alpha: float | None = None
-    base_dtype: str = "keep"
+    base_dtype: str = choice("keep", BASE_DTYPES, "the frozen base's dtype after the lock")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a setting of this section that cannot work (alone or with another of it)."""
+        _at_least_one("lock.", {"rank": self.rank, "check_every": self.check_every, "patience": self.patience})
+        if self.max_warmup_steps is not None and self.max_warmup_steps < 1:
+            raise ValueError(f"config: lock.max_warmup_steps must be >= 1 or null, got {self.max_warmup_steps}.")
+        for key, value in (("lock.threshold", self.threshold), ("lock.min_fraction", self.min_fraction)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"config: {key} must be in (0, 1], got {value}.")
+        if self.lr_scale != "auto" and (
+            isinstance(self.lr_scale, bool) or not isinstance(self.lr_scale, (int, float)) or self.lr_scale <= 0
+        ):
+            raise ValueError(f"config: lock.lr_scale must be 'auto' or a number > 0, got {self.lr_scale!r}.")
+        no_basis_needed = self.adapter == "lora" or self.basis_source == "random"
+        if self.at_step is not None and (self.at_step < 0 or (self.at_step == 0 and not no_basis_needed)):
+            raise ValueError(
+                f"config: lock.at_step must be >= 1 or null, got {self.at_step} (0 = lock before the first step needs "
+                "no warmup update: only with lock.adapter=lora or lock.basis_source=random; else use lock.basis_path)."
+            )
+        if self.adapter == "lora" and (self.optimizer == "projected_full" or self.basis_path or self.mode != "right"):
+            raise ValueError(
+                "config: lock.adapter=lora trains a fresh LoRA with AdamW (lock.optimizer does not apply); it takes "
+                "no lock.basis_path, lock.optimizer=projected_full or lock.mode=two_sided. Drop those settings."
+            )
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"config: lock.lora_alpha must be > 0 or null, got {self.lora_alpha}.")
 
 
 @dataclass
@@ -223,8 +308,8 @@ class MonitorConfig:
         every: check period in steps (each check costs one full-weight gradient for that step and one for the next,
             whose fresh batch scores the check out of sample).
         capture_threshold: captured gradient-energy share below which a check counts as drifting; ``"auto"`` =
-            5 × the share a random subspace of the same size would capture (per-batch gradients are noisy: a
-            well-locked SmolLM2 run captures ~0.25 against a random 0.025).
+            5 × the share a random subspace of the same size would capture (per-batch gradients are noisy, so a
+            well-locked run captures far less than 1; ``docs/results.md`` has measured values).
         patience: drifting checks in a row that make a drift.
         on_drift: ``"warn"`` (log it), ``"relock"`` (fold the adapter in, track again, lock a new basis) or
             ``"unlock"`` (fold the adapter in and finish with full-parameter training).
@@ -234,7 +319,14 @@ class MonitorConfig:
     every: int = 2
     capture_threshold: float | str = "auto"
     patience: int = 3
-    on_drift: str = "warn"
+    on_drift: str = choice("warn", ("warn", "relock", "unlock"), "what a drift does")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a setting of this section that cannot work."""
+        _at_least_one("monitor.", {"every": self.every, "patience": self.patience})
+        threshold = self.capture_threshold
+        if threshold != "auto" and (isinstance(threshold, (str, bool)) or not 0.0 <= threshold <= 1.0):
+            raise ValueError(f"config: monitor.capture_threshold must be 'auto' or in [0, 1], got {threshold!r}.")
 
 
 @dataclass
@@ -251,7 +343,7 @@ class GaloreConfig:
     rank: int | None = None
     update_proj_gap: int = 10
     scale: float = 1.0
-    proj_type: str = "std"
+    proj_type: str = choice("std", ("std", "reverse_std", "left", "right"), "which side GaLore projects")
 
 
 @dataclass
@@ -280,6 +372,19 @@ class AccuracyConfig:
     max_new_tokens: int | None = None
     batch_size: int = 64
     eval_steps: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a setting of this section that cannot work."""
+        for key, value in (("size", self.size), ("batch_size", self.batch_size)):
+            if value < 1:
+                raise ValueError(f"config: accuracy.{key} must be >= 1, got {value}.")
+        if self.samples < 0 or self.eval_steps < 0:
+            got = f"{self.samples}, {self.eval_steps}"
+            raise ValueError(f"config: accuracy.samples and accuracy.eval_steps must be >= 0, got {got}.")
+        if self.temperature <= 0:
+            raise ValueError(f"config: accuracy.temperature must be > 0, got {self.temperature}.")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"config: accuracy.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}.")
 
 
 @dataclass
@@ -315,8 +420,8 @@ class OPDConfig:
         reference_run: run directory of an unconstrained OPD run of the same setting; ``trajectory.json`` then
             compares this run's final KL and final update with it.
         eval_sampling_seeds: held-out reverse KL = mean over this many student sampling seeds (seed i a pure function
-            of (seed, i); 1 = the single seed of earlier runs). One seed's noise is ~±0.1 per point on SmolLM2;
-            each extra seed costs one more held-out rollout per evaluation.
+            of (seed, i); 1 = the single seed of earlier runs). Each extra seed costs one more held-out rollout per
+            evaluation and lowers the sampling noise of every point.
         eval_fixed_text: also measure KL on fixed text, the teacher's greedy completions of the held-out prompts
             (``eval_fixed_text_kl``, plus forward KL and the student's NLL of that text); needs full-vocabulary
             teacher log-probs for evaluation.
@@ -336,7 +441,7 @@ class OPDConfig:
     batch_size: int = 4
     grad_accum_steps: int = 1
     lr: float = 1e-3
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = choice("cosine", ("constant", "linear", "cosine"), "the learning-rate schedule")
     lr_warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -344,7 +449,7 @@ class OPDConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    optimizer: str = "adamw"
+    optimizer: str = choice("adamw", ("adamw", "adamw8bit", "factored", "galore"), "the full-parameter optimizer")
     gradient_checkpointing: bool = False
     malloc_mmap_threshold: int = 0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -372,20 +477,8 @@ class OPDConfig:
         self.validate()
 
     def _validate_lock_method(self) -> None:
+        """The lock's settings against the rest of the run (the lock's own are :meth:`LockConfig.validate`'s)."""
         lock = self.lock
-        no_basis_needed = lock.adapter == "lora" or lock.basis_source == "random"
-        if lock.at_step is not None and (lock.at_step < 0 or (lock.at_step == 0 and not no_basis_needed)):
-            raise ValueError(
-                f"config: lock.at_step must be >= 1 or null, got {lock.at_step} (0 = lock before the first step needs "
-                "no warmup update: only with lock.adapter=lora or lock.basis_source=random; else use lock.basis_path)."
-            )
-        if lock.adapter == "lora" and (lock.optimizer == "projected_full" or lock.basis_path or lock.mode != "right"):
-            raise ValueError(
-                "config: lock.adapter=lora trains a fresh LoRA with AdamW (lock.optimizer does not apply); it takes "
-                "no lock.basis_path, lock.optimizer=projected_full or lock.mode=two_sided. Drop those settings."
-            )
-        if lock.lora_alpha is not None and lock.lora_alpha <= 0:
-            raise ValueError(f"config: lock.lora_alpha must be > 0 or null, got {lock.lora_alpha}.")
         if (
             self.rollout.backend == "vllm"
             and self.rollout.vllm_locked_sync == "lora"
@@ -446,19 +539,7 @@ class OPDConfig:
                 raise ValueError(f"config: fsdp=true does not work with {setting}: {fix}, or set fsdp=false.")
 
     def _validate_accuracy(self) -> None:
-        acc = self.accuracy
-        for key, value in (("size", acc.size), ("batch_size", acc.batch_size)):
-            if value < 1:
-                raise ValueError(f"config: accuracy.{key} must be >= 1, got {value}.")
-        if acc.samples < 0 or acc.eval_steps < 0:
-            raise ValueError(
-                f"config: accuracy.samples and accuracy.eval_steps must be >= 0, got {acc.samples}, {acc.eval_steps}."
-            )
-        if acc.temperature <= 0:
-            raise ValueError(f"config: accuracy.temperature must be > 0, got {acc.temperature}.")
-        if acc.max_new_tokens is not None and acc.max_new_tokens < 1:
-            raise ValueError(f"config: accuracy.max_new_tokens must be >= 1 or null, got {acc.max_new_tokens}.")
-        if acc.verifier is not None and acc.path is None and self.data.eval_path is None:
+        if self.accuracy.verifier is not None and self.accuracy.path is None and self.data.eval_path is None:
             raise ValueError(
                 "config: accuracy.verifier is set but there are no problems to score: set accuracy.path (or "
                 "data.eval_path) to a JSONL file whose records carry an answer."
@@ -485,76 +566,38 @@ class OPDConfig:
                 )
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first setting that cannot work."""
+        """Raise ``ValueError`` naming the first setting that cannot work: finite numbers, the allowed values each
+        :func:`choice` field declares, each section's own checks (its ``validate``), then the checks across
+        sections."""
         for key, value in flatten_settings(dataclasses.asdict(self)).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"config: {key} must be a finite number, got {value}.")
-        choices = {
-            "lr_scheduler": (self.lr_scheduler, ("constant", "linear", "cosine")),
-            "objective.name": (self.objective.name, tuple(OBJECTIVES)),
-            "objective.token_keep_mode": (self.objective.token_keep_mode, ("top", "random")),
-            "objective.topk_tail": (self.objective.topk_tail, ("sampled", "bucket", "renormalize")),
-            "teacher.backend": (self.teacher.backend, teacher_backend_choices()),
-            "teacher.eval_backend": (self.teacher.eval_backend, (None, "hf")),
-            "rollout.backend": (self.rollout.backend, ("hf", "vllm")),
-            "rollout.vllm_locked_sync": (self.rollout.vllm_locked_sync, ("lora", "full")),
-            "rollout.seeding": (self.rollout.seeding, ("batch", "prompt")),
-            "teacher.vllm_scoring": (self.teacher.vllm_scoring, ("hidden_states", "prompt_logprobs")),
-            "lock.mode": (self.lock.mode, LOCK_MODES),
-            "lock.adapter": (self.lock.adapter, ("subspace", "lora")),
-            "lock.basis_source": (self.lock.basis_source, ("tracker", "random")),
-            "lock.optimizer": (self.lock.optimizer, ("coefficients", "factored", "projected_full")),
-            "optimizer": (self.optimizer, ("adamw", "adamw8bit", "factored", "galore")),
-            "lock.base_dtype": (self.lock.base_dtype, BASE_DTYPES),
-            "galore.proj_type": (self.galore.proj_type, ("std", "reverse_std", "left", "right")),
-            "monitor.on_drift": (self.monitor.on_drift, ("warn", "relock", "unlock")),
-            "student.dtype": (self.student.dtype, ("float32", "bfloat16")),
-            "teacher.model.dtype": (self.teacher.model.dtype, ("float32", "bfloat16")),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"config: {key}={value!r} is not one of {list(allowed)}.")
-        if self.teacher.backend == "vllm_server":
-            check_server_url(self.teacher.server_url)
+        check_choices(self)
         try:
             check_mmap_threshold(self.malloc_mmap_threshold)
         except ValueError as exc:
             raise ValueError(f"config: {exc}") from None
-        positive = {
-            "max_steps": self.max_steps,
-            "batch_size": self.batch_size,
-            "grad_accum_steps": self.grad_accum_steps,
-            "rollout.max_new_tokens": self.rollout.max_new_tokens,
-            "lock.rank": self.lock.rank,
-            "lock.check_every": self.lock.check_every,
-            "lock.patience": self.lock.patience,
-            "monitor.every": self.monitor.every,
-            "monitor.patience": self.monitor.patience,
-            "eval_sampling_seeds": self.eval_sampling_seeds,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ValueError(f"config: {key} must be >= 1, got {value}.")
-        if self.lock.max_warmup_steps is not None and self.lock.max_warmup_steps < 1:
-            raise ValueError(f"config: lock.max_warmup_steps must be >= 1 or null, got {self.lock.max_warmup_steps}.")
+        _at_least_one(
+            "",
+            {
+                "max_steps": self.max_steps,
+                "batch_size": self.batch_size,
+                "grad_accum_steps": self.grad_accum_steps,
+                "eval_sampling_seeds": self.eval_sampling_seeds,
+            },
+        )
+        if self.lr <= 0:
+            raise ValueError(f"config: lr must be > 0, got {self.lr}.")
+        for section in (self.teacher, self.rollout, self.objective, self.lock, self.monitor, self.accuracy):
+            section.validate()
         self._validate_lock_method()
         self._validate_fsdp()
         self._validate_accuracy()
         self._validate_supervised()
-        for key, value in (("lock.threshold", self.lock.threshold), ("lock.min_fraction", self.lock.min_fraction)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"config: {key} must be in (0, 1], got {value}.")
-        threshold = self.monitor.capture_threshold
-        if threshold != "auto" and (isinstance(threshold, (str, bool)) or not 0.0 <= threshold <= 1.0):
-            raise ValueError(f"config: monitor.capture_threshold must be 'auto' or in [0, 1], got {threshold!r}.")
-        if self.lock.lr_scale != "auto" and (
-            isinstance(self.lock.lr_scale, bool)
-            or not isinstance(self.lock.lr_scale, (int, float))
-            or self.lock.lr_scale <= 0
-        ):
-            raise ValueError(f"config: lock.lr_scale must be 'auto' or a number > 0, got {self.lock.lr_scale!r}.")
-        if self.lr <= 0:
-            raise ValueError(f"config: lr must be > 0, got {self.lr}.")
+        self._validate_teacher_objective()
+
+    def _validate_teacher_objective(self) -> None:
+        """What the objective and the evaluation need from the teacher against what its backend returns."""
         if self.teacher.temperature != 1.0 and not self.teacher.returns_full_logprobs():
             raise ValueError(
                 f"config: teacher.temperature={self.teacher.temperature} needs the teacher's logits, which vLLM "
@@ -573,22 +616,6 @@ class OPDConfig:
                 f"teacher.backend={self.teacher.backend} with vllm_scoring={self.teacher.vllm_scoring} does not "
                 "return; set teacher.eval_backend=hf, or eval_fixed_text=false."
             )
-        if not 0.0 < self.objective.token_keep_fraction <= 1.0:
-            raise ValueError(
-                f"config: objective.token_keep_fraction must be in (0, 1], got {self.objective.token_keep_fraction}."
-            )
-        if self.objective.chunk_size < 0:
-            raise ValueError(
-                f"config: objective.chunk_size must be >= 0 (0 = unchunked), got {self.objective.chunk_size}."
-            )
-        if not 0.0 <= self.objective.reward_lambda <= 1.0:
-            raise ValueError(f"config: objective.reward_lambda must be in [0, 1], got {self.objective.reward_lambda}.")
-        if self.objective.reward_lambda < 1.0 and not self.objective.reward_fn:
-            raise ValueError("config: objective.reward_lambda < 1 mixes in a reward; set objective.reward_fn too.")
-        if self.rollout.temperature <= 0:
-            raise ValueError(f"config: rollout.temperature must be > 0, got {self.rollout.temperature}.")
-        if not 0.0 < self.rollout.top_p <= 1.0:
-            raise ValueError(f"config: rollout.top_p must be in (0, 1], got {self.rollout.top_p}.")
 
 
 def _resolve_type(tp: Any) -> Any:
