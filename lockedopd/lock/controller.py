@@ -445,10 +445,9 @@ class LockController(TrainingCallback):
     def restore_locked(self, model: nn.Module, tensors: dict, states: dict, trainer_state: dict) -> PhaseChange:
         """Resume after the lock: base weights, basis, trained tensors and the locked optimizer's state."""
         kind = trainer_state.get("locked_kind", "subspace")
-        files = trainer_state.get("lock_files") or {}  # checkpoints before per-lock files: the run-level paths
-        where = self.run_dir / files["dir"] if files.get("dir") else None
-        basis_file = where / "basis.safetensors" if where else self.basis_file
-        base_file = where / "base_model.safetensors" if where else self.run_dir / "lock" / "base_model.safetensors"
+        files = trainer_state["lock_files"]  # which lock's files this checkpoint trained with, and their hashes
+        basis_file = self.run_dir / files["dir"] / "basis.safetensors"
+        base_file = self.run_dir / files["dir"] / "base_model.safetensors"
         needed = ([basis_file] if kind != "lora" else []) + ([base_file] if kind != "projected_full" else [])
         missing = [str(path) for path in needed if not path.is_file()]
         if missing:
@@ -464,7 +463,7 @@ class LockController(TrainingCallback):
                     "it was overwritten or corrupted. Resume from a checkpoint written after it, or restore the file."
                 )
         self._restore_common(trainer_state, tensors)
-        self.lock_files = files or None
+        self.lock_files = files
         s = self.settings
         lr = self.lr_at(step)
         weights, source = (
@@ -501,8 +500,6 @@ class LockController(TrainingCallback):
                     p.copy_(saved[name])
         self.locked.optimizer.load_state_dict(states["optimizer"])
         saved_scales = trainer_state.get("lr_scales") or {}
-        if isinstance(saved_scales, list):  # checkpoints written before the scales lived in the param groups
-            saved_scales = dict(zip(sorted(self.locked.trainable()), saved_scales))
         for group, name in zip(self.locked.optimizer.param_groups, self.locked.trainable()):
             group.setdefault("lr_scale", float(saved_scales.get(name, 1.0)))
         if self.config.fsdp:  # coefficients and the optimizer state they hold move onto the shards

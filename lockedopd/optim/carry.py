@@ -46,6 +46,10 @@ def lr_scale_from_adam_state(state: Mapping[str, Tensor], basis: SubspaceBasis, 
     return max(1.0, (share * out_dim * in_dim / reduced.numel()) ** 0.5)
 
 
+#: The tensors a carry file holds per module.
+CARRIED_KEYS = ("exp_avg", "exp_avg_sq", "row_sq", "col_sq")
+
+
 @dataclass
 class WarmupCarry:
     """Per locked matrix: the warmup's Adam step count and moments in coefficient coordinates, and its lr scale.
@@ -160,9 +164,11 @@ class WarmupCarry:
         steps = {k: float(v) for k, v in json.loads(meta["steps"]).items()}
         carry = cls(steps=steps, lr_scales={k: float(v) for k, v in json.loads(meta["lr_scales"]).items()})
         for name in steps:
+            missing = [f"{name}.{key}" for key in CARRIED_KEYS if f"{name}.{key}" not in tensors]
+            if missing:
+                raise ValueError(f"{path} lacks {missing[:3]}: it was not written by WarmupCarry.save; lock again.")
             carry.exp_avg[name] = tensors[f"{name}.exp_avg"]
             carry.exp_avg_sq[name] = tensors[f"{name}.exp_avg_sq"]
-            if f"{name}.row_sq" in tensors:  # carries written before the factored optimizer existed lack them
-                carry.row_sq[name] = tensors[f"{name}.row_sq"]
-                carry.col_sq[name] = tensors[f"{name}.col_sq"]
+            carry.row_sq[name] = tensors[f"{name}.row_sq"]
+            carry.col_sq[name] = tensors[f"{name}.col_sq"]
         return carry

@@ -111,11 +111,6 @@ class FactoredSubspaceAdamW(torch.optim.Optimizer):
         for name, coef in coefficients.items():
             if name not in carry.steps:
                 continue
-            if name not in carry.row_sq:
-                raise ValueError(
-                    f"{name}: the warmup carry has no row/column sums of the second moment (written by an older "
-                    "lockedopd); lock again to write them, or use lock.optimizer=coefficients."
-                )
             m = carry.exp_avg[name]
             if tuple(m.shape) != tuple(coef.shape):
                 raise ValueError(

@@ -4,7 +4,7 @@ Two ways to train only inside a frozen basis (V in x r, optionally U out x r, or
 
 * coefficient mode (params without a basis): the trainable tensors are adapter coefficients, A (out x r) with
   ΔW = A·Vᵀ ("right") or C (r x r) with ΔW = U·C·Vᵀ ("two_sided").  The optimizer is then exactly AdamW
-  (same arithmetic as ``torch.optim.AdamW(foreach=False)``).  `LockedAdamW.from_warmup` builds it so that it
+  (same arithmetic as ``torch.optim.AdamW(foreach=False)``).  `LockedAdamW.from_carry` builds it so that it
   continues the warmup's full-parameter AdamW without a jump (see `project_adam_moments`).
 * projected mode (params with a basis, full weights W kept trainable): the gradient is mapped to r-dim
   coordinates, g = G·V ("right", out x r) or g = Uᵀ·G·V ("two_sided", r x r); Adam's moments live in those
@@ -359,92 +359,6 @@ class LockedAdamW(torch.optim.Optimizer):
                 "exp_avg": shard_like(m.to(device=coef.device, dtype=coef.dtype).contiguous(), coef),
                 "exp_avg_sq": shard_like(v.to(device=coef.device, dtype=coef.dtype).contiguous(), coef),
             }
-
-    @classmethod
-    @torch.no_grad()
-    def from_warmup(
-        cls,
-        coefficients: Mapping[str, Tensor],
-        warmup_optimizer: torch.optim.Optimizer,
-        full_params: Mapping[str, Tensor],
-        bases: Mapping[str, SubspaceBasis | tuple[Tensor, Tensor]],
-        mode: str = "right",
-        lr: float | None = None,
-        betas: tuple[float, float] | None = None,
-        eps: float | None = None,
-        weight_decay: float = 0.0,
-        grad_scale: float = 1.0,
-        extra_params: Iterable[Tensor] = (),
-    ) -> LockedAdamW:
-        """Coefficient-mode optimizer that continues a warmup AdamW on full weights without a jump.
-
-        For each module name: ``coefficients[name]`` is the trainable A (out x r, mode "right": ΔW = s·A·Vᵀ) or
-        C (r x r, mode "two_sided": ΔW = s·U·C·Vᵀ), ``full_params[name]`` the weight W the warmup optimizer
-        trained, ``bases[name]`` its :class:`SubspaceBasis` (or (U, V)), s = `grad_scale`.  The new state gets the
-        warmup's step count and m_A = s·m_W·V, v_A = s²·v_W·(V∘V) (right) or m_C = s·Uᵀ·m_W·V,
-        v_C = s²·(U∘U)ᵀ·v_W·(V∘V) (two_sided); see `SubspaceBasis.reduce_moments`.  W whose warmup state is empty
-        give a fresh state.  `extra_params` (biases, norms, ... that stay fully trainable) keep their warmup state as
-        is.  lr, betas and eps default to the warmup group's values (which must then agree across groups);
-        weight_decay defaults to 0 because decay on coefficients shrinks ΔW, not W.  Adam's step is invariant to s:
-        to keep ΔW's step size, pass lr = warmup lr / s.  (For a per-matrix lr scale, use
-        :meth:`from_carry` with a :class:`WarmupCarry`.)
-        """
-        check_lock_mode(mode, "mode")
-        _check_number("grad_scale", grad_scale, 0.0)
-        if set(coefficients) != set(bases):
-            raise ValueError(
-                f"coefficients and bases name different modules: {sorted(set(coefficients) ^ set(bases))}"
-            )
-        missing = sorted(set(coefficients) - set(full_params))
-        if missing:
-            raise ValueError(f"full_params lacks modules {missing[:5]}")
-        groups_of = {}
-        for group in warmup_optimizer.param_groups:
-            for p in group["params"]:
-                groups_of[id(p)] = group
-        extra_params = list(extra_params)
-        sources = [full_params[n] for n in coefficients] + extra_params
-        for w in sources:
-            if id(w) not in groups_of:
-                raise ValueError("a full param / extra param is not managed by warmup_optimizer")
-        hparams = {}
-        for key, given in (("lr", lr), ("betas", betas), ("eps", eps)):
-            if given is not None:
-                hparams[key] = tuple(given) if key == "betas" else given
-                continue
-            values = {tuple(groups_of[id(w)][key]) if key == "betas" else groups_of[id(w)][key] for w in sources}
-            if len(values) != 1:
-                raise ValueError(f"warmup param groups disagree on {key} ({sorted(values)}); pass {key}= explicitly")
-            hparams[key] = values.pop()
-        locked = {}
-        for name, coef in coefficients.items():
-            basis = SubspaceBasis.coerce(bases[name], mode)
-            W = full_params[name]
-            out_f, in_f = W.shape
-            if basis.in_features != in_f or (basis.two_sided and basis.U.shape[0] != out_f):
-                raise ValueError(
-                    f"{name}: basis shapes U {_shape_of(basis.U)}, V {tuple(basis.V.shape)} do not fit W {W.shape}"
-                )
-            expected = basis.coefficient_shape(out_f)
-            if tuple(coef.shape) != expected:
-                raise ValueError(f"{name}: coefficient shape {tuple(coef.shape)} != expected {expected} ({mode})")
-            locked[name] = basis
-        carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, locked, lr_scale=1.0, grad_scale=grad_scale)
-        opt = cls(list(coefficients.values()) + extra_params, weight_decay=weight_decay, projection=mode, **hparams)
-        opt._load_carried_moments(coefficients, carry)
-        for p in extra_params:
-            ws = warmup_optimizer.state.get(p, {})
-            if ws:
-                opt.state[p] = {
-                    "step": torch.tensor(float(ws["step"]), dtype=torch.float32),
-                    "exp_avg": ws["exp_avg"].detach().clone(),
-                    "exp_avg_sq": ws["exp_avg_sq"].detach().clone(),
-                }
-        return opt
-
-
-def _shape_of(t: Tensor | None) -> tuple | None:
-    return None if t is None else tuple(t.shape)
 
 
 def _product(a: Tensor | None, b: Tensor | None) -> Tensor | None:
