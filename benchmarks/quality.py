@@ -1018,6 +1018,14 @@ def run(
     unknown = sorted(set(methods or []) - set(exp.methods))
     if unknown:
         raise ValueError(f"--methods: {unknown[0]!r} is not a method of the experiment ({list(exp.methods)}).")
+    known_seeds = {seed for _, seed in exp.cells()}
+    outside = sorted(set(seeds or []) - known_seeds)
+    if outside:
+        raise ValueError(
+            f"--seeds: seed {outside[0]} is not a seed of the experiment (seeds {exp.seeds}, extra_seeds "
+            f"{exp.extra_seeds or {}}); add it to `seeds` (or to `extra_seeds` of the methods that need it, `full` "
+            "among them) in the experiment's YAML, then rerun."
+        )
     computed, skipped = [], []
     measure_teacher_accuracy(exp)
     for method, seed in exp.cells():

@@ -336,3 +336,10 @@ def test_extra_seeds_add_cells_for_one_method_and_need_the_full_run_of_the_same_
         dataclasses.replace(exp, extra_seeds={"full": [1]})
     with pytest.raises(ValueError, match=r"not a method"):
         dataclasses.replace(exp, extra_seeds={"nope": [3], "full": [3]})
+
+
+def test_a_seed_outside_the_experiment_is_refused_before_anything_runs(tmp_path):
+    exp = experiment(tmp_path / "grid", seeds=[0])
+    with pytest.raises(ValueError, match=r"--seeds: seed 7 is not a seed of the experiment .*add it to `seeds`"):
+        quality.run(exp, seeds=[7])
+    assert not (exp.out_dir / "cells").exists()  # nothing was trained or written
