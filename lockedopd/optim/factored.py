@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..subspace.basis import SubspaceBasis
 from .carry import WarmupCarry
+from .closure import evaluate_closure
 
 __all__ = ["FactoredSubspaceAdamW"]
 
@@ -131,10 +132,7 @@ class FactoredSubspaceAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One projected, factored W-space Adam step for every coefficient tensor with a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             (p,) = group["params"]
             if p.grad is None:

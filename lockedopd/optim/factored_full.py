@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .closure import evaluate_closure
 from .factored import TINY
 
 __all__ = ["FactoredAdamW"]
@@ -54,10 +55,7 @@ class FactoredAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One factored AdamW step for every parameter with a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

@@ -28,6 +28,7 @@ from torch import Tensor
 from ..runtime.distributed import shard_like
 from ..subspace.basis import LOCK_MODES, SubspaceBasis, change_moment_basis, check_lock_mode, check_orthonormal
 from .carry import WarmupCarry
+from .closure import evaluate_closure
 
 __all__ = ["LockedAdamW", "change_moment_basis", "project_adam_moments"]
 
@@ -223,10 +224,7 @@ class LockedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             projection = group["projection"]
             if projection not in PROJECTIONS:
