@@ -135,3 +135,39 @@ def test_baseline_settings_that_cannot_work_are_refused(overrides, message, tmp_
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         load_config(TINY_CONFIG, [f"output_dir={tmp_path}", *overrides])
+
+
+def test_the_lock_builds_what_trains_from_the_methods_registry(tmp_path, monkeypatch):
+    """The controller enters (and on resume re-enters) whatever ``LOCK_METHODS`` holds under the selected name; the
+    lock itself has no branch per baseline."""
+    from lockedopd.lock import methods
+    from lockedopd.lock.methods import LOCK_METHODS, lock_method_name
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, []
+            self.needs_basis, self.frozen_base = inner.needs_basis, inner.frozen_base
+
+        def enter(self, request):
+            self.calls.append(("enter", request.lr))
+            return self.inner.enter(request)
+
+        def resume(self, request):
+            self.calls.append(("resume", request.lr))
+            return self.inner.resume(request)
+
+    counting = Counting(LOCK_METHODS["lora"])
+    monkeypatch.setitem(LOCK_METHODS, "lora", counting)
+    run(tmp_path / "run", *METHODS["lora_after_warmup"], kill_at=9)
+    run(tmp_path / "run", *METHODS["lora_after_warmup"], "resume=true")
+    assert [kind for kind, _ in counting.calls] == ["enter", "resume"]
+    assert counting.calls[0][1] > 0
+    lock = json.loads((tmp_path / "run" / "lock.json").read_text())
+    assert lock["lock_step"] == 6  # locked once, by the registry's entry, and resumed from the checkpoint after it
+
+    names = {lock_method_name(type("S", (), {"adapter": a, "optimizer": o})()) for a, o in
+             [("subspace", "factored"), ("subspace", "coefficients"), ("lora", "factored"),
+              ("subspace", "projected_full")]}  # fmt: skip
+    assert names == {"subspace", "lora", "projected_full"} == set(methods.LOCK_METHODS)
+    with pytest.raises(ValueError, match=r"lock method='nope' is not one of \['subspace', 'lora', 'projected_full'\]"):
+        LOCK_METHODS.lookup("nope")

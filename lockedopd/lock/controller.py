@@ -37,19 +37,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lockedopd.adapter.model import locked_layers
+from lockedopd.lock.methods import LOCK_METHODS, LockRequest, lock_method_name
 from lockedopd.lock.params import optimizer_state_bytes, trainable_parameters
 from lockedopd.lock.phases import (
     ADAPTER_NAME,
     LockedPhase,
-    enter_locked_phase,
-    enter_lora_phase,
-    enter_projected_phase,
     leave_locked_phase,
     load_preset_bases,
-    write_lock_files,
 )
 from lockedopd.opd.callbacks import CheckpointParts, PhaseChange, TrainingCallback
-from lockedopd.optim import WarmupCarry
 from lockedopd.runtime.atomic_io import atomic_copy, atomic_directory, atomic_write_text
 from lockedopd.runtime.checkpoint import atomic_save_safetensors
 from lockedopd.runtime.distributed import DistContext, full_tensor, weights_fingerprint
@@ -199,11 +195,12 @@ class LockController(TrainingCallback):
     ) -> PhaseChange:
         """Freeze ``bases`` and switch to training inside them (see the module docstring).
 
-        ``lock.adapter``, ``lock.basis_source`` and ``lock.optimizer`` pick the baselines of the quality benchmark
-        instead: a fresh LoRA, a random basis, or full weights with projected W-space AdamW.
+        What then trains is the :mod:`~lockedopd.lock.methods` entry ``lock.adapter`` / ``lock.optimizer`` select
+        (the subspace lock, or a baseline: a fresh LoRA, full weights with projected W-space AdamW);
+        ``lock.basis_source: random`` swaps the bases for random ones (the control).
         """
-        s, c = self.settings, self.config
-        lr, scale = self.lr_at(step), s.lr_scale
+        s = self.settings
+        method = LOCK_METHODS.lookup(lock_method_name(s))
         main = self.dist.is_main
         fsdp = self.config.fsdp
         if self.dist.enabled and not fsdp:  # (sharded weights are no replicas to compare)
@@ -214,49 +211,23 @@ class LockController(TrainingCallback):
         base_file = self.lock_dir(generation) / "base_model.safetensors"
         warmup_model, whole = model, None
         if fsdp:  # every process gathers the shards: the locked phase is entered on a whole copy, then sharded
-            from lockedopd.runtime.fsdp import gather_state_dict, plain_copy
+            from lockedopd.runtime.fsdp import gather_state_dict
 
             whole = gather_state_dict(model)
-        if s.optimizer != "projected_full" and main:  # the frozen base of an adapter: W at the lock (warmup folded in)
+        if method.frozen_base and main:  # the frozen base of an adapter: W at the lock (warmup folded in)
             atomic_save_safetensors(whole if fsdp else model.state_dict(), base_file, {"step": step})
-        if s.adapter == "lora":
-            self.locked = enter_lora_phase(
-                model, self.target_names, s.rank, lr=lr, alpha=s.lora_alpha,
-                lr_scale=1.0 if scale == "auto" else float(scale), **self._adam(),
-            )  # fmt: skip
-        else:
+        if method.needs_basis:
             if s.basis_source == "random":
                 bases = self._random_bases(model)
             bases = {name: bases[name].with_mode(s.mode) for name in sorted(bases)}
-            meta = {"step": step, "rank": s.rank, "mode": s.mode, "reason": reason, "source": s.basis_source}
-            if s.optimizer == "projected_full":
-                if main:
-                    write_lock_files(basis_file, bases, meta)
-                self.dist.barrier()
-                self.locked = enter_projected_phase(
-                    model, bases, warmup_optimizer, lr=lr, lr_scale=1.0 if scale == "auto" else float(scale),
-                    weight_decay=c.weight_decay, **self._adam(),
-                )  # fmt: skip
-            else:
-                full_params = {name: model.get_submodule(name).weight for name in bases}
-                if s.optimizer == "factored" and scale == "auto":
-                    scale = 1.0  # its steps already have W-space AdamW's size: the warmup's lr continues
-                carry = WarmupCarry.from_optimizer(warmup_optimizer, full_params, bases, lr_scale=scale)
-                if main:
-                    write_lock_files(basis_file, bases, meta, carry)
-                self.dist.barrier()  # the adapter reads the basis file
-                if fsdp:
-                    model = plain_copy(model, whole)
-                    del whole
-                self.locked = enter_locked_phase(model, bases, basis_file, carry, lr=lr, optimizer=s.optimizer,
-                                                 base_dtype=s.base_dtype, **self._adam())  # fmt: skip
-                if fsdp:
-                    from lockedopd.runtime.fsdp import shard_locked_phase
-
-                    shard_locked_phase(self.locked, sum_gradients=True)
-                self._log_quantization()
-            if main:
-                atomic_copy(basis_file, self.basis_file)
+        meta = {"step": step, "rank": s.rank, "mode": s.mode, "reason": reason, "source": s.basis_source}
+        request = LockRequest(model, whole, warmup_optimizer, bases if method.needs_basis else None, basis_file, meta,
+                              self.lr_at(step), s, self.config, self.target_names, self.dist)  # fmt: skip
+        self.locked, model = method.enter(request)
+        del request, whole
+        self._log_quantization()
+        if method.needs_basis and main:
+            atomic_copy(basis_file, self.basis_file)
         lock_files = None
         if main:
             lock_files = {
@@ -275,7 +246,7 @@ class LockController(TrainingCallback):
         self.policy = None
         self.lock_step, self.lock_reason = step, reason
         self.events.append({"step": step, "event": "lock", "reason": reason})
-        if self.locked.kind != "projected_full":
+        if self._trains_adapter():
             adapter_state = self.gathered_adapter_state() if fsdp else None
             if main:
                 self.save_adapter(adapter_state)
@@ -386,7 +357,7 @@ class LockController(TrainingCallback):
         if self.locked is not None:
             trainer_state["locked_kind"] = self.locked.kind
             trainer_state["lock_files"] = self.lock_files
-            if self.locked.kind != "projected_full":  # projected_full trains the model's own weights: saved anyway
+            if self._trains_adapter():  # (a method training the model's own weights has them saved anyway)
                 trained = self.locked.trainable()  # (FSDP2 shards gathered whole)
                 tensors["coefficients"] = {name: full_tensor(p.detach()) for name, p in trained.items()}
         elif self.policy is not None:
@@ -444,11 +415,11 @@ class LockController(TrainingCallback):
 
     def restore_locked(self, model: nn.Module, tensors: dict, states: dict, trainer_state: dict) -> PhaseChange:
         """Resume after the lock: base weights, basis, trained tensors and the locked optimizer's state."""
-        kind = trainer_state.get("locked_kind", "subspace")
+        method = LOCK_METHODS.lookup(trainer_state["locked_kind"])
         files = trainer_state["lock_files"]  # which lock's files this checkpoint trained with, and their hashes
         basis_file = self.run_dir / files["dir"] / "basis.safetensors"
         base_file = self.run_dir / files["dir"] / "base_model.safetensors"
-        needed = ([basis_file] if kind != "lora" else []) + ([base_file] if kind != "projected_full" else [])
+        needed = ([basis_file] if method.needs_basis else []) + ([base_file] if method.frozen_base else [])
         missing = [str(path) for path in needed if not path.is_file()]
         if missing:
             raise FileNotFoundError(
@@ -465,11 +436,8 @@ class LockController(TrainingCallback):
         self._restore_common(trainer_state, tensors)
         self.lock_files = files
         s = self.settings
-        lr = self.lr_at(step)
         weights, source = (
-            (tensors["model"], "the checkpoint")
-            if kind == "projected_full"
-            else (load_file(base_file), str(base_file))
+            (load_file(base_file), str(base_file)) if method.frozen_base else (tensors["model"], "the checkpoint")
         )
         if self.config.fsdp:  # the locked phase is entered on a whole copy of the student, then sharded
             from lockedopd.runtime.fsdp import plain_copy
@@ -477,18 +445,11 @@ class LockController(TrainingCallback):
             model = plain_copy(model, weights)
         else:
             _load_weights(model, weights, source)
-        if kind == "lora":
-            self.locked = enter_lora_phase(model, self.target_names, s.rank, lr=lr, alpha=s.lora_alpha, **self._adam())
-        else:
-            bases, _ = SubspaceBasis.load_all(basis_file, mode=s.mode)
-            if kind == "projected_full":
-                self.locked = enter_projected_phase(
-                    model, bases, None, lr=lr, weight_decay=self.config.weight_decay, **self._adam()
-                )
-            else:
-                self.locked = enter_locked_phase(model, bases, basis_file, None, lr=lr, optimizer=s.optimizer,
-                                                 base_dtype=s.base_dtype, **self._adam())  # fmt: skip
-        if kind != "projected_full":
+        bases = SubspaceBasis.load_all(basis_file, mode=s.mode)[0] if method.needs_basis else None
+        request = LockRequest(model, None, None, bases, basis_file, {}, self.lr_at(step), s, self.config,
+                              self.target_names, self.dist)  # fmt: skip
+        self.locked = method.resume(request)
+        if method.frozen_base:  # an adapter: its trained tensors are in the checkpoint beside the weights
             trained = self.locked.trainable()
             saved = tensors.get("coefficients", {})
             if set(saved) != set(trained):
@@ -508,6 +469,10 @@ class LockController(TrainingCallback):
             shard_locked_phase(self.locked, sum_gradients=True)
         self.policy = None
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
+
+    def _trains_adapter(self) -> bool:
+        """Whether the locked phase trains an adapter over a frozen base (not the model's own weights)."""
+        return LOCK_METHODS.lookup(self.locked.kind).frozen_base
 
     # -------------------------------------------------------------------------------------------- reporting
     def lr_scales(self) -> dict[str, float] | None:
@@ -553,7 +518,7 @@ class LockController(TrainingCallback):
     def gathered_adapter_state(self) -> dict[str, torch.Tensor] | None:
         """The adapter's tensors (names containing the adapter's name) gathered whole from FSDP2 shards; every
         process must call it. ``None`` outside a locked phase with an adapter."""
-        if self.locked is None or self.locked.kind == "projected_full":
+        if self.locked is None or not self._trains_adapter():
             return None
         tag = f".{self.locked.adapter_name}"
         return {
@@ -568,7 +533,7 @@ class LockController(TrainingCallback):
         adapter_state = self.gathered_adapter_state() if self.config.fsdp else None
         if summary is None:
             return
-        if self.locked is not None and self.locked.kind != "projected_full":
+        if self.locked is not None and self._trains_adapter():
             self.save_adapter(adapter_state)
         atomic_write_text(self.run_dir / "lock.json", json.dumps(self.summary(), indent=2))
         from lockedopd.diagnostics.run_report import write_trajectory_report
