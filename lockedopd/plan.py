@@ -205,41 +205,20 @@ def plan_memory(
     rank, lock = config.lock.rank, config.lock
     gathered = 2 * (params - arch.vocab_size * arch.hidden_size) / max(arch.num_layers, 1) * width if fsdp else 0
 
-    # the loss: vocabulary-sized float32 tensors, or one chunk of them
     exact = config.objective.name in ("reverse_kl", "forward_kl", "jsd")
-    copies_saved, copies_chunk = LOSS_COPIES.get(config.objective.name, (1, 6))
-    lm_input = positions * arch.hidden_size * width
-    if config.objective.chunk_size > 0:
-        chunk = min(config.objective.chunk_size, positions)
-        logits_saved, logits_peak = lm_input, lm_input + copies_chunk * chunk * arch.vocab_size * 4
-    else:  # the output layer is frozen in both phases, so it keeps no input
-        logits_saved = copies_saved * positions * arch.vocab_size * 4
-        logits_peak = (
-            logits_saved + (1 if exact else 0) * positions * arch.vocab_size * 4 + 2 * positions * arch.vocab_size * 4
-        )
+    logits_saved, logits_peak = _loss_bytes(config.objective, arch, positions, width, exact)
 
     teacher, teacher_separate = _teacher_bytes(config, rows, length, positions, exact)
 
     mask = rows * length * length  # SDPA's boolean 4-D attention mask, one byte per entry (none without padding)
 
     def activations(phase: str) -> tuple[float, float]:
-        if config.gradient_checkpointing:
-            one_layer = _replace_layers(arch, 1)
-            saved = (arch.num_layers + 1) * tokens * arch.hidden_size * width + mask  # layer inputs + final norm
-            recompute = (
-                _activation_values(one_layer, tokens, 0, length, phase, rank, targets) - tokens * arch.hidden_size
-            ) * width
-            return saved, saved + recompute
-        values = _activation_values(arch, tokens, rows, length, phase, rank, targets) * width + mask
-        return values, values
+        return _activation_bytes(config.gradient_checkpointing, arch, tokens, rows, length, phase, rank, targets,
+                                 width, mask)  # fmt: skip
 
     phases: dict[str, dict[str, float]] = {}
     saved, peak = activations("warmup")
-    optimizer = {
-        "adamw": 2 * target_numel * width,
-        "adamw8bit": arch.num_layers * sum(_adamw8bit_bytes(o * i) for o, i in shapes),
-        "galore": arch.num_layers * sum((2 * rank * max(o, i) + rank * min(o, i)) * 4 for o, i in shapes),
-    }[config.optimizer]
+    optimizer = _full_optimizer_bytes(config.optimizer, arch, shapes, width, rank)
     k = lock.sketch_size or 2 * rank + 1
     co = lock.co_sketch_size or 2 * k + 1
     tracker = arch.num_layers * sum(8 * (o * k + co * i + i * rank) for o, i in shapes) if lock.enabled else 0
@@ -257,35 +236,16 @@ def plan_memory(
     }
     if lock.enabled:
         saved, peak = activations("locked")
-        base = target_numel * (width if lock.base_dtype == "keep" else BASE_BYTES[lock.base_dtype])
-        if lock.base_dtype == "int8":
-            base += arch.num_layers * sum(4 * o for o, _ in shapes)
-        coefficient_numel = arch.num_layers * sum(
-            (o * rank if lock.mode == "right" else rank * rank) for o, _ in shapes
-        )
-        basis_numel = arch.num_layers * sum(
-            i * rank + (o * rank if lock.mode == "two_sided" else 0) for o, i in shapes
-        )
-        if lock.optimizer == "factored":  # m of the coefficients + the row (out) and column (in) sums of v_W
-            locked_optimizer_numel = coefficient_numel + arch.num_layers * sum(o + i for o, i in shapes)
-        else:  # LockedAdamW: two moments of the coefficients
-            locked_optimizer_numel = 2 * coefficient_numel
+        replicas = world_size > 1 and not fsdp  # a data-parallel process also holds the summed gradients
         phases["locked"] = {
-            "weights": ((params - target_numel) * width + base) / shard + gathered,
-            "bases": basis_numel * 4 / shard,
-            "adapter": coefficient_numel * 4 / shard,
-            "gradients": coefficient_numel * 4 / shard + (coefficient_numel * 4 if world_size > 1 and not fsdp else 0),
-            "optimizer_state": locked_optimizer_numel * 4 / shard,
+            **_locked_state_bytes(lock, arch, shapes, params, target_numel, width, shard, gathered, replicas),
             "activations": peak,
             "logits": logits_peak,
             "teacher": teacher,
             "saved_for_backward_bytes": saved + logits_saved,
             "step_peak_bytes": saved + max(peak - saved, logits_peak),
         }
-    for phase in phases.values():
-        phase["total_bytes"] = sum(v for key, v in phase.items() if key not in NOT_SUMMED)
-        for key, value in phase.items():
-            phase[key] = int(round(value))
+    _total_and_round(phases)
     return {
         "world_size": world_size,
         "fsdp": fsdp,
@@ -294,6 +254,73 @@ def plan_memory(
         "student": {"parameters": params, "trained_in_warmup": target_numel, **asdict(arch)},
         "teacher_separate_bytes": int(teacher_separate),
         "phases": phases,
+    }
+
+
+def _activation_bytes(checkpointing: bool, arch, tokens, rows, length, phase, rank, targets, width, mask):
+    """Activations a step saves for backward, and their peak (with the recomputation of activation checkpointing)."""
+    if checkpointing:
+        one_layer = _replace_layers(arch, 1)
+        saved = (arch.num_layers + 1) * tokens * arch.hidden_size * width + mask  # layer inputs + final norm
+        recompute = (
+            _activation_values(one_layer, tokens, 0, length, phase, rank, targets) - tokens * arch.hidden_size
+        ) * width
+        return saved, saved + recompute
+    values = _activation_values(arch, tokens, rows, length, phase, rank, targets) * width + mask
+    return values, values
+
+
+def _total_and_round(phases: dict[str, dict[str, float]]) -> None:
+    """Add each phase's ``total_bytes`` (the components that add up) and round every entry to whole bytes."""
+    for phase in phases.values():
+        phase["total_bytes"] = sum(v for key, v in phase.items() if key not in NOT_SUMMED)
+        for key, value in phase.items():
+            phase[key] = int(round(value))
+
+
+def _loss_bytes(objective, arch: Architecture, positions: int, width: int, exact: bool) -> tuple[float, float]:
+    """The loss's bytes saved for backward and at its peak: vocabulary-sized float32 tensors, or one chunk of them."""
+    copies_saved, copies_chunk = LOSS_COPIES.get(objective.name, (1, 6))
+    lm_input = positions * arch.hidden_size * width
+    if objective.chunk_size > 0:
+        chunk = min(objective.chunk_size, positions)
+        return lm_input, lm_input + copies_chunk * chunk * arch.vocab_size * 4
+    # unchunked: the output layer is frozen in both phases, so it keeps no input
+    saved = copies_saved * positions * arch.vocab_size * 4
+    return saved, saved + (1 if exact else 0) * positions * arch.vocab_size * 4 + 2 * positions * arch.vocab_size * 4
+
+
+def _full_optimizer_bytes(name: str, arch: Architecture, shapes: list, width: int, rank: int) -> float:
+    """State bytes of the full-parameter optimizer ``name`` over the target matrices of every layer."""
+    if name == "adamw":  # two moments in the weights' dtype
+        return 2 * arch.num_layers * sum(o * i for o, i in shapes) * width
+    if name == "factored":  # float32 m, and the row and column sums of the second moment
+        return arch.num_layers * sum((o * i + o + i) * 4 for o, i in shapes)
+    if name == "adamw8bit":
+        return arch.num_layers * sum(_adamw8bit_bytes(o * i) for o, i in shapes)
+    if name == "galore":
+        return arch.num_layers * sum((2 * rank * max(o, i) + rank * min(o, i)) * 4 for o, i in shapes)
+    raise ValueError(f"plan: no memory model for optimizer={name!r}; add one to plan._full_optimizer_bytes.")
+
+
+def _locked_state_bytes(lock, arch, shapes, params, target_numel, width, shard, gathered, replicas) -> dict:
+    """Per-device bytes of the locked phase's weights, bases, adapter, gradients and optimizer state."""
+    rank = lock.rank
+    base = target_numel * (width if lock.base_dtype == "keep" else BASE_BYTES[lock.base_dtype])
+    if lock.base_dtype == "int8":
+        base += arch.num_layers * sum(4 * o for o, _ in shapes)
+    coefficient_numel = arch.num_layers * sum((o * rank if lock.mode == "right" else rank * rank) for o, _ in shapes)
+    basis_numel = arch.num_layers * sum(i * rank + (o * rank if lock.mode == "two_sided" else 0) for o, i in shapes)
+    if lock.optimizer == "factored":  # m of the coefficients + the row (out) and column (in) sums of v_W
+        locked_optimizer_numel = coefficient_numel + arch.num_layers * sum(o + i for o, i in shapes)
+    else:  # LockedAdamW: two moments of the coefficients
+        locked_optimizer_numel = 2 * coefficient_numel
+    return {
+        "weights": ((params - target_numel) * width + base) / shard + gathered,
+        "bases": basis_numel * 4 / shard,
+        "adapter": coefficient_numel * 4 / shard,
+        "gradients": coefficient_numel * 4 / shard + (coefficient_numel * 4 if replicas else 0),
+        "optimizer_state": locked_optimizer_numel * 4 / shard,
     }
 
 

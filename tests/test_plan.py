@@ -165,3 +165,16 @@ def test_plan_matches_the_committed_smollm2_measurement():
     for method, by_key in ratios.items():
         for key, ratio in by_key.items():
             assert ratio == pytest.approx(1.0, abs=0.2), (method, key, ratio)
+
+
+def test_plan_counts_the_factored_full_optimizer_as_the_trainer_builds_it(tmp_path):
+    """``optimizer: factored`` (full-parameter, Adafactor-factored second moment) is planned as what it holds:
+    float32 m per weight plus a row and a column sum per matrix — the bytes the built optimizer reports."""
+    overrides = [f"output_dir={tmp_path}", "lock.enabled=false", "optimizer=factored", "max_steps=1", "progress=false"]
+    config = load_config(TINY_CONFIG, overrides)
+    planned = plan_memory(config)["phases"]["warmup"]["optimizer_state"]
+    trainer = OPDTrainer.from_config(config)
+    trainer.train()
+    assert planned == optimizer_state_bytes(trainer.optimizer) - 4 * len(trainer.trainable_parameters())  # (steps)
+    adamw = plan_memory(load_config(TINY_CONFIG, [*overrides[:2], "optimizer=adamw"]))["phases"]["warmup"]
+    assert planned < adamw["optimizer_state"]  # m in full, v as sums: about half of AdamW's two moments

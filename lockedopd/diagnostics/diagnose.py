@@ -168,47 +168,10 @@ def diagnose(
     :class:`CheckpointReader`.  ``include``: regex, only tensor names it matches (``re.search``)
     are considered.  See the module docstring for the aggregation rules.
     """
-    if k < 1 or mask_rank < 0 or hill_k < 2:
-        raise ValueError(
-            f"need k >= 1, mask_rank >= 0, hill_k >= 2 (got k={k}, mask_rank={mask_rank}, hill_k={hill_k})"
-        )
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not eta >= 0.0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    if update_mask not in ("eta", "exact"):
-        raise ValueError(f"update_mask must be 'eta' or 'exact', got {update_mask!r}")
-    try:
-        pattern = re.compile(include) if include else None
-    except re.error as exc:
-        raise ValueError(f"invalid --include regex {include!r}: {exc}") from None
-
+    pattern = _check_settings(k, eta, mask_rank, alpha, hill_k, update_mask, include)
     r0 = _reader(base)
     r1 = _reader(ft)
-
-    def wanted(name: str) -> bool:
-        return pattern is None or pattern.search(name) is not None
-
-    names0 = sorted((n for n in r0.keys() if wanted(n)), key=natural_key)
-    names1 = sorted((n for n in r1.keys() if wanted(n)), key=natural_key)
-    set0, set1 = set(names0), set(names1)
-
-    skipped: dict[str, str] = {}
-    todo: list[str] = []
-    for n in names0:
-        if n not in set1:
-            skipped[n] = "missing in fine-tuned checkpoint"
-        elif r0.shape(n) != r1.shape(n):
-            skipped[n] = f"shape mismatch: base {list(r0.shape(n))} vs fine-tuned {list(r1.shape(n))}"
-        elif not (r0.is_floating(n) and r1.is_floating(n)):
-            skipped[n] = f"non-floating dtype (base {r0.dtype(n)}, fine-tuned {r1.dtype(n)})"
-        elif r0.numel(n) == 0:
-            skipped[n] = "empty tensor"
-        else:
-            todo.append(n)
-    for n in names1:
-        if n not in set0:
-            skipped[n] = "missing in base checkpoint"
+    todo, skipped = _pair_tensors(r0, r1, pattern)
 
     matrices: dict[str, dict] = {}
     tensors: dict[str, dict] = {}
@@ -242,6 +205,65 @@ def diagnose(
         del w0, w1
     bar.close()
 
+    totals = {"unchanged": tot_unchanged, "params": tot_params, "changed": tot_exact, "matrix_params": tot_mparams,
+              "updated": tot_upd, "principal": tot_inter_p, "low_magnitude": tot_inter_l}  # fmt: skip
+    settings = {"k": k, "eta": eta, "mask_rank": mask_rank, "alpha": alpha, "hill_k": hill_k, "include": include,
+                "update_mask": update_mask}  # fmt: skip
+    return _result(r0, r1, matrices, tensors, skipped, totals, settings)
+
+
+def _check_settings(k, eta, mask_rank, alpha, hill_k, update_mask, include) -> re.Pattern | None:
+    """Refuse settings :func:`diagnose` cannot use; returns the compiled ``include`` pattern (or None)."""
+    if k < 1 or mask_rank < 0 or hill_k < 2:
+        raise ValueError(
+            f"need k >= 1, mask_rank >= 0, hill_k >= 2 (got k={k}, mask_rank={mask_rank}, hill_k={hill_k})"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not eta >= 0.0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if update_mask not in ("eta", "exact"):
+        raise ValueError(f"update_mask must be 'eta' or 'exact', got {update_mask!r}")
+    try:
+        return re.compile(include) if include else None
+    except re.error as exc:
+        raise ValueError(f"invalid --include regex {include!r}: {exc}") from None
+
+
+def _pair_tensors(r0: CheckpointReader, r1: CheckpointReader, pattern: re.Pattern | None) -> tuple[list, dict]:
+    """The tensors both checkpoints hold comparably (names matching ``pattern``), and why each other one is skipped."""
+
+    def wanted(name: str) -> bool:
+        return pattern is None or pattern.search(name) is not None
+
+    names0 = sorted((n for n in r0.keys() if wanted(n)), key=natural_key)
+    names1 = sorted((n for n in r1.keys() if wanted(n)), key=natural_key)
+    set0, set1 = set(names0), set(names1)
+    skipped: dict[str, str] = {}
+    todo: list[str] = []
+    for n in names0:
+        if n not in set1:
+            skipped[n] = "missing in fine-tuned checkpoint"
+        elif r0.shape(n) != r1.shape(n):
+            skipped[n] = f"shape mismatch: base {list(r0.shape(n))} vs fine-tuned {list(r1.shape(n))}"
+        elif not (r0.is_floating(n) and r1.is_floating(n)):
+            skipped[n] = f"non-floating dtype (base {r0.dtype(n)}, fine-tuned {r1.dtype(n)})"
+        elif r0.numel(n) == 0:
+            skipped[n] = "empty tensor"
+        else:
+            todo.append(n)
+    for n in names1:
+        if n not in set0:
+            skipped[n] = "missing in base checkpoint"
+    return todo, skipped
+
+
+def _result(r0, r1, matrices: dict, tensors: dict, skipped: dict, totals: dict, settings: dict) -> dict:
+    """:func:`diagnose`'s JSON-ready result: the aggregate summary (see the module docstring), per tensor, settings."""
+    tot_unchanged, tot_params, tot_exact = totals["unchanged"], totals["params"], totals["changed"]
+    tot_mparams, tot_upd = totals["matrix_params"], totals["updated"]
+    tot_inter_p, tot_inter_l = totals["principal"], totals["low_magnitude"]
+    update_mask, alpha = settings["update_mask"], settings["alpha"]
     mats = list(matrices.values())
     summary = {
         "bf16_sparsity": tot_unchanged / tot_params if tot_params else None,
@@ -271,13 +293,7 @@ def diagnose(
         "settings": {
             "base": str(r0.path),
             "ft": str(r1.path),
-            "k": k,
-            "eta": eta,
-            "mask_rank": mask_rank,
-            "alpha": alpha,
-            "hill_k": hill_k,
-            "include": include,
-            "update_mask": update_mask,
+            **settings,
             "update_mask_definition": (
                 "entries NOT unchanged under eta: |w1-w0| > eta*max(|w0|,|w1|) on bf16 values"
                 if update_mask == "eta"
