@@ -96,12 +96,10 @@ class LockMethod(Protocol):
     def enter(self, request: LockRequest) -> tuple[LockedPhase, nn.Module]:
         """Enter the locked phase; every process calls it. Returns the phase and the plain model under it
         (``request.model``, or with ``fsdp`` the whole copy the phase was entered on)."""
-        ...
 
     def resume(self, request: LockRequest) -> LockedPhase:
         """Enter the phase again on a resumed run: ``request.model`` holds the lock's weights, ``request.bases``
         the lock's bases; the optimizer starts fresh (the checkpoint's state is loaded into it next)."""
-        ...
 
 
 LOCK_METHODS: Registry[LockMethod] = Registry(
