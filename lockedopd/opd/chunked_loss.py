@@ -20,6 +20,7 @@ hand over :class:`~lockedopd.teachers.base.HiddenStateLogprobs`, whose log-probs
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -184,9 +185,6 @@ def compute_chunked_opd_loss(
     spans = token_chunks(rows.numel(), config.chunk_size)
     teacher_lp = teacher_full_logprobs_reader(scores, rows, cols, device)
 
-    def student_lp(h: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(output_layer(h).float(), dim=-1)
-
     # statistics pass: sampled-token log-probs and exact KL of every token, no graph kept
     student_tok, exact_kl = _token_statistics(
         flat_hidden, output_layer, flat_ids, teacher_lp, rows, cols, mask.shape, config.chunk_size
@@ -201,37 +199,16 @@ def compute_chunked_opd_loss(
         reward_tokens = reward_adv.unsqueeze(-1).expand_as(mask)[rows, cols]
 
     flat = {
+        "ids": flat_ids,
         "keep": keep[rows, cols],
         "adv": adv[rows, cols],
         "teacher_tok": teacher_tok[rows, cols],
         "topk_ids": None if scores.topk_ids is None else scores.topk_ids.to(device)[rows, cols],
         "topk_lp": None if scores.topk_logprobs is None else scores.topk_logprobs.to(device)[rows, cols],
+        "reward_tokens": reward_tokens,
     }
-    kept_total = flat["keep"].sum().to(torch.float32)
-
-    def chunk_loss(h: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        """The chunk's objective, weighted by its share of the kept tokens (so the chunks sum to the loss)."""
-
-        def one(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[s:e].unsqueeze(0)  # (1, n, ...): the objectives' (B, T) layout
-
-        lp = student_lp(h).unsqueeze(0)
-        tok = obj.gather_token_logprobs(lp, one(flat_ids))
-        chunk_keep = one(flat["keep"])
-        inputs = ObjectiveInputs(
-            student_logprobs=lp,
-            student_token_logprobs=tok,
-            completion_ids=one(flat_ids),
-            teacher_token_logprobs=one(flat["teacher_tok"]),
-            teacher_topk_ids=one(flat["topk_ids"]),
-            teacher_topk_logprobs=one(flat["topk_lp"]),
-            teacher_full_logprobs=teacher_lp(s, e).unsqueeze(0) if objective.needs_full_logprobs else None,
-            advantages=one(flat["adv"]),
-            mask=chunk_keep,
-            config=config,
-        )
-        loss = with_reward_loss(objective.loss(inputs), tok, one(reward_tokens), chunk_keep, config)
-        return loss * (chunk_keep.sum().to(torch.float32) / kept_total)
+    chunk_loss = functools.partial(_chunk_loss, objective, config, output_layer, flat, teacher_lp,
+                                   flat["keep"].sum().to(torch.float32))  # fmt: skip
 
     loss = None
     for s, e in spans:
@@ -242,3 +219,31 @@ def compute_chunked_opd_loss(
     if loss is None:  # no kept token: a zero that still reaches the parameters, as the unchunked masked mean does
         loss = hidden.sum() * 0.0
     return LossOutput.of(loss, sampled_kl, mask, keep, exact_kl, rewards)
+
+
+def _chunk_loss(objective, config, output_layer, flat: dict, teacher_lp, kept_total: torch.Tensor,
+                h: torch.Tensor, s: int, e: int) -> torch.Tensor:  # fmt: skip
+    """The objective on tokens ``s:e`` (their hidden states ``h``), weighted by the chunk's share of the kept tokens
+    (so the chunks sum to the loss). ``flat`` holds every kept-or-not token's ids, keep mask, advantage, teacher
+    log-probs and reward term, flattened in the order of ``h``."""
+
+    def one(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[s:e].unsqueeze(0)  # (1, n, ...): the objectives' (B, T) layout
+
+    lp = torch.log_softmax(output_layer(h).float(), dim=-1).unsqueeze(0)
+    tok = obj.gather_token_logprobs(lp, one(flat["ids"]))
+    chunk_keep = one(flat["keep"])
+    inputs = ObjectiveInputs(
+        student_logprobs=lp,
+        student_token_logprobs=tok,
+        completion_ids=one(flat["ids"]),
+        teacher_token_logprobs=one(flat["teacher_tok"]),
+        teacher_topk_ids=one(flat["topk_ids"]),
+        teacher_topk_logprobs=one(flat["topk_lp"]),
+        teacher_full_logprobs=teacher_lp(s, e).unsqueeze(0) if objective.needs_full_logprobs else None,
+        advantages=one(flat["adv"]),
+        mask=chunk_keep,
+        config=config,
+    )
+    loss = with_reward_loss(objective.loss(inputs), tok, one(flat["reward_tokens"]), chunk_keep, config)
+    return loss * (chunk_keep.sum().to(torch.float32) / kept_total)
