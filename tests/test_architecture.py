@@ -143,3 +143,13 @@ def test_every_module_the_readme_names_exists():
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     mentioned = {path.split("/")[1].removesuffix(".py") for path in named}
     assert packages - mentioned == set()
+
+
+def test_no_function_in_the_package_is_longer_than_80_lines():
+    long = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert long == []

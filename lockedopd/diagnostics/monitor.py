@@ -152,19 +152,7 @@ class TrajectoryMonitor:
         baselines = [m["random_baseline"] for m in per_matrix.values()]
         baseline = sum(baselines) / len(baselines) if baselines else None
         threshold = self.threshold_for(baseline)
-        self._below = self._below + 1 if capture is not None and capture < threshold else 0
-        drift = self._below >= self.patience
-        if drift:
-            self.drift_events.append(step)
-            self._below = 0
-            logger.warning(
-                "trajectory monitor: the locked subspace captured only %.3f of the gradient energy for %d checks "
-                "in a row (threshold %.2f) at step %d",
-                capture,
-                self.patience,
-                threshold,
-                step,
-            )
+        drift = self._count_low_capture(step, capture, threshold)
         check = {
             "step": step,
             "captured_energy": capture,
@@ -182,6 +170,20 @@ class TrajectoryMonitor:
             self._pending = {"step": step, "lr": float(reference_lr), "deltas": deltas, "signs": signs}
         self.history.append(check)
         return check
+
+    def _count_low_capture(self, step: int, capture: float | None, threshold: float) -> bool:
+        """Count this check towards a drift (``patience`` low captures in a row); True when it completes one."""
+        self._below = self._below + 1 if capture is not None and capture < threshold else 0
+        if self._below < self.patience:
+            return False
+        self.drift_events.append(step)
+        self._below = 0
+        logger.warning(
+            "trajectory monitor: the locked subspace captured only %.3f of the gradient energy for %d checks in a row "
+            "(threshold %.2f) at step %d",
+            capture, self.patience, threshold, step,
+        )  # fmt: skip
+        return True
 
     def drop_pending(self) -> None:
         """Forget the check awaiting its next-batch score (the run leaves the subspace before the next step)."""

@@ -21,6 +21,7 @@ import os
 import re
 import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -158,24 +159,9 @@ def trajectory_metrics(
         del w0, sT, vhT, vT
     bar.close()
 
-    per_step = []
-    for i, (step, path) in enumerate(ckpts):
-        recs = list(per_matrix.values())
-        per_step.append(
-            {
-                "step": step,
-                "path": str(path),
-                "stable_rank_median": _median(r["stable_rank"][i] for r in recs),
-                "stable_rank_mean": _mean(r["stable_rank"][i] for r in recs),
-                "update_fro_norm": math.sqrt(sum(r["fro_norm"][i] ** 2 for r in recs)) if recs else None,
-                "hill_alpha_median": _median(r["hill_alpha"][i] for r in recs),
-                "subspace_similarity_mean": _mean(r["subspace_similarity"][i] for r in recs),
-                "n_matrices": len(recs),
-            }
-        )
     return {
         "steps": [s for s, _ in ckpts],
-        "per_step": per_step,
+        "per_step": _per_step(ckpts, per_matrix),
         "matrices": per_matrix,
         "skipped": skipped,
         "settings": {
@@ -188,6 +174,27 @@ def trajectory_metrics(
             "subspace_similarity": "||V_a^T V_b||_F^2 / max(K_a, K_b), bases capped at numerical rank",
         },
     }
+
+
+def _per_step(ckpts: list[tuple[int, Any]], per_matrix: dict[str, dict]) -> list[dict]:
+    """One record per checkpoint aggregating the matrices' series: median and mean stable rank, the whole update's
+    Frobenius norm, median Hill α̂, mean similarity to the final top-k subspace."""
+    per_step = []
+    recs = list(per_matrix.values())
+    for i, (step, path) in enumerate(ckpts):
+        per_step.append(
+            {
+                "step": step,
+                "path": str(path),
+                "stable_rank_median": _median(r["stable_rank"][i] for r in recs),
+                "stable_rank_mean": _mean(r["stable_rank"][i] for r in recs),
+                "update_fro_norm": math.sqrt(sum(r["fro_norm"][i] ** 2 for r in recs)) if recs else None,
+                "hill_alpha_median": _median(r["hill_alpha"][i] for r in recs),
+                "subspace_similarity_mean": _mean(r["subspace_similarity"][i] for r in recs),
+                "n_matrices": len(recs),
+            }
+        )
+    return per_step
 
 
 def final_update_similarity(
