@@ -962,6 +962,10 @@ def measure_teacher_accuracy(exp: Experiment) -> dict[str, Any] | None:
 
     config = cell_config(exp, REFERENCE if REFERENCE in exp.methods else next(iter(exp.methods)), exp.seeds[0])
     acc = config.accuracy
+    if exp.threads:  # as a cell runs: on shared cores a second thread stalls at every OpenMP barrier
+        import torch
+
+        torch.set_num_threads(exp.threads)
     problems = build_accuracy_problems(config)
     model, tokenizer = build_model(ModelConfig(source=exp.teacher_model))
     ids = encode_prompts(tokenizer, [p.prompt for p in problems], config.data.use_chat_template,
