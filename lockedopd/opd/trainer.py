@@ -285,7 +285,9 @@ class OPDTrainer:
     def _sample_rollout(self, prompt_ids: list[list[int]], seed: int) -> tuple[Rollout, float]:
         """The student's samples of ``prompt_ids`` and the seconds an FSDP gather took (0 without FSDP)."""
         c = self.config
-        sampler = self.sampler or HFStudentSampler(self.model, seed_per_row=c.rollout.seeding == "prompt")
+        sampler = self.sampler
+        if sampler is None:
+            sampler = HFStudentSampler(self.model, seed_per_row=c.rollout.seeding == "prompt")
         with self._whole_student() as gathered:  # fsdp: every process gathers, then samples alone
             rollout = sampler.generate(prompt_ids, self.pad_token_id, self.eos_token_id, c.rollout.max_new_tokens,
                                        c.rollout.temperature, c.rollout.top_p, seed=seed)  # fmt: skip
