@@ -1,14 +1,44 @@
-"""A name → entry table for the places users extend (teacher backends, objectives).
+"""A name → entry table for the places users extend (teacher backends, objectives, optimizers, lock methods).
 
 Registering a name twice is an error unless asked for, and looking up a missing name raises a ``ValueError`` that
-lists the registered names and says how to add one.
+lists the registered names and says how to add one. The config names a registry by the setting it serves
+(:func:`registry_for`), so it declares its choices without importing the modules that implement them.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+# The module that defines (and fills) the registry of each setting the config takes from a registry; imported on
+# first use, so reading a config imports no runtime.
+REGISTRY_HOMES = {
+    "teacher.backend": "lockedopd.teachers.registry",
+    "objective.name": "lockedopd.opd.objective_registry",
+    "optimizer": "lockedopd.optim.full",
+}
+_BY_SETTING: dict[str, Registry] = {}
+
+
+def registry_for(setting: str) -> Registry:
+    """The registry whose names are the values of config setting ``setting`` (e.g. ``"teacher.backend"``)."""
+    if setting not in _BY_SETTING and setting in REGISTRY_HOMES:
+        importlib.import_module(REGISTRY_HOMES[setting])
+    if setting not in _BY_SETTING:
+        raise ValueError(f"no registry serves the setting {setting!r}; known: {sorted(REGISTRY_HOMES)}.")
+    return _BY_SETTING[setting]
+
+
+def registered_choices(setting: str):
+    """A function returning the values ``setting`` accepts (its registry's names), for a config ``choice``."""
+
+    def choices() -> tuple[str, ...]:
+        return registry_for(setting).choices()
+
+    choices.__doc__ = f"The values {setting} accepts: its registry's names."
+    return choices
 
 
 class Registry(dict, Generic[T]):
@@ -25,6 +55,7 @@ class Registry(dict, Generic[T]):
         self.setting = setting
         self.how_to_add = how_to_add
         self.extra_choices = extra_choices
+        _BY_SETTING.setdefault(setting, self)
 
     def register(self, name: str, entry: T, replace: bool = False) -> None:
         """Add ``entry`` as ``name`` (see :meth:`check_new`)."""

@@ -153,3 +153,13 @@ def test_no_function_in_the_package_is_longer_than_80_lines():
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 80
     ]
     assert long == []
+
+
+def test_the_config_module_imports_no_runtime():
+    # the config declares choices and checks values; the modules that implement them are looked up by name
+    config_imports = {target for target, _ in _imports()["lockedopd.opd.config"]}
+    assert config_imports <= {"lockedopd.opd.values", "lockedopd.registry", "lockedopd.subspace.settings"}, (
+        config_imports
+    )
+    leaf_imports = {t for m in ("lockedopd.opd.values", "lockedopd.subspace.settings") for t, _ in _imports()[m]}
+    assert leaf_imports == set()

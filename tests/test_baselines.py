@@ -124,7 +124,7 @@ def test_killed_baseline_resumes_to_the_same_weights(runs, tmp_path, method):
     [
         (["lock.at_step=0"], "0 = lock before the first step needs no warmup update"),
         (["lock.adapter=lora", "lock.mode=two_sided"], "lock.adapter=lora trains a fresh LoRA"),
-        (["optimizer=galore"], "optimizer=galore is a whole-run baseline"),
+        (["optimizer=galore"], "optimizer=galore cannot warm up a lock: it is a whole-run baseline"),
         (["lock.adapter=lora", "rollout.backend=vllm"], "set rollout.vllm_locked_sync=full"),
         (["galore.proj_type=full"], "galore.proj_type='full' is not one of"),
     ],

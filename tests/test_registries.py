@@ -23,6 +23,7 @@ from lockedopd.opd.objective_registry import (
 )
 from lockedopd.opd.objectives import masked_mean
 from lockedopd.opd.rollout import HFStudentSampler, StudentSampler
+from lockedopd.optim.full import FULL_OPTIMIZERS, FullOptimizer, register_full_optimizer
 from lockedopd.teachers import (
     TEACHER_BACKENDS,
     HFTeacher,
@@ -215,3 +216,38 @@ def test_student_samplers_satisfy_the_protocol(tiny_student, tiny_tokenizer):
     assert rollout.completion_ids.shape[0] == 2 and rollout.prompt_lengths == [3, 2]
     with pytest.raises(ValueError, match="HFStudentSampler.generate: no prompts given"):
         sampler.generate([], pad, eos, 5)
+
+
+@pytest.fixture()
+def sgd_optimizer():
+    """``optimizer=sgd_momentum``: torch's SGD with momentum, registered here (one call) and removed afterwards."""
+    built: list[torch.optim.Optimizer] = []
+
+    def build(config, params):
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+        built.append(optimizer)
+        return optimizer
+
+    register_full_optimizer(
+        "sgd_momentum", FullOptimizer(build, "SGD with momentum", warms_up_a_lock="its state has no second moment")
+    )
+    yield built
+    FULL_OPTIMIZERS.pop("sgd_momentum")
+
+
+def test_a_registered_full_optimizer_trains_a_run_and_declares_what_it_supports(tmp_path, sgd_optimizer):
+    config = load_config(TINY_CONFIG, [f"output_dir={tmp_path}", *RUN, "optimizer=sgd_momentum", "lr=0.05"])
+    trainer = OPDTrainer.from_config(config)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert trainer.optimizer is sgd_optimizer[0]
+    # SGD with momentum keeps one buffer per trained tensor and nothing else: it (not AdamW) took the steps
+    state = trainer.optimizer.state
+    assert len(state) == len(before) and all(set(s) == {"momentum_buffer"} for s in state.values())
+    moved = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert len(moved) == len(before)
+    # what the entry declares is what the config checks: this one cannot warm up a lock, and says why
+    with pytest.raises(ValueError, match="optimizer=sgd_momentum cannot warm up a lock: its state has no second"):
+        load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "optimizer=sgd_momentum", "lock.enabled=true"])
+    with pytest.raises(ValueError, match=r"optimizer='nope' is not one of \[.*'sgd_momentum'"):
+        load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "optimizer=nope"])

@@ -13,13 +13,9 @@ from typing import Any
 
 import yaml
 
-from lockedopd.opd.objective_registry import OBJECTIVES, get_objective
-from lockedopd.runtime.host_allocator import check_mmap_threshold
-from lockedopd.runtime.quantization import BASE_DTYPES
-from lockedopd.subspace.basis import LOCK_MODES
-from lockedopd.subspace.policy import TrackerSettings
-from lockedopd.teachers.registry import AUTO_BACKEND, teacher_backend, teacher_backend_choices
-from lockedopd.teachers.vllm_server import check_server_url
+from lockedopd.opd.values import AUTO_BACKEND, BASE_DTYPES, check_mmap_threshold, check_server_url
+from lockedopd.registry import registered_choices, registry_for
+from lockedopd.subspace.settings import LOCK_MODES, TrackerSettings
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = ("float32", "bfloat16")
@@ -108,7 +104,7 @@ class TeacherConfig:
         server_url: base URL of a running vLLM OpenAI server (``vllm_server`` backend).
     """
 
-    backend: str = choice("hf", teacher_backend_choices, "who scores the teacher (a registered backend or auto)")
+    backend: str = choice("hf", registered_choices("teacher.backend"), "who scores the teacher (registered, or auto)")
     vllm_scoring: str = choice("hidden_states", ("hidden_states", "prompt_logprobs"), "what the vllm engine returns")
     eval_backend: str | None = choice(None, (None, "hf"), "who scores held-out evaluation (null = the teacher)")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=4, seed=1))
@@ -121,7 +117,7 @@ class TeacherConfig:
         does: it falls back to ``hf`` when the objective needs them)."""
         if self.backend == AUTO_BACKEND:
             return True
-        return teacher_backend(self.backend).returns_full_logprobs(self)
+        return registry_for("teacher.backend").lookup(self.backend).returns_full_logprobs(self)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for a setting of this section that cannot work."""
@@ -186,7 +182,7 @@ class ObjectiveConfig:
             in-process teacher then returns hidden states instead of full log-probs. 0 = off (one pass).
     """
 
-    name: str = choice("pg", lambda: tuple(OBJECTIVES), "the objective (a registered name)")
+    name: str = choice("pg", registered_choices("objective.name"), "the objective (a registered name)")
     top_k: int = 20
     topk_tail: str = choice("sampled", ("sampled", "bucket", "renormalize"), "topk_reverse_kl outside the top-k")
     beta: float = 0.5
@@ -400,11 +396,11 @@ class OPDConfig:
         lr / lr_scheduler / lr_warmup_steps / min_lr_ratio: learning-rate schedule (constant, linear, cosine).
         weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW settings.
         max_grad_norm: gradient clipping (0 disables).
-        optimizer: the full-parameter optimizer: ``"adamw"``, ``"adamw8bit"`` (bitsandbytes' 8-bit AdamW: ~4× less
-            state; its moments are dequantized for the lock's carry), ``"factored"`` (AdamW with an Adafactor-factored
-            second moment, :class:`lockedopd.optim.FactoredAdamW`: the locked optimizer's family in W space, the
-            matched full-parameter reference; with ``lock.enabled: false``) or ``"galore"`` (a baseline; see
-            ``galore``).
+        optimizer: the full-parameter optimizer, an entry of :data:`lockedopd.optim.full.FULL_OPTIMIZERS`:
+            ``"adamw"``, ``"adamw8bit"`` (bitsandbytes' 8-bit AdamW; its moments are dequantized for the lock's
+            carry), ``"factored"`` (AdamW with an Adafactor-factored second moment in W space: the locked optimizer's
+            family, the matched full-parameter reference; with ``lock.enabled: false``) or ``"galore"`` (a
+            baseline; see ``galore``).
         gradient_checkpointing: recompute the student's decoder-layer activations in the backward instead of keeping
             them (both phases; ``runtime.activation_checkpointing``): less memory, one more forward per step.
         malloc_mmap_threshold: bytes; > 0 fixes glibc's mmap threshold at this size when the trainer starts
@@ -449,7 +445,7 @@ class OPDConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    optimizer: str = choice("adamw", ("adamw", "adamw8bit", "factored", "galore"), "the full-parameter optimizer")
+    optimizer: str = choice("adamw", registered_choices("optimizer"), "the full-parameter optimizer (registered)")
     gradient_checkpointing: bool = False
     malloc_mmap_threshold: int = 0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -498,15 +494,11 @@ class OPDConfig:
                 "base's gradients: set lock.adapter=subspace, lock.optimizer=factored or coefficients and "
                 "monitor.enabled=false (or lock.base_dtype=keep)."
             )
-        if self.optimizer == "galore" and lock.enabled:
+        why_not = registry_for("optimizer").lookup(self.optimizer).warms_up_a_lock
+        if lock.enabled and why_not is not True:
             raise ValueError(
-                "config: optimizer=galore is a whole-run baseline (GaLore refreshes its own projections); set "
-                "lock.enabled=false."
-            )
-        if self.optimizer == "factored" and lock.enabled:
-            raise ValueError(
-                "config: optimizer=factored is the full-parameter reference of the factored lock (its warmup state "
-                "is not carried into a lock); set lock.enabled=false, or optimizer=adamw for a warmup."
+                f"config: optimizer={self.optimizer} cannot warm up a lock: {why_not}; set lock.enabled=false, or "
+                "optimizer=adamw for a warmup."
             )
 
     def _validate_fsdp(self) -> None:
@@ -516,8 +508,8 @@ class OPDConfig:
         refused = {
             "rollout.backend=vllm": (self.rollout.backend == "vllm", "each vLLM engine needs the whole student; "
                                      "set rollout.backend=hf"),
-            f"optimizer={self.optimizer}": (self.optimizer != "adamw", "bitsandbytes' 8-bit AdamW and GaLore's "
-                                            "per-matrix projections need whole matrices; set optimizer=adamw"),
+            f"optimizer={self.optimizer}": (self._optimizer_shards() is not True, f"{self._optimizer_shards()}; "
+                                            "set optimizer=adamw"),
             f"lock.base_dtype={lock.base_dtype}": (lock.enabled and lock.base_dtype != "keep", "int8/nf4 are "
                                                    "bitsandbytes modules FSDP2 cannot shard, bf16 is not checked "
                                                    "sharded; set lock.base_dtype=keep"),
@@ -538,6 +530,9 @@ class OPDConfig:
             if bad:
                 raise ValueError(f"config: fsdp=true does not work with {setting}: {fix}, or set fsdp=false.")
 
+    def _optimizer_shards(self) -> bool | str:
+        return registry_for("optimizer").lookup(self.optimizer).shards_with_fsdp
+
     def _validate_accuracy(self) -> None:
         if self.accuracy.verifier is not None and self.accuracy.path is None and self.data.eval_path is None:
             raise ValueError(
@@ -547,7 +542,7 @@ class OPDConfig:
 
     def _validate_supervised(self) -> None:
         """An objective that trains on given completions (``sft``) samples nothing and asks no teacher."""
-        if get_objective(self.objective.name).needs_teacher:
+        if registry_for("objective.name").lookup(self.objective.name).needs_teacher:
             return
         name = self.objective.name
         refused = {
@@ -603,7 +598,8 @@ class OPDConfig:
                 f"config: teacher.temperature={self.teacher.temperature} needs the teacher's logits, which vLLM "
                 "prompt log-probs do not expose; use teacher.backend=hf, or vllm with vllm_scoring=hidden_states."
             )
-        if get_objective(self.objective.name).needs_full_logprobs and not self.teacher.returns_full_logprobs():
+        objective = registry_for("objective.name").lookup(self.objective.name)
+        if objective.needs_full_logprobs and not self.teacher.returns_full_logprobs():
             raise ValueError(
                 f"config: objective.name={self.objective.name!r} needs the teacher's full-vocabulary log-probs, which "
                 f"teacher.backend={self.teacher.backend} with vllm_scoring={self.teacher.vllm_scoring} does not "

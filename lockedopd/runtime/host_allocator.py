@@ -18,22 +18,11 @@ import ctypes.util
 import logging
 import platform
 
+from lockedopd.opd.values import check_mmap_threshold
+
 logger = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
-MIN_MMAP_THRESHOLD = 4096  # one page: below it every small tensor would be its own mapping
-MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's HEAP_MAX_SIZE / 2 on 64-bit; mallopt refuses more
-
-
-def check_mmap_threshold(nbytes: int) -> None:
-    """Raise ``ValueError`` unless ``nbytes`` is 0 (glibc's default, dynamic) or in [4096, 32 MiB]."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-        raise ValueError(f"malloc_mmap_threshold must be an integer number of bytes, got {nbytes!r}")
-    if nbytes != 0 and not MIN_MMAP_THRESHOLD <= nbytes <= MAX_MMAP_THRESHOLD:
-        raise ValueError(
-            f"malloc_mmap_threshold={nbytes} is outside [{MIN_MMAP_THRESHOLD}, {MAX_MMAP_THRESHOLD}] bytes; "
-            "use 0 for glibc's default or e.g. 65536 (blocks of 64 KiB and more are returned to the OS when freed)"
-        )
 
 
 def glibc() -> ctypes.CDLL | None:

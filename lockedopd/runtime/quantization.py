@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lockedopd.opd.values import BASE_DTYPES
+
 __all__ = [
     "BASE_DTYPES",
     "BF16Linear",
@@ -38,10 +40,6 @@ __all__ = [
     "is_quantized",
     "quantize_linears",
 ]
-
-#: ``lock.base_dtype`` values: ``keep`` (the student's own dtype), ``bf16``, ``int8`` (LLM.int8 row-wise absmax),
-#: ``nf4`` (4-bit NormalFloat, block size 64).
-BASE_DTYPES = ("keep", "bf16", "int8", "nf4")
 
 
 def import_bitsandbytes(what: str) -> ModuleType:

@@ -1,8 +1,9 @@
 """Subspace tracking during warmup: sketches of ΔW, top-r bases, stability detection, basis files."""
 
-from .basis import LOCK_MODES, SubspaceBasis, check_lock_mode, check_orthonormal
+from .basis import SubspaceBasis, check_orthonormal
 from .basis_io import load_basis, save_basis
-from .policy import LockDecision, LockPolicy, TrackerSettings
+from .policy import LockDecision, LockPolicy
+from .settings import LOCK_MODES, TrackerSettings, check_lock_mode
 from .sketch import (
     LowRankFactors,
     default_sketch_sizes,

@@ -24,22 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .basis_io import check_orthonormal, load_basis, save_basis
+from .settings import LOCK_MODES, check_lock_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     import os
     from pathlib import Path
 
 __all__ = ["LOCK_MODES", "SubspaceBasis", "check_lock_mode", "check_orthonormal", "check_rank_fits"]
-
-LOCK_MODES = ("right", "two_sided")
-"""The ways an update can be locked: ``right`` (ΔW = A·Vᵀ) and ``two_sided`` (ΔW = U·C·Vᵀ)."""
-
-
-def check_lock_mode(mode: str, what: str = "mode") -> str:
-    """Return ``mode`` if it is one of :data:`LOCK_MODES`, else raise ``ValueError`` naming the allowed values."""
-    if mode not in LOCK_MODES:
-        raise ValueError(f"{what}={mode!r} is not a lock mode; allowed values are {list(LOCK_MODES)}.")
-    return mode
 
 
 @dataclass(frozen=True)

@@ -9,53 +9,28 @@ from typing import Any
 
 from torch import nn
 
-from .basis import SubspaceBasis, check_lock_mode
+from .basis import SubspaceBasis
+from .settings import TrackerSettings, check_lock_mode
 from .tracker import SubspaceTracker
 
-__all__ = ["LOCK_REASONS", "LockDecision", "LockPolicy", "TrackerSettings"]
+__all__ = ["LOCK_REASONS", "LockDecision", "LockPolicy", "TrackerSettings", "build_tracker"]
 
 LOCK_REASONS = ("at_step", "stable", "max_warmup_steps", "basis_path", "train_end")
 """Why a lock happened: pinned step, stability test, warmup bound, a given basis file, end of a TRL warmup run."""
 
 
-@dataclass
-class TrackerSettings:
-    """The stability test of the warmup's update subspace (see :class:`lockedopd.SubspaceTracker`).
-
-    Attributes:
-        rank: subspace rank r per matrix.
-        threshold: a matrix is stable when its top-r right subspace's similarity to the previous check is >= this.
-        patience: consecutive checks with enough stable matrices that make the subspace stable.
-        check_every: steps between checks.
-        min_fraction: share of matrices that must be stable at a check.
-        min_warmup_steps: no lock from the stability test before this step.
-        max_warmup_steps: lock at this step even if not yet stable (``null`` = no bound).
-        sketch_size / co_sketch_size: sketch widths k and l of the tracker (``null`` = 2r+1 and 2k+1).
-    """
-
-    rank: int = 16
-    threshold: float = 0.9
-    patience: int = 2
-    check_every: int = 2
-    min_fraction: float = 0.9
-    min_warmup_steps: int = 2
-    max_warmup_steps: int | None = None
-    sketch_size: int | None = None
-    co_sketch_size: int | None = None
-
-    def tracker_settings(self) -> TrackerSettings:
-        """Just the tracker's settings (a subclass such as ``LockConfig`` carries more)."""
-        names = [f.name for f in dataclasses.fields(TrackerSettings)]
-        return TrackerSettings(**{name: getattr(self, name) for name in names})
-
-    def build_tracker(
-        self, model: nn.Module, target_modules: Sequence[str] | str | None, seed: int, bounded: bool = True
-    ) -> SubspaceTracker:
-        """A :class:`SubspaceTracker` of ``model`` with these settings (``bounded=False`` drops max_warmup_steps)."""
-        kwargs: dict[str, Any] = dataclasses.asdict(self.tracker_settings())
-        if not bounded:
-            kwargs["max_warmup_steps"] = None
-        return SubspaceTracker(model, target_modules=target_modules, seed=seed, **kwargs)
+def build_tracker(
+    settings: TrackerSettings,
+    model: nn.Module,
+    target_modules: Sequence[str] | str | None,
+    seed: int,
+    bounded: bool = True,
+) -> SubspaceTracker:
+    """A :class:`SubspaceTracker` of ``model`` with ``settings`` (``bounded=False`` drops max_warmup_steps)."""
+    kwargs: dict[str, Any] = dataclasses.asdict(settings.tracker_settings())
+    if not bounded:
+        kwargs["max_warmup_steps"] = None
+    return SubspaceTracker(model, target_modules=target_modules, seed=seed, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -93,7 +68,7 @@ class LockPolicy:
 
     def start(self, model: nn.Module, target_modules: Sequence[str] | str | None, seed: int) -> SubspaceTracker:
         """Begin tracking ``model``'s target matrices from their current weights (W_0)."""
-        self.tracker = self.settings.build_tracker(model, target_modules, seed, bounded=self.at_step is None)
+        self.tracker = build_tracker(self.settings, model, target_modules, seed, bounded=self.at_step is None)
         self.decision = None
         return self.tracker
 

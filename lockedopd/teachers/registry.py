@@ -22,11 +22,11 @@ from typing import Any
 
 from torch import nn
 
+from lockedopd.opd.values import AUTO_BACKEND
 from lockedopd.registry import Registry
 from lockedopd.teachers.base import TeacherScorer
 
 #: The ``teacher.backend`` value that picks a registered backend when the run is built.
-AUTO_BACKEND = "auto"
 
 
 @dataclass(frozen=True)

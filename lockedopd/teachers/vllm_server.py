@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from lockedopd.opd.values import check_server_url
 from lockedopd.runtime.vllm_runtime import SERVER_ENV_DEFAULTS
 from lockedopd.teachers.prompt_logprobs import PositionLogprobs, PromptLogprobScorer
 
@@ -58,20 +59,6 @@ MAX_RESPONSE_BYTES = 64 << 20
 """Default bound on one response body: a scoring answer is a few MiB at most; more is a wrong server or an attack."""
 MAX_LOGPROB = 1e-3
 """A log-probability above this (beyond float rounding of 0) is not one: the answer is refused."""
-
-
-def check_server_url(url: str) -> str:
-    """Return ``url`` without a trailing slash if it is an ``http://`` or ``https://`` URL with a host, else raise
-    ``ValueError`` naming the fix (``urllib`` would also open ``file://`` and ``ftp://`` URLs)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(str(url))
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(
-            f"teacher.server_url={url!r} is not an http(s) URL with a host; give the vLLM server's root URL, e.g. "
-            "http://127.0.0.1:8000."
-        )
-    return str(url).rstrip("/")
 
 
 def server_args(
