@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from lockedopd.lock.phases import carry_path_for, enter_locked_phase, leave_locked_phase, load_locked_phase
+from lockedopd.lock.watch import WarmupWatch
 from lockedopd.optim import LockedAdamW, WarmupCarry
+from lockedopd.runtime.distributed import DistContext
 from lockedopd.subspace import LockPolicy, SubspaceBasis, TrackerSettings
 from tests.test_trainer import run
 
@@ -155,3 +157,40 @@ def test_leave_locked_phase_folds_the_adapter_and_lifts_the_moments(tmp_path):
         m, _ = bases[name].lift_moments(coefficient_state[name]["exp_avg"], coefficient_state[name]["exp_avg_sq"])
         torch.testing.assert_close(state["exp_avg"], m)
         assert float(state["step"]) == 2.0 and weight.requires_grad
+
+
+class _NotMain(DistContext):
+    """A second process of a data-parallel run, as the watch sees it: it receives the main process's objects."""
+
+    def __init__(self, main_objects):
+        super().__init__()
+        self.main_objects = main_objects
+
+    @property
+    def is_main(self) -> bool:
+        return False
+
+    def broadcast_object(self, obj, src=0):
+        assert obj is None or obj == (None, None)  # this process decided nothing and holds no bases
+        return self.main_objects.pop(0)
+
+
+def test_the_warmup_watch_gives_every_process_the_main_processes_decision_checks_and_bases():
+    settings = TrackerSettings(rank=2, check_every=1, patience=2, min_warmup_steps=1)
+    main, model, gen = WarmupWatch(settings, None, DistContext()), _Two(), torch.Generator().manual_seed(5)
+    main.start(model, ["a", "b"], seed=0)
+    sent = []
+    for step in range(1, 4):
+        _step_in_fixed_subspace(model, gen)
+        sent.append(main.observe(step))
+    decisions, checks = zip(*sent)
+    assert decisions[:2] == (None, None) and (decisions[2].step, decisions[2].reason) == (3, "stable")
+    assert checks[0]["fraction_stable"] == 0.0 and checks[2]["fraction_stable"] == 1.0
+    bases = main.bases("two_sided")
+    assert sorted(bases) == ["a", "b"] and bases["a"].U.shape == (12, 2)
+
+    other = WarmupWatch(settings, None, _NotMain([*sent, bases]))
+    other.start(_Two(), ["a", "b"], seed=0)
+    assert other.policy is None  # only the main process sketches
+    assert [other.observe(step) for step in range(1, 4)] == sent
+    assert other.bases("two_sided") is bases

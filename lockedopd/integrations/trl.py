@@ -66,9 +66,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapter import SubspaceLockedConfig
 from ..lock.phases import COEFFICIENT_OPTIMIZERS, LockedPhase, load_locked_phase, write_lock_files
+from ..lock.watch import WarmupWatch
 from ..optim import WarmupCarry
 from ..runtime.atomic_io import atomic_file
-from ..runtime.distributed import init_distributed, weights_fingerprint
+from ..runtime.distributed import init_distributed
 from ..subspace import SubspaceTracker, load_basis
 from ..subspace.basis import check_lock_mode
 from ..subspace.policy import LockPolicy, TrackerSettings
@@ -227,12 +228,17 @@ class SubspaceLockCallback(TrainerCallback):
         self.save_on_train_end = save_on_train_end
         self.log_prefix = log_prefix
 
-        self.policy: LockPolicy | None = None
+        self.watch: WarmupWatch | None = None
         self.basis_path: Path | None = None
         self.locked_step: int | None = None
         self.lock_reason: str | None = None
         self._pending_logs: dict[str, float] = {}
         self._n_logged_checks = 0
+
+    @property
+    def policy(self) -> LockPolicy | None:
+        """The :class:`LockPolicy` of this process (``None`` before ``on_train_begin``)."""
+        return None if self.watch is None else self.watch.policy
 
     @property
     def tracker(self) -> SubspaceTracker | None:
@@ -269,13 +275,11 @@ class SubspaceLockCallback(TrainerCallback):
     def _lock(self, args: TrainingArguments, state: TrainerState, reason: str, **kwargs: Any) -> None:
         path = self._resolve_basis_path(args)
         step = int(state.global_step)
-        dist = init_distributed()
-        bases = dist.broadcast_object(self.policy.bases(self.mode) if dist.is_main else None)
+        bases = self.watch.bases(self.mode)
         carry = None
         optimizer, model = kwargs.get("optimizer"), kwargs.get("model")
-        if dist.enabled and model is not None:
-            weights = {name: unwrap_model(model).get_submodule(name).weight for name in bases}
-            dist.check_same(f"the weights of the locked matrices at step {step}", weights_fingerprint(weights))
+        if model is not None:
+            self.watch.check_replicas({name: unwrap_model(model).get_submodule(name).weight for name in bases}, step)
         if optimizer is not None and model is not None:
             optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
             model = unwrap_model(model)
@@ -328,8 +332,9 @@ class SubspaceLockCallback(TrainerCallback):
         if model is None:
             raise ValueError("SubspaceLockCallback.on_train_begin got no model from the trainer.")
         model = unwrap_model(model)
-        self.policy = LockPolicy(self.settings, at_step=self.at_step)
-        self.policy.start(model, self.target_modules, seed=self.seed)
+        # every process tracks (a Trainer gives each its own callback); the main process's decision is the one
+        self.watch = WarmupWatch(self.settings, self.at_step, init_distributed(), every_process=True)
+        self.watch.start(model, self.target_modules, seed=self.seed)
         self.basis_path = self.locked_step = self.lock_reason = None
         self._pending_logs = {}
         self._n_logged_checks = 0
@@ -343,7 +348,7 @@ class SubspaceLockCallback(TrainerCallback):
         step = int(state.global_step)
         if step <= self.tracker.last_step:  # e.g. a second on_step_end call for the same step
             return control
-        decision = init_distributed().broadcast_object(self.policy.observe(step))  # the main process decides
+        decision, _ = self.watch.observe(step)  # the main process decides
         self._collect_check_metrics()
         if decision is not None:
             self._lock(args, state, decision.reason, **kwargs)

@@ -45,10 +45,11 @@ from lockedopd.lock.phases import (
     leave_locked_phase,
     load_preset_bases,
 )
+from lockedopd.lock.watch import WarmupWatch, check_replicas
 from lockedopd.opd.callbacks import CheckpointParts, PhaseChange, TrainingCallback
 from lockedopd.runtime.atomic_io import atomic_copy, atomic_directory, atomic_write_text
 from lockedopd.runtime.checkpoint import atomic_save_safetensors
-from lockedopd.runtime.distributed import DistContext, full_tensor, weights_fingerprint
+from lockedopd.runtime.distributed import DistContext, full_tensor
 from lockedopd.subspace.basis import SubspaceBasis, check_rank_fits
 from lockedopd.subspace.policy import LockPolicy
 
@@ -80,7 +81,7 @@ class LockController(TrainingCallback):
         self.run_dir = Path(run_dir)
         self.target_names = list(target_names)
         self.lr_at = lr_at
-        self.policy: LockPolicy | None = None
+        self.watch: WarmupWatch | None = None
         self.locked: LockedPhase | None = None
         self.lock_step: int | None = None
         self.lock_reason: str | None = None
@@ -116,10 +117,14 @@ class LockController(TrainingCallback):
         return self.run_dir / "lock" / f"gen-{generation}"
 
     def _start_policy(self, model: nn.Module, at_step: int | None) -> None:
-        if not self.dist.is_main and not self.config.fsdp:  # the main process decides; the others need no sketches
-            return
-        self.policy = LockPolicy(self.settings, at_step=at_step)
-        self.policy.start(model, self.target_names, seed=self.config.seed)
+        # the main process decides; the others need no sketches unless their weights are shards
+        self.watch = WarmupWatch(self.settings, at_step, self.dist, every_process=self.config.fsdp)
+        self.watch.start(model, self.target_names, seed=self.config.seed)
+
+    @property
+    def policy(self) -> LockPolicy | None:
+        """The warmup's lock policy on a tracking process (``None`` after the lock and on the other processes)."""
+        return None if self.watch is None else self.watch.policy
 
     def _adam(self) -> dict[str, Any]:
         c = self.config
@@ -167,21 +172,15 @@ class LockController(TrainingCallback):
                 return record, change
         if phase != "warmup":
             return record, None
-        decision = check = None
-        if self.policy is not None:
-            decision = self.policy.observe(step - self.track_origin)  # after a relock, bounds count from the relock
-            check = self.policy.check_at(step - self.track_origin)
-            if check is not None:
-                check = {"median_similarity": check["median_similarity"], "fraction_stable": check["fraction_stable"]}
-        decision, check = self.dist.broadcast_object((decision, check))
+        if self.watch is None:  # (a run locked from the start: lock.basis_path or lock.at_step=0)
+            return record, None
+        decision, check = self.watch.observe(step - self.track_origin)  # after a relock, bounds count from it
         if check is not None:
             record["subspace_similarity"] = check["median_similarity"]
             record["subspace_stable_fraction"] = check["fraction_stable"]
         if decision is None:
             return record, None
-        bases = self.policy.bases(self.settings.mode) if self.policy is not None else None
-        bases = self.dist.broadcast_object(bases)
-        change = self.lock(step, model, optimizer, bases, reason=decision.reason)
+        change = self.lock(step, model, optimizer, self.watch.bases(self.settings.mode), reason=decision.reason)
         record.update(locked_now=True, lock_step=step, lock_reason=decision.reason)
         return record, change
 
@@ -205,7 +204,7 @@ class LockController(TrainingCallback):
         fsdp = self.config.fsdp
         if self.dist.enabled and not fsdp:  # (sharded weights are no replicas to compare)
             weights = {name: model.get_submodule(name).weight for name in self.target_names}
-            self.dist.check_same(f"the target weights at the step-{step} lock", weights_fingerprint(weights))
+            check_replicas(self.dist, weights, step)
         generation = sum(1 for event in self.events if event["event"] == "lock")
         basis_file = self.lock_dir(generation) / "basis.safetensors"
         base_file = self.lock_dir(generation) / "base_model.safetensors"
@@ -243,7 +242,7 @@ class LockController(TrainingCallback):
                 p.grad = None
         for p in warmup_model.parameters():  # (the sharded warmup model, with fsdp; else the same model)
             p.grad = None
-        self.policy = None
+        self.watch = None
         self.lock_step, self.lock_reason = step, reason
         self.events.append({"step": step, "event": "lock", "reason": reason})
         if self._trains_adapter():
@@ -405,7 +404,7 @@ class LockController(TrainingCallback):
         """Resume in a full-parameter phase: the policy's sketches of W_0 come back from the checkpoint."""
         self._restore_common(trainer_state)
         if trainer_state.get("phase") == "full":
-            self.policy = None
+            self.watch = None
             return
         if self.events:
             # re-tracking after a relock: no pinned step; the sketches of that moment's weights are in the state
@@ -467,7 +466,7 @@ class LockController(TrainingCallback):
             from lockedopd.runtime.fsdp import shard_locked_phase
 
             shard_locked_phase(self.locked, sum_gradients=True)
-        self.policy = None
+        self.watch = None
         return PhaseChange(self.locked.model, model, self.locked.optimizer, "locked")
 
     def _trains_adapter(self) -> bool:
