@@ -153,6 +153,7 @@ class ScorerBase(abc.ABC):
     vocab_size: int
     max_length: int | None
     returns_full_logprobs: bool
+    keep_hidden_states: bool = False
 
     def score(
         self,
@@ -178,6 +179,15 @@ class ScorerBase(abc.ABC):
             )
         if top_k < 0 or top_k > self.vocab_size:
             raise ValueError(f"{who}.score: top_k must be in [0, {self.vocab_size}], got {top_k}.")
+
+    def completion_writer(self, request: ScoreRequest) -> tuple[bool, CompletionScoreWriter]:
+        """Whether the full distribution goes out as hidden states (``keep_hidden_states`` and a request for full
+        log-probs), and the writer of the request's scores (full log-probs written only when not)."""
+        as_hidden = self.keep_hidden_states and request.full_logprobs
+        writer = CompletionScoreWriter(
+            request.completion_lengths, self.vocab_size, request.top_k, request.full_logprobs and not as_hidden
+        )
+        return as_hidden, writer
 
     @abc.abstractmethod
     def score_completions(self, request: ScoreRequest) -> TeacherScores:

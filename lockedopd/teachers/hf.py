@@ -65,24 +65,11 @@ class HFTeacher(ScorerBase):
     @torch.no_grad()
     def score_completions(self, request: ScoreRequest) -> TeacherScores:
         """Run the model on the sequences, ``batch_size`` at a time, and read the completion positions."""
-        sequences, prompt_lengths = request.sequences, request.prompt_lengths
-        completion_lengths = request.completion_lengths
-        as_hidden = self.keep_hidden_states and request.full_logprobs
-        out = CompletionScoreWriter(
-            completion_lengths, self.vocab_size, request.top_k, request.full_logprobs and not as_hidden
-        )
+        prompt_lengths, completion_lengths = request.prompt_lengths, request.completion_lengths
+        as_hidden, out = self.completion_writer(request)
         if as_hidden:
             return self._score_from_hidden_states(request, out)
-        batch = len(sequences)
-        for start in range(0, batch, self.batch_size):
-            rows = range(start, min(start + self.batch_size, batch))
-            chunk = [list(sequences[i]) for i in rows]
-            length = max(len(s) for s in chunk)
-            ids = torch.zeros(len(chunk), length, dtype=torch.long)
-            attn = torch.zeros(len(chunk), length, dtype=torch.long)
-            for j, seq in enumerate(chunk):  # right padding keeps positions identical to the unpadded sequence
-                ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                attn[j, : len(seq)] = 1
+        for rows, ids, attn in self._padded_batches(request.sequences):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
             for j, i in enumerate(rows):
                 plen, clen = prompt_lengths[i], completion_lengths[i]
@@ -95,7 +82,8 @@ class HFTeacher(ScorerBase):
         return out.result()
 
     def _padded_batches(self, sequences):
-        """Yield ``(rows, ids, attention_mask)`` per ``batch_size`` sequences, right-padded."""
+        """Yield ``(rows, ids, attention_mask)`` per ``batch_size`` sequences, right-padded (right padding keeps
+        positions identical to the unpadded sequence)."""
         for start in range(0, len(sequences), self.batch_size):
             rows = range(start, min(start + self.batch_size, len(sequences)))
             chunk = [list(sequences[i]) for i in rows]

@@ -24,7 +24,6 @@ from safetensors import safe_open
 from lockedopd.runtime.vllm_runtime import import_vllm, start_llm
 from lockedopd.teachers.base import (
     LOGIT_POSTPROCESSING_KEYS,
-    CompletionScoreWriter,
     HiddenStateLogprobs,
     ScorerBase,
     ScoreRequest,
@@ -140,10 +139,7 @@ class VLLMHiddenStateTeacher(ScorerBase):
         """vLLM returns each sequence's hidden states; the output layer turns the completion positions into logits."""
         sequences, prompt_lengths = request.sequences, request.prompt_lengths
         completion_lengths = request.completion_lengths
-        as_hidden = self.keep_hidden_states and request.full_logprobs
-        out = CompletionScoreWriter(
-            completion_lengths, self.vocab_size, request.top_k, request.full_logprobs and not as_hidden
-        )
+        as_hidden, out = self.completion_writer(request)
         hidden_rows = {}
         todo = [i for i, clen in enumerate(completion_lengths) if clen > 0]
         if not todo:
