@@ -50,14 +50,15 @@ def rollout_opd_loss(
     config: ObjectiveConfig,
     rewards: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    group_ids: torch.Tensor | None = None,
 ) -> LossOutput:
     """The OPD loss of one scored rollout of ``model``: unchunked when ``config.chunk_size == 0`` (the default:
     :func:`~lockedopd.opd.rollout.student_completion_logprobs` then
     :func:`~lockedopd.opd.loss.compute_opd_loss`), else :func:`compute_chunked_opd_loss`."""
     if config.chunk_size > 0:
-        return compute_chunked_opd_loss(model, rollout, scores, config, rewards, generator)
+        return compute_chunked_opd_loss(model, rollout, scores, config, rewards, generator, group_ids)
     student_lp = student_completion_logprobs(model, rollout)
-    return compute_opd_loss(student_lp, rollout.completion_ids, scores, config, rewards, generator)
+    return compute_opd_loss(student_lp, rollout.completion_ids, scores, config, rewards, generator, group_ids)
 
 
 def student_completion_hidden(model: nn.Module, rollout: Rollout) -> tuple[torch.Tensor, nn.Module]:
@@ -159,6 +160,7 @@ def compute_chunked_opd_loss(
     config: ObjectiveConfig,
     rewards: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    group_ids: torch.Tensor | None = None,
 ) -> LossOutput:
     """:func:`~lockedopd.opd.loss.compute_opd_loss` on ``model``'s rollout, ``config.chunk_size`` tokens at a time.
 
@@ -192,7 +194,9 @@ def compute_chunked_opd_loss(
     teacher_tok = scores.token_logprobs.to(device)
     advantages = obj.opd_advantages(student_tok, teacher_tok)
     sampled_kl = -advantages
-    keep, reward_adv = kept_tokens_and_reward_advantages(exact_kl, sampled_kl, mask, config, rewards, generator)
+    keep, reward_adv = kept_tokens_and_reward_advantages(
+        exact_kl, sampled_kl, mask, config, rewards, generator, group_ids
+    )
     adv = mixed_advantages(advantages, reward_adv, objective.reward_in_advantage, config)
     reward_tokens = None
     if reward_adv is not None and not objective.reward_in_advantage:

@@ -19,6 +19,7 @@ from lockedopd.subspace.settings import LOCK_MODES, TrackerSettings
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = ("float32", "bfloat16")
+ROLLOUT_POLICIES = ("student", "teacher", "initial_student")
 
 
 def choice(default: Any, allowed: tuple | Callable[[], Sequence[Any]], help: str) -> Any:
@@ -139,11 +140,20 @@ class RolloutConfig:
     it (the original behaviour; one process only); ``"prompt"`` gives the i-th prompt of a micro-batch its own
     stream, seeded ``seed + i`` (what the ``vllm`` backend always does), so a micro-batch split over several
     processes samples exactly what one process samples: needed for more than one process.
+    ``policy``: who samples the rollouts the objective scores: ``"student"`` (on-policy OPD, the default),
+    ``"teacher"`` (the in-process HF teacher samples; off-policy) or ``"initial_student"`` (a frozen copy of the
+    student as the run started: a second student in memory; off-policy). Off-policy rollouts are sampled with the
+    ``hf`` backend by one process.
+    ``samples_per_prompt``: rollouts of each prompt per micro-batch (``batch_size`` prompts give
+    ``batch_size x samples_per_prompt`` sequences); with more than one, a reward's baseline is the mean reward of
+    its prompt's samples (GRPO's group baseline), else the micro-batch's mean reward.
     """
 
     backend: str = choice("hf", ("hf", "vllm"), "who samples the student")
     vllm_locked_sync: str = choice("lora", ("lora", "full"), "what reaches the vLLM sampler after the lock")
     seeding: str = choice("batch", ("batch", "prompt"), "one random stream per micro-batch or per prompt")
+    policy: str = choice("student", ROLLOUT_POLICIES, "who samples the rollouts (off-policy: not the student)")
+    samples_per_prompt: int = 1
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
@@ -151,7 +161,9 @@ class RolloutConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` for a setting of this section that cannot work."""
-        _at_least_one("rollout.", {"max_new_tokens": self.max_new_tokens})
+        _at_least_one(
+            "rollout.", {"max_new_tokens": self.max_new_tokens, "samples_per_prompt": self.samples_per_prompt}
+        )
         if self.temperature <= 0:
             raise ValueError(f"config: rollout.temperature must be > 0, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -540,25 +552,50 @@ class OPDConfig:
                 "data.eval_path) to a JSONL file whose records carry an answer."
             )
 
-    def _validate_supervised(self) -> None:
-        """An objective that trains on given completions (``sft``) samples nothing and asks no teacher."""
-        if registry_for("objective.name").lookup(self.objective.name).needs_teacher:
+    def _validate_without_teacher(self) -> None:
+        """An objective without a teacher trains on the data's completions (``sft``: it samples nothing) or on its
+        samples' rewards (``rlvr``)."""
+        objective = registry_for("objective.name").lookup(self.objective.name)
+        if objective.needs_teacher:
             return
-        name = self.objective.name
+        name, rollout = self.objective.name, self.rollout
         refused = {
-            "rollout.backend=vllm": (self.rollout.backend == "vllm", "set rollout.backend=hf (nothing is sampled)"),
             "eval_fixed_text=true": (self.eval_fixed_text, "set eval_fixed_text=false (there is no teacher)"),
             "objective.reward_lambda < 1": (self.objective.reward_lambda < 1.0, "set objective.reward_lambda=1"),
             "objective.token_keep_fraction < 1": (self.objective.token_keep_fraction < 1.0,
                                                   "set objective.token_keep_fraction=1"),
-            "objective.chunk_size > 0": (self.objective.chunk_size > 0, "set objective.chunk_size=0"),
+            "rollout.policy=teacher": (rollout.policy == "teacher", "set rollout.policy=student"),
+        }  # fmt: skip
+        what = "trains on its samples' verifiable rewards, without a teacher"
+        if not objective.samples_student:
+            what = "trains on the data's completions, without a teacher"
+            refused.update({
+                "rollout.backend=vllm": (rollout.backend == "vllm", "set rollout.backend=hf (nothing is sampled)"),
+                "objective.chunk_size > 0": (self.objective.chunk_size > 0, "set objective.chunk_size=0"),
+                f"rollout.policy={rollout.policy}": (rollout.policy != "student", "set rollout.policy=student"),
+                "rollout.samples_per_prompt > 1": (rollout.samples_per_prompt > 1,
+                                                   "set rollout.samples_per_prompt=1"),
+            })  # fmt: skip
+        elif self.objective.reward_fn is None:
+            refused["no objective.reward_fn"] = (True, "set objective.reward_fn to the task's verifier")
+        for setting, (bad, fix) in refused.items():
+            if bad:
+                raise ValueError(f"config: objective.name={name} {what}; it does not work with {setting}: {fix}.")
+
+    def _validate_rollout_policy(self) -> None:
+        """Off-policy rollouts are sampled by an in-process HF model, in one process."""
+        policy = self.rollout.policy
+        if policy == "student":
+            return
+        refused = {
+            "rollout.backend=vllm": (self.rollout.backend == "vllm", "set rollout.backend=hf"),
+            "fsdp=true": (self.fsdp, "set fsdp=false"),
+            f"teacher.backend={self.teacher.backend}": (policy == "teacher" and self.teacher.backend != "hf",
+                                                        "the teacher samples in process: set teacher.backend=hf"),
         }  # fmt: skip
         for setting, (bad, fix) in refused.items():
             if bad:
-                raise ValueError(
-                    f"config: objective.name={name} trains on the data's completions, without a teacher; it does not "
-                    f"work with {setting}: {fix}."
-                )
+                raise ValueError(f"config: rollout.policy={policy} does not work with {setting}: {fix}.")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that cannot work: finite numbers, the allowed values each
@@ -588,7 +625,8 @@ class OPDConfig:
         self._validate_lock_method()
         self._validate_fsdp()
         self._validate_accuracy()
-        self._validate_supervised()
+        self._validate_without_teacher()
+        self._validate_rollout_policy()
         self._validate_teacher_objective()
 
     def _validate_teacher_objective(self) -> None:

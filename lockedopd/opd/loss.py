@@ -56,9 +56,12 @@ def kept_tokens_and_reward_advantages(
     config: ObjectiveConfig,
     rewards: torch.Tensor | None,
     generator: torch.Generator | None,
+    group_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The tokens the loss keeps (``objective.token_keep_fraction``, ranked by the exact KL where there is one, else
-    the sampled-token KL) and the group-normalised reward advantages (``None`` unless ``reward_lambda < 1``)."""
+    the sampled-token KL) and the reward advantages (``None`` unless ``reward_lambda < 1`` or the objective trains on
+    rewards alone): each reward minus the mean reward of its group (the samples of one prompt, ``group_ids``; the
+    whole batch without groups)."""
     keep = mask
     if config.token_keep_fraction < 1.0:
         keep = obj.sparsify_token_mask(
@@ -69,10 +72,12 @@ def kept_tokens_and_reward_advantages(
             generator,
         )
     reward_adv = None
-    if config.reward_lambda < 1.0:
+    needs_reward = get_objective(config.name).needs_reward
+    if config.reward_lambda < 1.0 or needs_reward:
         if rewards is None:
-            raise ValueError("objective.reward_lambda < 1 needs rewards for the batch.")
-        reward_adv = obj.group_normalized_rewards(rewards).to(mask.device)
+            why = f"objective.name={config.name}" if needs_reward else "objective.reward_lambda < 1"
+            raise ValueError(f"{why} needs rewards for the batch: set objective.reward_fn.")
+        reward_adv = obj.group_normalized_rewards(rewards, group_ids).to(mask.device)
     return keep, reward_adv
 
 
@@ -99,7 +104,10 @@ def mixed_advantages(
     advantages: torch.Tensor, reward_adv: torch.Tensor | None, reward_in_advantage: bool, config: ObjectiveConfig
 ) -> torch.Tensor:
     """The objective's advantages: the OPD advantages, mixed with the reward advantages when the objective takes the
-    reward inside its advantage (``reward_in_advantage``); else unchanged (the reward is then a separate loss)."""
+    reward inside its advantage (``reward_in_advantage``), the reward advantages alone for an objective that trains
+    on rewards (``rlvr``); else unchanged (the reward is then a separate loss)."""
+    if reward_adv is not None and get_objective(config.name).needs_reward:
+        return obj.mix_advantages(advantages, reward_adv, 0.0)
     if reward_adv is not None and reward_in_advantage:
         return obj.mix_advantages(advantages, reward_adv, config.reward_lambda)
     return advantages
@@ -127,6 +135,7 @@ def compute_opd_loss(
     config: ObjectiveConfig,
     rewards: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    group_ids: torch.Tensor | None = None,
 ) -> LossOutput:
     """Assemble the OPD loss for one micro-batch.
 
@@ -135,8 +144,10 @@ def compute_opd_loss(
         completion_ids: ``(B, C)`` sampled tokens.
         scores: the teacher's scores for the same completions (``mask`` is the completion mask).
         config: objective settings.
-        rewards: ``(B,)`` verifiable rewards, required when ``config.reward_lambda < 1``.
+        rewards: ``(B,)`` verifiable rewards, required when ``config.reward_lambda < 1`` (and for ``rlvr``).
         generator: random source for random token sparsification.
+        group_ids: ``(B,)`` the prompt each sequence samples (its reward's baseline is its group's mean reward);
+            ``None``: one group.
     """
     device = student_logprobs.device
     mask = scores.mask.to(device)
@@ -154,7 +165,9 @@ def compute_opd_loss(
         with torch.no_grad():  # a statistic: no graph (whose saved exp and log-ratio would be vocabulary-sized)
             exact_kl = obj.reverse_kl_per_token(student_logprobs, teacher_full)
 
-    keep, reward_adv = kept_tokens_and_reward_advantages(exact_kl, sampled_kl, mask, config, rewards, generator)
+    keep, reward_adv = kept_tokens_and_reward_advantages(
+        exact_kl, sampled_kl, mask, config, rewards, generator, group_ids
+    )
 
     objective = get_objective(config.name)
     objective.check_scores(scores)

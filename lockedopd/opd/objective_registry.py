@@ -34,7 +34,10 @@ TOP_K = "top_k"
 FULL_LOGPROBS = "full_logprobs"
 #: Nothing: the objective trains on the data's own completions (``sft``); the run needs no teacher.
 NO_TEACHER = "none"
-TEACHER_NEEDS = (SAMPLED_TOKEN, TOP_K, FULL_LOGPROBS, NO_TEACHER)
+#: No teacher either, but the student's own samples, judged by the verifier (``objective.reward_fn``): their
+#: group-normalised rewards are the objective's advantages (``rlvr``).
+REWARD = "reward"
+TEACHER_NEEDS = (SAMPLED_TOKEN, TOP_K, FULL_LOGPROBS, NO_TEACHER, REWARD)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class ObjectiveInputs:
         teacher_topk_ids / teacher_topk_logprobs: ``(B, C, k)`` the teacher's top-k (``TOP_K`` objectives).
         teacher_full_logprobs: ``(B, C, V)`` the teacher's full distribution (``FULL_LOGPROBS`` objectives).
         advantages: ``(B, C)`` the per-token OPD advantages log π_T − log π_S (detached); for objectives registered
-            with ``reward_in_advantage=True`` already mixed with the reward advantages (λ·A_OPD + (1−λ)·A_reward).
+            with ``reward_in_advantage=True`` already mixed with the reward advantages (λ·A_OPD + (1−λ)·A_reward);
+            for :data:`REWARD` objectives the reward advantages alone.
         mask: ``(B, C)`` bool, the tokens that count (after token sparsification).
         config: the :class:`~lockedopd.opd.config.ObjectiveConfig` (``top_k``, ``topk_tail``, ``beta``, ...).
     """
@@ -76,7 +80,8 @@ class Objective:
     Attributes:
         name: the ``objective.name`` value.
         loss: the scalar loss of one micro-batch from :class:`ObjectiveInputs`.
-        needs: what it needs from the teacher: :data:`SAMPLED_TOKEN`, :data:`TOP_K` or :data:`FULL_LOGPROBS`.
+        needs: what it needs from the teacher: :data:`SAMPLED_TOKEN`, :data:`TOP_K` or :data:`FULL_LOGPROBS`; or
+            no teacher: :data:`NO_TEACHER` (given completions) or :data:`REWARD` (the verifier on samples).
         reward_in_advantage: a policy gradient on ``inputs.advantages``, into which a verifiable reward is mixed
             (``objective.reward_lambda < 1``); otherwise the reward's policy-gradient loss is mixed into the loss:
             λ·loss + (1−λ)·loss_reward.
@@ -101,8 +106,19 @@ class Objective:
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether the objective scores the student against a teacher (false: it trains on given completions)."""
+        """Whether the objective scores the student against a teacher (false: it trains on given completions, or on
+        its samples' rewards)."""
+        return self.needs not in (NO_TEACHER, REWARD)
+
+    @property
+    def samples_student(self) -> bool:
+        """Whether the objective trains on sampled rollouts (false: on the data's given completions)."""
         return self.needs != NO_TEACHER
+
+    @property
+    def needs_reward(self) -> bool:
+        """Whether the objective's advantages are the verifier's rewards alone."""
+        return self.needs == REWARD
 
     def teacher_request(self, top_k: int) -> dict[str, Any]:
         """Keyword arguments of ``TeacherScorer.score``: ``{"top_k": k, "full_logprobs": bool}``."""
@@ -132,7 +148,7 @@ def register_objective(
 
     Args:
         name: the ``objective.name`` value.
-        needs: :data:`SAMPLED_TOKEN`, :data:`TOP_K` or :data:`FULL_LOGPROBS`.
+        needs: :data:`SAMPLED_TOKEN`, :data:`TOP_K`, :data:`FULL_LOGPROBS`, :data:`NO_TEACHER` or :data:`REWARD`.
         reward_in_advantage: see :class:`Objective`.
         replace: allow replacing an existing registration (otherwise a second registration is an error).
         token_mean: see :class:`Objective` (``False`` refuses ``objective.chunk_size > 0``).
@@ -171,6 +187,14 @@ def supervised_fine_tuning(inputs: ObjectiveInputs) -> torch.Tensor:
     """Supervised fine-tuning: cross-entropy on the data's given completions (``completion`` of each record); the
     prompt's tokens carry no loss."""
     return obj.cross_entropy_loss(inputs.student_token_logprobs, inputs.mask)
+
+
+@register_objective("rlvr", needs=REWARD)
+def reinforce_with_verifiable_rewards(inputs: ObjectiveInputs) -> torch.Tensor:
+    """RLVR: policy gradient on the student's own samples with the verifier's reward as advantage, minus the mean
+    reward of the samples of the same prompt (``rollout.samples_per_prompt`` > 1; GRPO's group baseline without its
+    division by the group's standard deviation); no teacher."""
+    return obj.policy_gradient_loss(inputs.student_token_logprobs, inputs.advantages, inputs.mask)
 
 
 @register_objective("pg", needs=SAMPLED_TOKEN, reward_in_advantage=True)

@@ -1,6 +1,5 @@
-"""The OPD training loop: rollout → teacher scores → objective → backward → optimizer step.
-
-Phases (``phase`` in metrics.jsonl): ``full`` (plain OPD, no lock configured), ``warmup`` (full parameters while
+"""The OPD training loop: rollout (:mod:`lockedopd.opd.rollout_policy`: who samples) → teacher scores → objective
+→ backward → optimizer step. Phases (``phase`` in metrics.jsonl): ``full`` (plain OPD, no lock configured), ``warmup`` (full parameters while
 the subspace tracker watches ΔW) and ``locked`` (only the coefficients of the SubspaceLockedAdapter train). The lock
 talks to the loop through one callback (:mod:`lockedopd.opd.callbacks`); saving and resuming live in
 :mod:`lockedopd.opd.run_checkpoint`, held-out metrics in :mod:`lockedopd.opd.run_evaluation`.
@@ -36,12 +35,12 @@ from lockedopd.opd.loss import teacher_request
 from lockedopd.opd.objective_registry import get_objective
 from lockedopd.opd.progress import StepProgress
 from lockedopd.opd.rollout import (
-    HFStudentSampler,
     Rollout,
     encode_completions,
     encode_prompts,
     rollout_from_completions,
 )
+from lockedopd.opd.rollout_policy import RolloutPolicy
 from lockedopd.opd.run_checkpoint import MetricsLog, resume_note, resume_run, save_run, write_summary
 from lockedopd.opd.run_evaluation import RunEvaluator
 from lockedopd.opd.schedule import lr_at_step
@@ -124,12 +123,13 @@ class OPDTrainer:
         template, longest = config.data.use_chat_template, config.rollout.max_prompt_tokens
         self.train_ids = encode_prompts(tokenizer, [r.prompt for r in train_prompts], template, longest)
         self.train_completion_ids = None  # the given completions an objective without a teacher trains on
-        if not self.objective.needs_teacher:
+        if not self.objective.samples_student:
             self.train_completion_ids = encode_completions(tokenizer, [r.completion for r in self.train_prompts])
         self.evaluator = RunEvaluator(config, tokenizer, eval_prompts, accuracy_problems or [], self.eval_teacher,
                                       self.objective.needs_teacher, self.run_dir)  # fmt: skip
         self.reward_fn = resolve_reward_fn(config.objective.reward_fn) if config.objective.reward_fn else None
         self.request = teacher_request(config.objective)
+        self.rollout_policy = RolloutPolicy(config, student, teacher)
         self.phase = "warmup" if config.lock.enabled else "full"
         self.sampler_sync = None  # the vLLM student sampler (rollout.backend=vllm), started by train()
         self.step = 0
@@ -259,16 +259,18 @@ class OPDTrainer:
         if self.dist.enabled:
             offset, picks = self.dist.shard(picks)
         prompt_ids, records = [self.train_ids[i] for i in picks], [self.train_prompts[i] for i in picks]
+        prompt_ids, records, groups, offset = self.rollout_policy.expand(prompt_ids, records, offset)
         t0 = time.perf_counter()
-        if self.objective.needs_teacher:
+        if self.objective.samples_student:
             rollout, gathered = self._sample_rollout(prompt_ids, seed + offset)
             seconds["gather_s"] += gathered
-            t1 = time.perf_counter()
-            scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
-        else:  # supervised: the data's completions, scored by nobody
+        else:  # supervised: the data's completions
             completions = [self.train_completion_ids[i] for i in picks]
             rollout = rollout_from_completions(prompt_ids, completions, None, self.pad_token_id, self.eos_token_id)
-            t1 = time.perf_counter()
+        t1 = time.perf_counter()
+        if self.objective.needs_teacher:
+            scores = self.teacher.score(rollout.sequences(), rollout.prompt_lengths, **self.request)
+        else:  # scored by nobody: sft learns from the completions, rlvr from the rewards
             scores = TeacherScores(torch.zeros(rollout.completion_ids.shape), rollout.completion_mask)
         t2 = time.perf_counter()
         seconds["rollout_s"] += t1 - t0
@@ -279,15 +281,13 @@ class OPDTrainer:
             rewards = torch.tensor(self.reward_fn(texts, [r.answer for r in records]), dtype=torch.float32)
         generator = torch.Generator().manual_seed(seed)
         # objective.chunk_size > 0: no (B, C, V) tensor, the loss over checkpointed chunks of tokens
-        out = rollout_opd_loss(self.model, rollout, scores, self.config.objective, rewards, generator)
+        out = rollout_opd_loss(self.model, rollout, scores, self.config.objective, rewards, generator, groups)
         return share_of_micro_batch(self.dist, out, len(prompt_ids)) if self.dist.enabled else out
 
     def _sample_rollout(self, prompt_ids: list[list[int]], seed: int) -> tuple[Rollout, float]:
-        """The student's samples of ``prompt_ids`` and the seconds an FSDP gather took (0 without FSDP)."""
+        """The samples of ``prompt_ids`` (``rollout.policy``'s) and the seconds an FSDP gather took (0 without)."""
         c = self.config
-        sampler = self.sampler
-        if sampler is None:
-            sampler = HFStudentSampler(self.model, seed_per_row=c.rollout.seeding == "prompt")
+        sampler = self.rollout_policy.sampler(self.model, self.sampler)
         with self._whole_student() as gathered:  # fsdp: every process gathers, then samples alone
             rollout = sampler.generate(prompt_ids, self.pad_token_id, self.eos_token_id, c.rollout.max_new_tokens,
                                        c.rollout.temperature, c.rollout.top_p, seed=seed)  # fmt: skip
