@@ -152,8 +152,8 @@ def test_names_are_unique_and_unknown_names_list_the_registered_ones():
         register_objective("new", needs="logits")
     with pytest.raises(ValueError, match=r"not one of \['hf', 'vllm', 'vllm_server', 'auto'\]"):
         teacher_backend("openai")
-    with pytest.raises(ValueError, match=r"'rlvr' is not one of \['sft', 'pg', 'reverse_kl', 'topk_reverse_kl'"):
-        get_objective("rlvr")
+    with pytest.raises(ValueError, match=r"'grpo' is not one of \['sft', 'rlvr', 'pg', 'reverse_kl', 'topk_rev"):
+        get_objective("grpo")
 
 
 @pytest.mark.parametrize(
@@ -194,6 +194,7 @@ def test_objectives_declare_what_they_need_from_the_teacher():
     needs = {name: objective.needs for name, objective in OBJECTIVES.items()}
     assert needs == {
         "sft": "none",  # trains on the data's completions: no teacher
+        "rlvr": "reward",  # trains on its samples' verifiable rewards: no teacher
         "pg": "sampled_token",
         "reverse_kl": "full_logprobs",
         "topk_reverse_kl": "top_k",
@@ -203,6 +204,8 @@ def test_objectives_declare_what_they_need_from_the_teacher():
     assert get_objective("topk_reverse_kl").teacher_request(8) == {"top_k": 8, "full_logprobs": False}
     assert get_objective("jsd").teacher_request(8) == {"top_k": 0, "full_logprobs": True}
     assert not get_objective("sft").needs_teacher and get_objective("pg").needs_teacher
+    assert not get_objective("rlvr").needs_teacher and get_objective("rlvr").samples_student
+    assert not get_objective("sft").samples_student
 
 
 def test_student_samplers_satisfy_the_protocol(tiny_student, tiny_tokenizer):
