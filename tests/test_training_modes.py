@@ -13,7 +13,7 @@ from lockedopd.opd.objectives import group_normalized_rewards
 from lockedopd.tasks import COLUMN_ADDITION
 from lockedopd.tasks.base import write_task_splits
 from tests.conftest import TINY_CONFIG
-from tests.test_trainer import read_metrics
+from tests.test_trainer import final_weights, read_metrics, run
 
 PROMPTS_PER_STEP = 4
 
@@ -155,3 +155,26 @@ def test_off_policy_opd_trains_on_the_other_policys_samples(tmp_path, task_files
         load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "rollout.policy=teacher", "teacher.backend=vllm"])
     with pytest.raises(ValueError, match="rollout.policy=initial_student does not work with rollout.backend=vllm"):
         load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "rollout.policy=initial_student", "rollout.backend=vllm"])
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ("rollout.policy=initial_student",),
+        ("objective.name=rlvr", "objective.reward_fn=tests.test_training_modes:completion_length",
+         "rollout.samples_per_prompt=2"),
+    ],
+    ids=["initial_student", "rlvr"],
+)  # fmt: skip
+def test_a_killed_off_policy_or_rlvr_run_resumes_to_the_same_weights(tmp_path, task_files, mode):
+    # the frozen initial student is the run's W_0 again after a resume, not the checkpoint's weights
+    settings = [f"data.train_path={task_files['train']}", f"data.eval_path={task_files['validation']}",
+                "lock.enabled=false", "max_steps=4", "eval_steps=4", "save_steps=1", "rollout.max_new_tokens=6",
+                *mode]  # fmt: skip
+    run(tmp_path / "straight", *settings)
+    run(tmp_path / "killed", *settings, kill_at=2)
+    run(tmp_path / "killed", *settings, "resume=true")
+    a, b = final_weights(tmp_path / "straight", step=4), final_weights(tmp_path / "killed", step=4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r.get("loss") for r in read_metrics(tmp_path / name)] for name in ("straight", "killed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 5  # step 0 (evaluation) and steps 1-4
