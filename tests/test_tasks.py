@@ -66,3 +66,13 @@ def test_task_files_hold_prompt_completion_and_answer(tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="unknown task"):
         get_task("no_such_task")
+
+
+def test_the_math_verifier_compares_answers_as_mathematics():
+    from lockedopd.tasks.rewards import math_answer, resolve_reward_fn
+
+    assert resolve_reward_fn("math") is math_answer
+    completions = [r"so the answer is \boxed{1/2}", r"so the answer is \boxed{1/2}", r"\boxed{\frac{3}{4}}, not 7",
+                   "the answer is 3", "no answer here", r"\boxed{1/2}"]  # fmt: skip
+    answers = ["0.5", "2", "0.75", "3", "4", None]
+    assert math_answer(completions, answers) == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]

@@ -187,7 +187,8 @@ class ObjectiveConfig:
         token_keep_fraction: keep only this fraction of completion tokens in the loss.
         token_keep_mode: ``"top"`` (highest per-token KL) or ``"random"``.
         reward_lambda: λ in A = λ·A_OPD + (1−λ)·A_reward; 1 = pure OPD.
-        reward_fn: ``"module:function"`` or a built-in name (``"contains_answer"``) for the verifiable reward.
+        reward_fn: the verifiable reward: a built-in (``"contains_answer"``: the last number; ``"math"``: math-verify),
+            a task's name (its verifier) or ``"module:function"``.
         chunk_size: compute the student's log-softmax, the teacher's full log-probs and the objective over chunks of
             this many completion tokens, each chunk checkpointed, so no ``[tokens × vocab]`` tensor of the batch
             exists at once (:mod:`lockedopd.opd.chunked_loss`; same value and gradient up to rounding); the
