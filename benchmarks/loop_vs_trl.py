@@ -35,24 +35,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's lockedopd, installed or not
+from lockedopd.bench.tables import markdown_table  # noqa: E402
+
 RECIPE = REPO / "recipes" / "configs" / "smollm2_pruned.yaml"
-RUNS = (
-    "trl_full",
-    "trl_locked",
-    "lockedopd_full",
-    "lockedopd_locked",
-    "lockedopd_full_chunked",
-    "lockedopd_locked_chunked",
-)
-WORK = {
-    "batch_size": 8,
-    "max_new_tokens": 48,
-    "lr": 3e-6,
-    "eval_size": 24,
-    "rank": 16,
-    "chunk_size": 64,
-    "threads": 1,
-}
+RUNS = ("trl_full", "trl_locked", "lockedopd_full", "lockedopd_locked", "lockedopd_full_chunked",
+        "lockedopd_locked_chunked")  # fmt: skip
+WORK = {"batch_size": 8, "max_new_tokens": 48, "lr": 3e-6, "eval_size": 24, "rank": 16, "chunk_size": 64, "threads": 1}
 
 
 def proc_status_bytes(field: str) -> int:
@@ -173,37 +162,16 @@ def run_trl(run: str, out: Path, steps: int, eval_steps: int) -> dict[str, Any]:
 
     timer = Timer()
     args = DistillationConfig(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=WORK["batch_size"],
-        per_device_eval_batch_size=WORK["batch_size"],
-        max_completion_length=WORK["max_new_tokens"],
-        learning_rate=WORK["lr"],
-        lr_scheduler_type="cosine",
-        max_grad_norm=1.0,
-        beta=1.0,
-        temperature=1.0,
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        save_strategy="no",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        seed=0,
-    )
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=WORK["batch_size"],
+        per_device_eval_batch_size=WORK["batch_size"], max_completion_length=WORK["max_new_tokens"],
+        learning_rate=WORK["lr"], lr_scheduler_type="cosine", max_grad_norm=1.0, beta=1.0, temperature=1.0,
+        eval_strategy="steps", eval_steps=eval_steps, save_strategy="no", logging_steps=1, report_to=[],
+        use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,
+    )  # fmt: skip
     trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        optimizers=optimizers,
-        callbacks=[timer],
-    )
+        model=student, teacher_model=teacher, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        processing_class=tokenizer, optimizers=optimizers, callbacks=[timer],
+    )  # fmt: skip
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
@@ -244,23 +212,22 @@ def markdown(report: dict[str, Any]) -> str:
         f"Work: {report['work']}; {report['steps']} steps, evaluation every {report['eval_steps']} steps. "
         "Peak = VmHWM of the run's own process; growth = peak minus RSS once models and data are loaded.",
         "",
-        "| run | peak RSS GiB | loaded RSS GiB | growth GiB | s / step | s / evaluation | evaluations | "
-        "load avg at start |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {_gib(r['peak_rss_bytes'])} | {_gib(r['loaded_rss_bytes'])} | {_gib(r['peak_growth_bytes'])} "
-            f"| {r['step_s']:.1f} | {r['eval_s']:.1f} | {r['evaluations']} | {r['load_average']:.2f} |"
-        )
+    head = ["run", "peak RSS GiB", "loaded RSS GiB", "growth GiB", "s / step", "s / evaluation", "evaluations",
+            "load avg at start"]  # fmt: skip
+    lines += markdown_table(head, [
+        [name, _gib(r["peak_rss_bytes"]), _gib(r["loaded_rss_bytes"]), _gib(r["peak_growth_bytes"]),
+         f"{r['step_s']:.1f}", f"{r['eval_s']:.1f}", r["evaluations"], f"{r['load_average']:.2f}"]
+        for name, r in rows.items()
+    ])  # fmt: skip
     busiest = max(r["load_average"] for r in rows.values()) if rows else 0.0
     if busiest > (os.cpu_count() or 1) * 0.75:
         lines += ["", f"Runs started at load averages up to {busiest:.1f} on {os.cpu_count()} cores: the timings are "
                   "contended (compare them only within this table); the memory figures are not affected."]  # fmt: skip
     ratios = report.get("ratios_to_trl", {})
     if ratios:
-        lines += ["", "| lockedopd run | peak / TRL's peak (same phase) |", "|---|---|"]
-        lines += [f"| {name} | {value:.3f} |" for name, value in ratios.items()]
+        head = ["lockedopd run", "peak / TRL's peak (same phase)"]
+        lines += ["", *markdown_table(head, [[name, f"{value:.3f}"] for name, value in ratios.items()])]
     return "\n".join(lines) + "\n"
 
 

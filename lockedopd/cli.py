@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from lockedopd.cli_errors import run_guarded
 from lockedopd.runtime.vllm_runtime import set_verbose
@@ -48,42 +49,48 @@ def _run_distill(args) -> int:
     return 0
 
 
-BENCH_SCRIPTS = {"quality": "quality.py"}
-"""``lockedopd bench NAME ...`` runs ``benchmarks/<script>``; anything else runs ``benchmarks/memory_speed.py``."""
-
-
 def _add_bench_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="benchmarks: memory/speed of the methods side by side, or (bench quality) their quality over seeds",
-        description="Runs a benchmark script of a source checkout: `lockedopd bench EXPERIMENT.yaml [...]` runs "
-        "benchmarks/memory_speed.py (e.g. `lockedopd bench benchmarks/experiments/smollm2.yaml --out runs/bench`); "
-        "`lockedopd bench quality EXPERIMENT.yaml [...]` runs benchmarks/quality.py, the resumable method x seed "
-        "quality grid (e.g. `lockedopd bench quality benchmarks/experiments/quality_smollm2.yaml`).",
+        help="benchmarks: (bench quality) the methods' quality over seeds, or their memory/speed side by side",
+        description="`lockedopd bench quality EXPERIMENT.yaml [...]` runs the resumable method x seed quality grid "
+        "(lockedopd.bench.quality; e.g. `lockedopd bench quality benchmarks/experiments/quality_smollm2.yaml`, "
+        "`... --rerender`, `... --pack`). `lockedopd bench EXPERIMENT.yaml [...]` runs benchmarks/memory_speed.py of "
+        "a source checkout (e.g. `lockedopd bench benchmarks/experiments/smollm2.yaml --out runs/bench`).",
     )
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="[quality] and the arguments of the script")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="[quality] and the arguments of the benchmark")
     parser.set_defaults(handler=_run_bench)
 
 
-def _bench_script(args: list[str]):
-    """The benchmark script ``args`` select and the arguments it gets: ``(Path, list[str])``."""
-    from pathlib import Path
-
-    name = BENCH_SCRIPTS.get(args[0]) if args else None
-    script_args = args[1:] if name else list(args)
-    return Path(__file__).resolve().parents[1] / "benchmarks" / (name or "memory_speed.py"), script_args
+def memory_speed_script() -> Path | None:
+    """``benchmarks/memory_speed.py`` of the source checkout this package runs from, else of the current directory;
+    None when neither has it (an installed package without the repository)."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        script = root / "benchmarks" / "memory_speed.py"
+        if script.is_file():
+            return script
+    return None
 
 
 def _run_bench(args) -> int:
+    if args.args[:1] == ["quality"]:
+        from lockedopd.bench.quality import main as quality_main
+
+        try:
+            return int(quality_main(args.args[1:]) or 0)
+        except SystemExit as exc:  # argparse's --help and usage errors
+            return int(exc.code or 0)
     import runpy
 
-    script, script_args = _bench_script(args.args)
-    if not script.is_file():
+    script = memory_speed_script()
+    if script is None:
         raise FileNotFoundError(
-            f"{script} is not here: the benchmarks ship with the source checkout, not the wheel; clone the repository."
+            "benchmarks/memory_speed.py is not here: the memory/speed benchmark ships with the source checkout, not "
+            "the package; run `lockedopd bench` from a clone of the repository (`lockedopd bench quality` works "
+            "from the package)."
         )
     saved = sys.argv
-    sys.argv = [str(script), *script_args]
+    sys.argv = [str(script), *args.args]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import accuracy_report  # noqa: E402
-import quality  # noqa: E402
+from lockedopd.bench import accuracy_report, quality
+from lockedopd.bench.experiment import load_experiment
+from lockedopd.tasks import COLUMN_ADDITION
+from lockedopd.tasks.base import write_task_splits
 
-from lockedopd.tasks import COLUMN_ADDITION  # noqa: E402
-from lockedopd.tasks.base import write_task_splits  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cell(final, start=None, lock_step=None, sampled_final=None):
@@ -35,7 +33,7 @@ def test_shares_are_read_against_the_full_reference_with_the_larger_gain():
         "locked_right": {0: cell(0.55, start=0.30, lock_step=8), 1: cell(0.40, start=0.30, lock_step=8)},
         "lora": {0: cell(0.35), 1: cell(0.45)},
     }
-    out = accuracy_report.aggregate_accuracy(cells, list(cells), quality.t_interval)
+    out = accuracy_report.aggregate_accuracy(cells, list(cells))
     assert out["reference"] == "full_factored"
     assert out["reference_gains"]["full"]["mean"] == pytest.approx(0.40)
     assert out["student_start_accuracy"]["mean"] == pytest.approx(0.15)
@@ -56,13 +54,13 @@ def count_digits(completions, answers):
 def test_a_tiny_accuracy_grid_writes_the_headline_report(tmp_path):
     files = write_task_splits(COLUMN_ADDITION, tmp_path / "task", {"train": 64, "test": 8}, seed=0)
     exp = dataclasses.replace(
-        quality.load_experiment(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml", str(tmp_path / "grid")),
+        load_experiment(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml", str(tmp_path / "grid")),
         methods={"full": {"lock.enabled": False}, "full_factored": {"lock.enabled": False, "optimizer": "factored"},
                  "locked_right": {}},
         seeds=[0, 1],
         task="column_addition",
         teacher_model="tiny",  # scored once with the cells' accuracy settings
-        overrides={**quality.load_experiment(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml").overrides,
+        overrides={**load_experiment(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml").overrides,
                    "data.train_path": str(files["train"]), "data.eval_size": 4,
                    "accuracy.verifier": "tests.test_accuracy_grid:count_digits", "accuracy.path": str(files["test"]),
                    "accuracy.samples": 2, "accuracy.batch_size": 8, "rollout.max_new_tokens": 6},

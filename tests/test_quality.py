@@ -1,4 +1,4 @@
-"""The quality benchmark harness (benchmarks/quality.py) on the tiny grid: resumable cells, reports, share of gain."""
+"""The quality benchmark harness (lockedopd.bench) on the tiny grid: resumable cells, reports, share of gain."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from lockedopd.bench import aggregate, quality, quality_markdown, quality_report, stats
+from lockedopd.bench.experiment import load_experiment
+from lockedopd.bench.monitor import cell_ranking_agreement, monitor_figures, ranking_agreement
 from lockedopd.opd import OPDTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "benchmarks" / "experiments" / "quality_tiny.yaml"
-sys.path.insert(0, str(REPO / "benchmarks"))
-import quality  # noqa: E402
 
 
 class Killed(Exception):
@@ -24,7 +25,7 @@ class Killed(Exception):
 
 
 def experiment(out, **changes):
-    return dataclasses.replace(quality.load_experiment(TINY, str(out)), **changes)
+    return dataclasses.replace(load_experiment(TINY, str(out)), **changes)
 
 
 def test_killed_grid_resumes_without_recomputing_finished_cells(tmp_path, monkeypatch):
@@ -138,7 +139,7 @@ def test_share_of_full_gain_on_a_hand_made_results_set():
         "early": {0: _cell(0, {0: 4.0, 6: 3.2, 30: 2.0}, 6)},
         "whole_run": {0: _cell(0, {0: 4.0, 30: 2.5})},  # never locks (GaLore): measured from step 0
     }
-    methods = quality.aggregate(cells, ["full", "locked", "early", "whole_run"])
+    methods = aggregate.aggregate(cells, ["full", "locked", "early", "whole_run"])
     share = methods["locked"]["share_of_full_gain"]
     assert share["per_seed"] == {"0": pytest.approx(0.8), "1": pytest.approx(0.9)}
     assert share["mean"] == pytest.approx(0.85)
@@ -154,7 +155,7 @@ def test_share_of_full_gain_on_a_hand_made_results_set():
     assert early["seeds_with_interpolated_kl_lock"] == [0] and early["low"] is None
     assert methods["whole_run"]["share_of_full_gain"]["per_seed"] == {"0": pytest.approx((4.0 - 2.5) / (4.0 - 2.0))}
     with pytest.raises(ValueError, match="eval_steps"):
-        quality.full_kl_at(cells["full"][1], 40)
+        stats.full_kl_at(cells["full"][1], 40)
 
 
 def test_methods_are_compared_on_the_common_seeds_and_extra_seeds_reported_beside():
@@ -165,7 +166,7 @@ def test_methods_are_compared_on_the_common_seeds_and_extra_seeds_reported_besid
                    2: _cell(2, {0: 4.0, 8: 3.5, 30: 2.5}, 8)},
         "lora": {0: _cell(0, {0: 4.0, 30: 2.4}), 1: _cell(1, {0: 4.0, 30: 2.0})},
     }  # fmt: skip
-    methods, all_seeds = quality.aggregate_on_common_seeds(cells, ["full", "locked", "lora"], [0, 1])
+    methods, all_seeds = aggregate.aggregate_on_common_seeds(cells, ["full", "locked", "lora"], [0, 1])
     assert methods["full"]["seeds"] == [0, 1] and methods["full"]["final_reverse_kl"]["mean"] == pytest.approx(1.75)
     assert methods["locked"]["share_of_full_gain"]["mean"] == pytest.approx(0.85)  # seeds 0, 1: 0.8, 0.9
     assert set(all_seeds) == {"full", "locked"}  # lora ran only the common seeds
@@ -175,7 +176,7 @@ def test_methods_are_compared_on_the_common_seeds_and_extra_seeds_reported_besid
     assert wider["final_reverse_kl"]["mean"] == pytest.approx((2.2 + 1.6 + 2.5) / 3)
     report = {"experiment": "x", "base_config": "c", "overrides": {}, "seeds": [0, 1], "not_run": {},
               "pending_cells": [], "methods": methods, "all_seeds": all_seeds}  # fmt: skip
-    md = quality.markdown_report(report)
+    md = quality_markdown.markdown_report(report)
     assert "| locked | 0, 1, 2 | 2.100 [" in md and "## With their extra seeds" in md
     assert "| locked | 2 | 8 | 2.5000 | 2.000 |" in md  # the per-seed table lists every seed a method ran
 
@@ -190,18 +191,26 @@ def test_methods_the_trainer_cannot_run_are_listed_as_not_run(tmp_path):
     assert "lora" not in result["report"]["methods"]
 
 
-def test_bench_without_quality_still_runs_the_memory_benchmark():
-    from lockedopd.cli import _bench_script
+def test_bench_quality_runs_the_package_and_bench_alone_the_memory_script(tmp_path, monkeypatch):
+    import runpy
 
-    assert _bench_script(["quality", "x.yaml"])[0].name == "quality.py"
-    assert _bench_script(["benchmarks/experiments/tiny.yaml"])[0].name == "memory_speed.py"
+    from lockedopd import cli
+
+    scripts = []
+    monkeypatch.setattr(runpy, "run_path", lambda path, run_name: scripts.append(Path(path).name))
+    assert cli.main(["bench", "quality", str(TINY), "--out", str(tmp_path), "--rerender", "--quiet"]) == 0
+    assert scripts == [] and (tmp_path / "results.json").is_file()  # no script ran: the package did
+    assert cli.main(["bench", str(REPO / "benchmarks" / "experiments" / "tiny.yaml")]) == 0
+    assert scripts == ["memory_speed.py"]
 
 
 def test_readme_table_is_rewritten_from_results_json(tiny_grid, tmp_path):
     out, results, _ = tiny_grid
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n\n{quality.README_BEGIN}x -->\nstale table\n{quality.README_END}\n\nafter\n")
-    quality.update_readme(results, readme, "results.json")
+    readme.write_text(
+        f"intro\n\n{quality_markdown.README_BEGIN}x -->\nstale table\n{quality_markdown.README_END}\n\nafter\n"
+    )
+    quality_markdown.update_readme(results, readme, "results.json")
     text = readme.read_text()
     assert "stale table" not in text and text.startswith("intro") and text.rstrip().endswith("after")
     row = next(line for line in text.splitlines() if line.startswith("| locked_right |"))
@@ -211,7 +220,7 @@ def test_readme_table_is_rewritten_from_results_json(tiny_grid, tmp_path):
     assert f"{share:.3f}" in row
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
-        quality.update_readme(results, readme, "results.json")
+        quality_markdown.update_readme(results, readme, "results.json")
 
 
 def test_monitor_figures_are_reported_per_method_and_ranked_against_the_measured_shares():
@@ -220,24 +229,24 @@ def test_monitor_figures_are_reported_per_method_and_ranked_against_the_measured
         return {"checks": 3, **figures, "predicted_progress_share": predicted, "cosine_to_adam_mean": 0.3,
                 "drift_events": list(drift)}  # fmt: skip
 
-    figures = quality.monitor_figures([monitor(0.25, 0.8), monitor(0.35, 0.6), None])
+    figures = monitor_figures([monitor(0.25, 0.8), monitor(0.35, 0.6), None])
     assert figures["seeds"] == 2 and figures["captured_energy_mean"] == pytest.approx(0.30)
     assert figures["predicted_progress_share"] == pytest.approx(0.7) and figures["flagged"] is False
-    assert quality.monitor_figures([monitor(0.10, 0.2)])["flagged"] is True  # below 5x a random subspace
-    assert quality.monitor_figures([monitor(0.30, 0.9, drift=[12])])["flagged"] is True
-    assert quality.monitor_figures([None, {"checks": 0}]) is None
+    assert monitor_figures([monitor(0.10, 0.2)])["flagged"] is True  # below 5x a random subspace
+    assert monitor_figures([monitor(0.30, 0.9, drift=[12])])["flagged"] is True
+    assert monitor_figures([None, {"checks": 0}]) is None
 
     def method(predicted, measured):
         return {"monitor": {"predicted_progress_share": predicted}, "share_of_full_gain": {"mean": measured}}
 
-    same = quality.ranking_agreement({"a": method(0.9, 0.95), "b": method(0.5, 0.6), "c": method(0.1, 0.15)})
+    same = ranking_agreement({"a": method(0.9, 0.95), "b": method(0.5, 0.6), "c": method(0.1, 0.15)})
     assert same["kendall_tau"] == 1.0 and same["by_predicted_share"] == ["a", "b", "c"]
-    swapped = quality.ranking_agreement({"a": method(0.9, 0.6), "b": method(0.5, 0.95), "c": method(0.1, 0.15)})
+    swapped = ranking_agreement({"a": method(0.9, 0.6), "b": method(0.5, 0.95), "c": method(0.1, 0.15)})
     assert swapped["kendall_tau"] == pytest.approx(1 / 3) and swapped["by_measured_share"] == ["b", "a", "c"]
-    assert quality.ranking_agreement({"a": method(0.9, 0.95)}) is None
+    assert ranking_agreement({"a": method(0.9, 0.95)}) is None
 
     # the next-batch estimate of seed 0 only is ranked against the seed-0 shares, not the 3-seed means
-    per_seed = quality.monitor_figures([{**monitor(0.3, 0.5), "next_batch_progress_share": 0.4}, monitor(0.3, 0.5)],
+    per_seed = monitor_figures([{**monitor(0.3, 0.5), "next_batch_progress_share": 0.4}, monitor(0.3, 0.5)],
                                        seeds=[0, 1])  # fmt: skip
     assert per_seed["next_batch_progress_share"] == pytest.approx(0.4)
     assert per_seed["estimate_seeds"] == {"predicted_progress_share": [0, 1], "next_batch_progress_share": [0]}
@@ -248,7 +257,7 @@ def test_monitor_figures_are_reported_per_method_and_ranked_against_the_measured
         return {"monitor": figures, "share_of_full_gain": {"mean": mean, "per_seed": shares}}
 
     # by the means a (0.75) beats b (0.6); on seed 0, where the estimate was taken, b (0.9) beats a (0.5)
-    ranked = quality.ranking_agreement(
+    ranked = ranking_agreement(
         {"a": seeded(0.2, {"0": 0.5, "1": 1.0}), "b": seeded(0.3, {"0": 0.9, "1": 0.3})}, "next_batch_progress_share"
     )
     assert ranked["kendall_tau"] == 1.0 and ranked["estimate"] == "next_batch_progress_share"
@@ -258,7 +267,7 @@ def test_monitor_figures_are_reported_per_method_and_ranked_against_the_measured
         per_seed = {"predicted_progress_share": same, "next_batch_progress_share": nxt}
         return {"monitor": {"per_seed": per_seed}, "share_of_full_gain": {"per_seed": shares}}
 
-    by_run = quality.cell_ranking_agreement({
+    by_run = cell_ranking_agreement({
         "a": runs({"0": 0.3, "1": 0.2}, {"0": 0.6}, {"0": 0.9, "1": 0.5}),  # seed 1 has no next-batch estimate
         "b": runs({"0": 0.4}, {"0": 0.5}, {"0": 0.7}),
         "c": runs({"0": 0.1}, {"0": 0.2}, {"0": 0.2}),
@@ -284,16 +293,16 @@ def test_learning_rate_selection_takes_the_lowest_fixed_text_kl_not_the_lowest_h
         "galore_b": _screened(2.5, 7.0),
     }
     screens = {"lora": ["lora_x10", "lora_x30", "lora_x100"], "galore": ["galore_a", "galore_b", "galore_c"]}
-    chosen = quality.select_learning_rates(methods, screens)
+    chosen = quality_report.select_learning_rates(methods, screens)
     assert chosen["lora"]["selected"] == "lora_x30" and chosen["lora"]["complete"]
     assert chosen["lora"]["candidates"]["lora_x100"] == {"final_reverse_kl": 0.709, "final_fixed_text_kl": 9.935}
     # galore_a ran without the fixed-text evaluation and galore_c did not run: a choice, marked incomplete
     assert chosen["galore"]["selected"] == "galore_b" and not chosen["galore"]["complete"]
     assert chosen["galore"]["candidates"]["galore_c"] is None
-    selection = {"rule": quality.LR_SELECTION_RULE, "families": chosen}
+    selection = {"rule": quality_report.LR_SELECTION_RULE, "families": chosen}
     report = {"experiment": "x", "base_config": "c", "overrides": {}, "seeds": [0], "not_run": {},
               "pending_cells": [], "methods": {}, "lr_selection": selection}  # fmt: skip
-    md = quality.markdown_report(report)
+    md = quality_markdown.markdown_report(report)
     assert "| lora | lora_x30 | 2.013 | 6.363 | **yes** |" in md
     assert "| galore | galore_c | not run | | |" in md and "| galore | (incomplete" in md
 
