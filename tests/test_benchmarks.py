@@ -283,3 +283,21 @@ def test_make_resident_reads_each_storage_once():
     model.register_buffer("table", torch.zeros(3, dtype=torch.bfloat16))
     expected = 4 * (8 * 4 + 4 + 8) + 2 * 3
     assert memory_speed.make_resident(model) == expected
+
+
+def test_committed_results_render_unchanged():
+    """markdown_report of each committed memory/speed results.json is byte-identical to its results.md."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import memory_speed
+    finally:
+        sys.path.remove(str(BENCH))
+    committed = [
+        d
+        for d in sorted((BENCH / "results").iterdir())
+        if (d / "results.md").is_file() and (d / "results.md").read_text().startswith("# Memory and speed of OPD")
+    ]
+    assert committed, "no committed memory/speed results"
+    for directory in committed:
+        report = json.loads((directory / "results.json").read_text())
+        assert memory_speed.markdown_report(report) == (directory / "results.md").read_text(), directory.name
