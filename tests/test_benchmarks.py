@@ -192,11 +192,8 @@ def test_same_student_same_batch_and_steps_move(tiny_report):
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import memory_speed
-    finally:
-        sys.path.remove(str(BENCH))
+    from lockedopd.bench import memory as memory_speed
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("batch:\n  batch_sise: 4\n")
     with pytest.raises(ValueError, match="batch.batch_sise"):
@@ -271,33 +268,12 @@ def test_mmap_threshold_methods_change_the_allocator_not_the_training(tmp_path):
 
 
 def test_make_resident_reads_each_storage_once():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import memory_speed
-    finally:
-        sys.path.remove(str(BENCH))
     import torch
+
+    from lockedopd.bench.memory.accounting import make_resident
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 8))
     model[1].weight = torch.nn.Parameter(model[0].weight.t())  # tied: one storage, counted once
     model.register_buffer("table", torch.zeros(3, dtype=torch.bfloat16))
     expected = 4 * (8 * 4 + 4 + 8) + 2 * 3
-    assert memory_speed.make_resident(model) == expected
-
-
-def test_committed_results_render_unchanged():
-    """markdown_report of each committed memory/speed results.json is byte-identical to its results.md."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import memory_speed
-    finally:
-        sys.path.remove(str(BENCH))
-    committed = [
-        d
-        for d in sorted((BENCH / "results").iterdir())
-        if (d / "results.md").is_file() and (d / "results.md").read_text().startswith("# Memory and speed of OPD")
-    ]
-    assert committed, "no committed memory/speed results"
-    for directory in committed:
-        report = json.loads((directory / "results.json").read_text())
-        assert memory_speed.markdown_report(report) == (directory / "results.md").read_text(), directory.name
+    assert make_resident(model) == expected

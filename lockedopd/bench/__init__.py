@@ -1,0 +1,1 @@
+"""Benchmarks that ship with the package: memory and speed of the training methods (:mod:`.memory`)."""
