@@ -157,3 +157,13 @@ def test_the_script_is_thin_and_the_modules_are_small():
     assert len((BENCH / "memory_speed.py").read_text().splitlines()) <= 300
     sizes = {path.name: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
     assert len(sizes) >= 5 and max(sizes.values()) <= 300, sizes
+
+
+def test_full_mmap_is_planned_as_full_opd():
+    """The allocator twin of full OPD is planned as full OPD's (warmup) step, not as a locked one."""
+    from lockedopd.bench.memory import planned_bytes
+
+    config = load_config(TINY)
+    assert planned_bytes(config, "full_mmap") == planned_bytes(config, "full")
+    assert planned_bytes(config, "locked_right_mmap") == planned_bytes(config, "locked_right")
+    assert planned_bytes(config, "full")["gradients"] > planned_bytes(config, "locked_right")["gradients"]

@@ -64,7 +64,7 @@ def planned_bytes(config: dict, method: str) -> dict[str, int] | None:
         h, heads = m["hidden_size"], m["num_heads"]
         arch = Architecture(m["vocab_size"], h, m["intermediate_size"], m["num_layers"], heads, heads, h // heads)
     plan = plan_memory(opd_config, architecture=arch)
-    phase = plan["phases"]["warmup" if method == "full" else "locked"]
+    phase = plan["phases"]["warmup" if method_spec(method).kind == "full" else "locked"]
     out = {key: phase[key] for key in ("saved_for_backward_bytes", "gradients", "optimizer_state")}
     teacher_copy = 0
     if not method_spec(method).chunked:
