@@ -238,6 +238,7 @@ def _projected_right(model: nn.Module, targets: dict[str, nn.Linear], config: di
     optimizer = LockedAdamW(params, lr=lr, projection="right")
 
     def set_basis_from_first_gradient() -> None:
+        """Give each weight without a basis the top-r right singular vectors of its gradient."""
         for p in params:
             if optimizer.get_basis(p)[1] is None and p.grad is not None:
                 vh = torch.linalg.svd(p.grad.float(), full_matrices=False).Vh

@@ -60,6 +60,7 @@ class _ListQueue:
         self.items: list = []
 
     def put(self, item: Any) -> None:
+        """Keep ``item``."""
         self.items.append(item)
 
 
