@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from lockedopd.cli_errors import run_guarded
 from lockedopd.runtime.vllm_runtime import set_verbose
@@ -55,21 +54,12 @@ def _add_bench_parser(subparsers) -> None:
         help="benchmarks: (bench quality) the methods' quality over seeds, or their memory/speed side by side",
         description="`lockedopd bench quality EXPERIMENT.yaml [...]` runs the resumable method x seed quality grid "
         "(lockedopd.bench.quality; e.g. `lockedopd bench quality benchmarks/experiments/quality_smollm2.yaml`, "
-        "`... --rerender`, `... --pack`). `lockedopd bench EXPERIMENT.yaml [...]` runs benchmarks/memory_speed.py of "
-        "a source checkout (e.g. `lockedopd bench benchmarks/experiments/smollm2.yaml --out runs/bench`).",
+        "`... --rerender`, `... --pack`). `lockedopd bench EXPERIMENT.yaml [...]` compares the methods' memory and "
+        "speed side by side (lockedopd.bench.memory; e.g. `lockedopd bench benchmarks/experiments/smollm2.yaml "
+        "--out runs/bench`).",
     )
     parser.add_argument("args", nargs=argparse.REMAINDER, help="[quality] and the arguments of the benchmark")
     parser.set_defaults(handler=_run_bench)
-
-
-def memory_speed_script() -> Path | None:
-    """``benchmarks/memory_speed.py`` of the source checkout this package runs from, else of the current directory;
-    None when neither has it (an installed package without the repository)."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        script = root / "benchmarks" / "memory_speed.py"
-        if script.is_file():
-            return script
-    return None
 
 
 def _run_bench(args) -> int:
@@ -80,24 +70,12 @@ def _run_bench(args) -> int:
             return int(quality_main(args.args[1:]) or 0)
         except SystemExit as exc:  # argparse's --help and usage errors
             return int(exc.code or 0)
-    import runpy
+    from lockedopd.bench.memory import main as memory_main
 
-    script = memory_speed_script()
-    if script is None:
-        raise FileNotFoundError(
-            "benchmarks/memory_speed.py is not here: the memory/speed benchmark ships with the source checkout, not "
-            "the package; run `lockedopd bench` from a clone of the repository (`lockedopd bench quality` works "
-            "from the package)."
-        )
-    saved = sys.argv
-    sys.argv = [str(script), *args.args]
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        return int(memory_main(args.args) or 0)
     except SystemExit as exc:
         return int(exc.code or 0)
-    finally:
-        sys.argv = saved
-    return 0
 
 
 def _add_subsystem_parsers(subparsers) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lockedopd.bench.memory.config import DEFAULTS
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 TINY = BENCH / "experiments" / "tiny.yaml"
@@ -44,7 +46,7 @@ def tiny_report(tmp_path_factory):
 
 def _tiny_shapes() -> list[tuple[int, int]]:
     """(out, in) of every target weight of the tiny experiment, from its config (not from the run)."""
-    defaults = yaml.safe_load((BENCH / "defaults.yaml").read_text())
+    defaults = yaml.safe_load((DEFAULTS).read_text())
     model = {**defaults["model"], **(yaml.safe_load(TINY.read_text()).get("model") or {})}
     h, f = model["hidden_size"], model["intermediate_size"]
     per_layer = [(h, h)] * 4 + [(f, h), (f, h), (h, f)]  # q k v o (no GQA), gate up, down
@@ -192,11 +194,8 @@ def test_same_student_same_batch_and_steps_move(tiny_report):
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import memory_speed
-    finally:
-        sys.path.remove(str(BENCH))
+    from lockedopd.bench import memory as memory_speed
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("batch:\n  batch_sise: 4\n")
     with pytest.raises(ValueError, match="batch.batch_sise"):
@@ -213,7 +212,7 @@ def test_checkpointing_and_chunking_change_memory_not_the_training(tiny_report):
     reference = res["locked_right"]["losses"]
     for method in ("locked_right_chunked", "locked_right_ckpt", "locked_right_ckpt_chunked"):
         assert res[method]["losses"] == pytest.approx(reference, rel=1e-5, abs=1e-7), method
-    defaults = yaml.safe_load((BENCH / "defaults.yaml").read_text())
+    defaults = yaml.safe_load((DEFAULTS).read_text())
     model = {**defaults["model"], **(yaml.safe_load(TINY.read_text()).get("model") or {})}
     batch = {**defaults["batch"], **(yaml.safe_load(TINY.read_text()).get("batch") or {})}
     tokens = batch["batch_size"] * (batch["prompt_tokens"] + batch["completion_tokens"])
@@ -271,15 +270,12 @@ def test_mmap_threshold_methods_change_the_allocator_not_the_training(tmp_path):
 
 
 def test_make_resident_reads_each_storage_once():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import memory_speed
-    finally:
-        sys.path.remove(str(BENCH))
     import torch
+
+    from lockedopd.bench.memory.accounting import make_resident
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 8))
     model[1].weight = torch.nn.Parameter(model[0].weight.t())  # tied: one storage, counted once
     model.register_buffer("table", torch.zeros(3, dtype=torch.bfloat16))
     expected = 4 * (8 * 4 + 4 + 8) + 2 * 3
-    assert memory_speed.make_resident(model) == expected
+    assert make_resident(model) == expected

@@ -104,21 +104,16 @@ def test_plan_of_the_qwen3_recipe_and_the_cli(tmp_path, capsys):
     assert "locked" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------------ against benchmarks/memory_speed.py
+# ---------------------------------------------- against benchmarks/memory_speed.py (lockedopd.bench.memory)
 BENCH = REPO / "benchmarks"
 #: Methods whose step `lockedopd plan` models: full OPD (warmup) and the locked phase with each memory option.
 PLANNED_METHODS = ("full", "locked_right", "locked_right_chunked", "locked_right_ckpt", "locked_right_ckpt_chunked")
 
 
 def _memory_speed():
-    import sys
+    from lockedopd.bench import memory
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import memory_speed
-    finally:
-        sys.path.remove(str(BENCH))
-    return memory_speed
+    return memory
 
 
 def _ratios(memory_speed, config: dict, record: dict, method: str) -> dict[str, float]:

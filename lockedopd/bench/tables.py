@@ -23,9 +23,11 @@ def table_row(cells: Sequence[Any], columns: int | None = None) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |" + " |" * pad
 
 
-def markdown_table(head: Sequence[str], rows: Sequence[Sequence[Any]] = ()) -> list[str]:
-    """A markdown table as lines: the header, its rule and the rows (see the module docstring)."""
-    return [table_row(head), "|" + "---|" * len(head), *(table_row(row, len(head)) for row in rows)]
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[Any]] = (), numbers_right: bool = False) -> list[str]:
+    """A markdown table as lines: the header, its rule and the rows (see the module docstring); with
+    ``numbers_right`` every column after the first is right-aligned (``---:``), for tables of numbers."""
+    rule = "|---|" + "---:|" * (len(head) - 1) if numbers_right else "|" + "---|" * len(head)
+    return [table_row(head), rule, *(table_row(row, len(head)) for row in rows)]
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -1,8 +1,8 @@
 """The OPD training loop: rollout (:mod:`lockedopd.opd.rollout_policy`: who samples) → teacher scores → objective
-→ backward → optimizer step. Phases (``phase`` in metrics.jsonl): ``full`` (plain OPD, no lock configured), ``warmup`` (full parameters while
-the subspace tracker watches ΔW) and ``locked`` (only the coefficients of the SubspaceLockedAdapter train). The lock
-talks to the loop through one callback (:mod:`lockedopd.opd.callbacks`); saving and resuming live in
-:mod:`lockedopd.opd.run_checkpoint`, held-out metrics in :mod:`lockedopd.opd.run_evaluation`.
+→ backward → optimizer step. Phases (``phase`` in metrics.jsonl): ``full`` (plain OPD, no lock configured),
+``warmup`` (full parameters while the subspace tracker watches ΔW) and ``locked`` (only the coefficients of the
+SubspaceLockedAdapter train). The lock talks to the loop through one callback (:mod:`lockedopd.opd.callbacks`);
+saving and resuming live in :mod:`lockedopd.opd.run_checkpoint`, held-out metrics in :mod:`~.run_evaluation`.
 
 Under ``torchrun`` / ``accelerate launch`` the loop runs data-parallel (``runtime.distributed``): each process
 samples and scores its contiguous share of every micro-batch of ``batch_size`` prompts, weights its loss by its share
