@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "Architecture", "add_plan_parser", "architecture_of", "format_plan", "plan_memory"]
+__all__ = ["ARCHITECTURES", "Architecture", "architecture_of", "format_plan", "plan_memory"]
 
 GIB = 1024**3
 #: Phase keys that describe the step rather than add to its total.
@@ -358,30 +358,3 @@ def format_plan(plan: dict[str, Any]) -> str:
     if plan["teacher_separate_bytes"]:
         lines.append(f"teacher on its own (vLLM) devices: {plan['teacher_separate_bytes'] / GIB:.1f} GiB of weights")
     return "\n".join(lines)
-
-
-def add_plan_parser(subparsers) -> None:
-    """Register ``lockedopd plan CONFIG [--world-size N] [--fsdp] [--json OUT] [key=value ...]``."""
-    parser = subparsers.add_parser(
-        "plan",
-        help="per-device memory of each phase of a config, from the model's sizes alone (no weights loaded)",
-        description="Estimate per-device bytes of the warmup and locked phases (weights, gradients, optimizer state, "
-        "bases, activations, logits, teacher) from the model configs; see lockedopd/plan.py for the model.",
-    )
-    parser.add_argument("config", help="YAML config (see recipes/configs/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    parser.add_argument("--world-size", type=int, default=1, help="devices the student trains on")
-    parser.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state (FSDP)")
-    parser.add_argument("--json", dest="json_out", help="also write the plan as JSON to this file")
-    parser.set_defaults(handler=_run_plan)
-
-
-def _run_plan(args) -> int:
-    from lockedopd.opd import load_config
-
-    plan = plan_memory(load_config(args.config, args.overrides), args.world_size, args.fsdp)
-    print(format_plan(plan))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(plan, indent=2) + "\n")
-    return 0

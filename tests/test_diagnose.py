@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lockedopd.cli.diagnostics import add_diagnose_parser, run_diagnose
 from lockedopd.diagnostics import CheckpointReader, diagnose, format_markdown, plot_diagnostics, tensor_counter
 from lockedopd.diagnostics import geometry as G
-from lockedopd.diagnostics.cli import add_diagnose_parser, run_diagnose
 
 
 def _rand(shape, seed):

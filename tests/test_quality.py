@@ -191,17 +191,19 @@ def test_methods_the_trainer_cannot_run_are_listed_as_not_run(tmp_path):
     assert "lora" not in result["report"]["methods"]
 
 
-def test_bench_quality_runs_the_package_and_bench_alone_the_memory_script(tmp_path, monkeypatch):
-    import runpy
-
+def test_bench_runs_the_quality_or_the_memory_benchmark_of_the_package(tmp_path, monkeypatch):
+    import lockedopd.bench.memory as memory
+    import lockedopd.bench.quality as quality
     from lockedopd import cli
 
-    scripts = []
-    monkeypatch.setattr(runpy, "run_path", lambda path, run_name: scripts.append(Path(path).name))
+    calls = []
+    monkeypatch.setattr(memory, "main", lambda argv: calls.append(("memory", argv)) or 0)
     assert cli.main(["bench", "quality", str(TINY), "--out", str(tmp_path), "--rerender", "--quiet"]) == 0
-    assert scripts == [] and (tmp_path / "results.json").is_file()  # no script ran: the package did
-    assert cli.main(["bench", str(REPO / "benchmarks" / "experiments" / "tiny.yaml")]) == 0
-    assert scripts == ["memory_speed.py"]
+    assert calls == [] and (tmp_path / "results.json").is_file()  # the quality harness rendered the report
+    monkeypatch.setattr(quality, "main", lambda argv: calls.append(("quality", argv)) or 0)
+    assert cli.main(["bench", "experiments/tiny.yaml", "--methods", "full"]) == 0
+    assert cli.main(["bench", "quality", "x.yaml", "--pack"]) == 0
+    assert calls == [("memory", ["experiments/tiny.yaml", "--methods", "full"]), ("quality", ["x.yaml", "--pack"])]
 
 
 def test_readme_table_is_rewritten_from_results_json(tiny_grid, tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lockedopd.cli.diagnostics import add_trajectory_parser, run_trajectory
 from lockedopd.diagnostics import discover_run_checkpoints, final_update_similarity, trajectory_metrics
-from lockedopd.diagnostics.cli import add_trajectory_parser, run_trajectory
 
 SHAPES = {"model.layers.0.q.weight": (24, 20), "model.layers.1.q.weight": (18, 20)}
 SV = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)  # rank-4 update spectrum

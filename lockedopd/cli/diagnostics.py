@@ -1,8 +1,9 @@
-"""argparse wiring for ``lockedopd diagnose`` and ``lockedopd trajectory``.
+"""``lockedopd diagnose`` and ``lockedopd trajectory``: the paper's parameter-space metrics of two checkpoints, and
+of a run's checkpoints over training.
 
-The main CLI calls ``add_diagnose_parser(subparsers)`` / ``add_trajectory_parser(subparsers)``;
-each sets ``handler`` (``run_diagnose`` / ``run_trajectory``), as every subcommand does.  The runners
-return an exit code: 0 on success, 2 on a user-facing error (one line on stderr, no traceback).
+``add_diagnose_parser(subparsers)`` / ``add_trajectory_parser(subparsers)`` register them; their runners
+(``run_diagnose`` / ``run_trajectory``) return an exit code: 0 on success, 2 on a user-facing error (one line on
+stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from lockedopd.cli_errors import run_guarded
+from lockedopd.cli.command import add_command, add_report_arguments
+from lockedopd.cli.errors import run_guarded
 from lockedopd.runtime.atomic_io import atomic_write_text
 
-__all__ = ["add_diagnose_parser", "run_diagnose", "add_trajectory_parser", "run_trajectory", "main"]
+__all__ = ["add_diagnose_parser", "run_diagnose", "add_trajectory_parser", "run_trajectory"]
 
 
 def _json_default(o):
@@ -47,18 +49,20 @@ def _write_json(obj, path: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------------------- diagnose
 def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    """Register ``lockedopd diagnose BASE FT [...]``."""
+    p = add_command(
+        subparsers,
         "diagnose",
-        help="parameter-space diagnostics between two checkpoints (sparsity, angles, NSS, mask overlaps)",
-        description=(
-            "Compare a base and a fine-tuned checkpoint tensor by tensor (streaming): bf16 update sparsity, "
-            "update density, principal-angle rotation, normalized spectral shift, principal-mask and "
-            "low-magnitude overlaps, stable rank and Hill alpha of the update."
-        ),
+        "parameter-space diagnostics between two checkpoints (sparsity, angles, NSS, mask overlaps)",
+        "Compare a base and a fine-tuned checkpoint tensor by tensor (streaming): bf16 update sparsity, update "
+        "density, principal-angle rotation, normalized spectral shift, principal-mask and low-magnitude overlaps, "
+        "stable rank and Hill alpha of the update.",
+        run_diagnose,
     )
     p.add_argument("base", help="base checkpoint: HF dir (model.safetensors or sharded index) or .safetensors file")
     p.add_argument("ft", help="fine-tuned checkpoint, same forms as BASE")
-    p.add_argument("--json", dest="json_out", metavar="OUT", default=None, help="write the full result JSON here")
+    add_report_arguments(p, "write the full result JSON here", "per-layer bar plot PNG",
+                         "only tensors whose name matches (re.search)")  # fmt: skip
     p.add_argument("--k", type=int, default=512, help="top-k left singular vectors for principal angles (512)")
     p.add_argument("--eta", type=float, default=1e-3, help="relative bf16 change tolerance (1e-3)")
     p.add_argument("--mask-rank", type=int, default=64, help="rank r of the principal-mask reconstruction (64)")
@@ -70,11 +74,7 @@ def add_diagnose_parser(subparsers) -> argparse.ArgumentParser:
         default="eta",
         help="M_upd: entries changed beyond eta (default) or bf16 values differing at all",
     )
-    p.add_argument("--include", metavar="REGEX", default=None, help="only tensors whose name matches (re.search)")
-    p.add_argument("--plot", metavar="OUT.png", default=None, help="per-layer bar plot PNG")
     p.add_argument("--top", type=int, default=10, help="matrices listed in the markdown table (10)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run_diagnose)
     return p
 
 
@@ -85,7 +85,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
 
 def diagnose_command(args: argparse.Namespace) -> int:
     """The body of ``lockedopd diagnose`` (errors raise; :func:`run_diagnose` reports them)."""
-    from .diagnose import diagnose, format_markdown, plot_diagnostics
+    from lockedopd.diagnostics.diagnose import diagnose, format_markdown, plot_diagnostics
 
     result = diagnose(
         args.base,
@@ -117,25 +117,21 @@ def diagnose_command(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- trajectory
 def add_trajectory_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    """Register ``lockedopd trajectory RUN_DIR [...]``."""
+    p = add_command(
+        subparsers,
         "trajectory",
-        help="update-trajectory metrics over a run's checkpoints (stable rank, norm, Hill, subspace similarity)",
-        description=(
-            "Read RUN_DIR/checkpoints/step-XXXXXX/model.safetensors (step-000000 is W_0) and report, per "
-            "checkpoint, the stable rank, Frobenius norm and Hill alpha of W_t - W_0 and the top-K right-subspace "
-            "similarity to the final update."
-        ),
+        "update-trajectory metrics over a run's checkpoints (stable rank, norm, Hill, subspace similarity)",
+        "Read RUN_DIR/checkpoints/step-XXXXXX/model.safetensors (step-000000 is W_0) and report, per checkpoint, "
+        "the stable rank, Frobenius norm and Hill alpha of W_t - W_0 and the top-K right-subspace similarity to the "
+        "final update.",
+        run_trajectory,
     )
     p.add_argument("run_dir", help="run directory holding checkpoints/step-XXXXXX/")
     p.add_argument("--reference", metavar="RUN_DIR", default=None, help="compare final-update subspaces with this run")
-    p.add_argument(
-        "--json", dest="json_out", metavar="OUT", default=None, help="default RUN_DIR/trajectory_metrics.json"
-    )
-    p.add_argument("--plot", metavar="OUT.png", default=None, help="default RUN_DIR/trajectory_metrics.png")
+    add_report_arguments(p, "default RUN_DIR/trajectory_metrics.json", "default RUN_DIR/trajectory_metrics.png",
+                         "only matrices whose name matches (re.search)")  # fmt: skip
     p.add_argument("--top-k", type=int, default=16, help="K right singular vectors for sim(t) and Hill (16)")
-    p.add_argument("--include", metavar="REGEX", default=None, help="only matrices whose name matches (re.search)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run_trajectory)
     return p
 
 
@@ -146,7 +142,12 @@ def run_trajectory(args: argparse.Namespace) -> int:
 
 def trajectory_command(args: argparse.Namespace) -> int:
     """The body of ``lockedopd trajectory`` (errors raise; :func:`run_trajectory` reports them)."""
-    from .trajectory import discover_run_checkpoints, final_update_similarity, plot_trajectory, trajectory_metrics
+    from lockedopd.diagnostics.trajectory import (
+        discover_run_checkpoints,
+        final_update_similarity,
+        plot_trajectory,
+        trajectory_metrics,
+    )
 
     progress = not getattr(args, "no_progress", False)
     top_k = getattr(args, "top_k", 16)
@@ -193,17 +194,3 @@ def trajectory_command(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"\nwrote {json_out}\nwrote {png_out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m lockedopd.diagnostics.cli diagnose ...``)."""
-    parser = argparse.ArgumentParser(prog="lockedopd")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_diagnose_parser(sub)
-    add_trajectory_parser(sub)
-    args = parser.parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,16 +6,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lockedopd.cli.command import add_command, add_config_arguments
+
+__all__ = ["add_task_parsers"]
+
 
 def add_task_parsers(subparsers) -> None:
     """Register ``task``, ``build-model`` and ``eval``."""
     task = subparsers.add_parser("task", help="verifiable tasks: write a task's train/validation/test splits")
     actions = task.add_subparsers(dest="task_command", required=True)
-    make = actions.add_parser(
+    make = add_command(
+        actions,
         "make",
-        help="write NAME's splits as JSONL (prompt, completion, answer)",
-        description="Write {train,validation,test}.jsonl of a registered task; the splits never share a problem "
-        "and the files are the same for the same --seed.",
+        "write NAME's splits as JSONL (prompt, completion, answer)",
+        "Write {train,validation,test}.jsonl of a registered task; the splits never share a problem and the files "
+        "are the same for the same --seed.",
+        _run_task_make,
     )
     make.add_argument("name", help="the task (e.g. column_addition)")
     make.add_argument("--out", required=True, type=Path, help="directory for the JSONL files")
@@ -23,24 +29,25 @@ def add_task_parsers(subparsers) -> None:
     make.add_argument("--validation", type=int, default=500, help="validation problems (choose settings on these)")
     make.add_argument("--test", type=int, default=1000, help="test problems (report these)")
     make.add_argument("--seed", type=int, default=0)
-    make.set_defaults(handler=_run_task_make)
 
-    build = subparsers.add_parser(
+    build = add_command(
+        subparsers,
         "build-model",
-        help="train a recipe once and cache its final model (e.g. a task's SFT teacher): `source: built:RECIPE`",
-        description="Train RECIPE (a distill config with lock.enabled=false) unless its model is cached, and print "
-        "the directory. The cache key is a hash of the recipe's training settings and data; a killed build resumes "
-        "when run again.",
+        "train a recipe once and cache its final model (e.g. a task's SFT teacher): `source: built:RECIPE`",
+        "Train RECIPE (a distill config with lock.enabled=false) unless its model is cached, and print the "
+        "directory. The cache key is a hash of the recipe's training settings and data (overrides change it); a "
+        "killed build resumes when run again.",
+        _run_build_model,
     )
-    build.add_argument("recipe", help="YAML recipe (e.g. recipes/configs/teacher_column_addition.yaml)")
-    build.add_argument("overrides", nargs="*", help="key=value overrides (they change the cache key)")
-    build.set_defaults(handler=_run_build_model)
+    add_config_arguments(build, "YAML recipe (e.g. recipes/configs/teacher_column_addition.yaml)")
 
-    evaluate = subparsers.add_parser(
+    evaluate = add_command(
+        subparsers,
         "eval",
-        help="task accuracy of a model: greedy exact match and mean accuracy over k samples",
-        description="Score a model directory (or built:RECIPE, smollm2) on problems with answers: greedy exact "
-        "match and the mean accuracy of --samples samples per problem at --temperature; JSON to stdout or --json.",
+        "task accuracy of a model: greedy exact match and mean accuracy over k samples",
+        "Score a model directory (or built:RECIPE, smollm2) on problems with answers: greedy exact match and the "
+        "mean accuracy of --samples samples per problem at --temperature; JSON to stdout or --json.",
+        _run_eval,
     )
     evaluate.add_argument("model", help="a Hugging Face model directory, built:RECIPE.yaml or smollm2")
     evaluate.add_argument("--data", required=True, help="JSONL problems with an answer each")
@@ -58,7 +65,6 @@ def add_task_parsers(subparsers) -> None:
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", dest="json_out", type=Path, help="also write the result here")
-    evaluate.set_defaults(handler=_run_eval)
 
 
 def _run_task_make(args) -> int:
@@ -76,7 +82,7 @@ def _run_task_make(args) -> int:
 def _run_build_model(args) -> int:
     from lockedopd.opd.build import build_model_from_recipe
 
-    directory, record = build_model_from_recipe(args.recipe, args.overrides)
+    directory, record = build_model_from_recipe(args.config, args.overrides)
     print(json.dumps(record.get("final_evaluation", {}), indent=2))
     print(f"built model: {directory}")
     return 0
@@ -122,6 +128,3 @@ def _run_eval(args) -> int:
         atomic_write_text(args.json_out, text + "\n")
     print(text)
     return 0
-
-
-__all__ = ["add_task_parsers"]
