@@ -112,20 +112,23 @@ def test_lock_methods_enter_through_the_registry(method, entry, mode, tiny_confi
     assert request.warmup_optimizer.state == {}  # a fresh warmup: nothing is carried into the lock
 
 
-def test_right_sided_locked_methods_bypass_the_subspace_entry(tiny_config, tmp_path, monkeypatch):
-    """The registry's right-sided subspace phase keeps U (out x r) alive in its optimizer; the locked_right*
-    methods enter the lock directly on V-only bases, and ``lock_subspace`` measures the entry as it is."""
+def test_locked_methods_enter_through_the_subspace_entry_and_a_right_lock_holds_no_left_basis(
+    tiny_config, tmp_path, monkeypatch
+):
+    """Every locked method is the registry's ``subspace`` entry; its right-sided phase keeps only V in memory (the
+    basis file keeps U): the optimizer holds no basis of its own, the adapter holds V alone."""
     fake = FakeLockMethod()
     monkeypatch.setitem(LOCK_METHODS, "subspace", fake)
-    assert type(_setup("locked_right", tiny_config, tmp_path / "a").optimizer).__name__ == "FactoredSubspaceAdamW"
-    assert fake.requests == []
+    _setup("locked_right_adamw", tiny_config, tmp_path / "a")
+    assert len(fake.requests) == 1
     monkeypatch.undo()
     r, shapes = tiny_config["rank"], _target_shapes(tiny_config)
-    direct = _setup("locked_right", tiny_config, tmp_path / "b")
-    entry = _setup("lock_subspace", tiny_config, tmp_path / "c")
-    assert optimizer_breakdown(direct.optimizer, direct.model)["optimizer_basis_bytes"] == 0
-    left_bases = 4 * sum(o * r for o, _ in shapes)
-    assert optimizer_breakdown(entry.optimizer, entry.model)["optimizer_basis_bytes"] == left_bases
+    right = _setup("locked_right", tiny_config, tmp_path / "b")
+    assert type(right.optimizer).__name__ == "FactoredSubspaceAdamW"
+    assert optimizer_breakdown(right.optimizer, right.model)["optimizer_basis_bytes"] == 0
+    assert all(basis.U is None for basis in right.optimizer.bases.values())
+    two_sided = _setup("locked_two_sided", tiny_config, tmp_path / "c")
+    assert sum(b.U.numel() for b in two_sided.optimizer.bases.values()) == sum(o * r for o, _ in shapes)
 
 
 def test_unknown_methods_name_the_registries():

@@ -236,8 +236,9 @@ def adapter_bases(
     peft_model: nn.Module, expected: Mapping[str, SubspaceBasis], adapter_name: str = ADAPTER_NAME
 ) -> dict[str, SubspaceBasis]:
     """The :class:`SubspaceBasis` of each locked layer of ``peft_model``, viewing the adapter's own ``U``/``V``
-    buffers (no copy), sorted by module name; checked against ``expected`` (the bases the adapter was built from),
-    whose ``U`` a right-sided adapter does not hold and which is carried over from it.
+    buffers (no copy), sorted by module name; checked against ``expected`` (the bases the adapter was built from).
+    A right-sided adapter holds no ``U`` and neither do its bases: the basis file keeps it (a two-sided lock can
+    start from that file), memory does not (it would be out x r per matrix, as much as the coefficients).
 
     Raises:
         ValueError: a module of ``expected`` has no locked layer, or its buffers differ from ``expected`` (the basis
@@ -255,8 +256,7 @@ def adapter_bases(
                 f"{name}: the adapter's V (read from the basis file) differs from the basis passed in; write the "
                 "basis file from the same bases."
             )
-        left = basis.U if basis.U is not None else expected[name].U  # right-sided: U is carried, not in the adapter
-        out[name] = SubspaceBasis(basis.V, left, basis.mode)
+        out[name] = SubspaceBasis(basis.V, basis.U, basis.mode)
     return out
 
 

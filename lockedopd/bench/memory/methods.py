@@ -47,9 +47,6 @@ class MethodSpec:
         entry: the registry entry (an ``optimizer:`` value for ``full``, a lock method for ``lock``).
         mode / lock_optimizer: ``lock.mode`` and ``lock.optimizer`` of a lock (``factored`` is the library default,
             :class:`~lockedopd.optim.FactoredSubspaceAdamW`; ``coefficients`` is :class:`~lockedopd.LockedAdamW`).
-        enter_directly: enter the subspace lock with :func:`~lockedopd.lock.phases.enter_locked_phase` on V-only
-            bases instead of through the ``subspace`` entry, whose right-sided phase keeps the basis file's left
-            basis U (out x r per matrix, unused) referenced from its optimizer; ``lock_subspace`` measures the entry.
         checkpointing: activation checkpointing of the decoder layers (``runtime.activation_checkpointing``).
         chunked: the loss over chunks of ``objective.chunk_size`` completion tokens
             (:mod:`lockedopd.opd.chunked_loss`).
@@ -62,15 +59,13 @@ class MethodSpec:
     entry: str = ""
     mode: str = "right"
     lock_optimizer: str = "factored"
-    enter_directly: bool = False
     checkpointing: bool = False
     chunked: bool = False
     lean_malloc: bool = False
 
 
 def _locked(label: str, **options: Any) -> MethodSpec:
-    right_sided = options.get("mode", "right") == "right"
-    return MethodSpec("lock", label, entry="subspace", enter_directly=right_sided, **options)
+    return MethodSpec("lock", label, entry="subspace", **options)
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
@@ -201,26 +196,11 @@ def _lock(spec: MethodSpec, model: nn.Module, targets: dict[str, nn.Linear], con
              for n, m in targets.items()}  # fmt: skip
     warmup = build_full_optimizer(opd, freeze_all_but(model, [m.weight for m in targets.values()]))
     basis_file = workdir / "basis.safetensors"
-    if spec.enter_directly:
-        return _enter_subspace_directly(spec, model, pairs, basis_file, opd)
     bases = {n: SubspaceBasis(V, U, spec.mode) for n, (U, V) in pairs.items()} if method.needs_basis else None
     metadata = {"step": 0, "rank": opd.lock.rank, "mode": spec.mode, "reason": "benchmark", "source": "random"}
     request = LockRequest(model, None, warmup, bases, basis_file, metadata, opd.lr, opd.lock, opd, list(targets),
                           DistContext())  # fmt: skip
     phase, _ = method.enter(request)
-    return Setup(phase.model, phase.optimizer)
-
-
-def _enter_subspace_directly(spec: MethodSpec, model: nn.Module, pairs: dict, basis_file: Path, opd: Any) -> Setup:
-    """The subspace lock without the registry entry: bases with V only (and U two-sided), no warmup carry."""
-    from lockedopd.lock.phases import enter_locked_phase
-    from lockedopd.subspace import save_basis
-    from lockedopd.subspace.basis import SubspaceBasis
-
-    save_basis(basis_file, pairs, {"step": 0})
-    two_sided = spec.mode == "two_sided"
-    bases = {n: SubspaceBasis(V, U if two_sided else None, spec.mode) for n, (U, V) in pairs.items()}
-    phase = enter_locked_phase(model, bases, basis_file, None, lr=opd.lr, optimizer=spec.lock_optimizer)
     return Setup(phase.model, phase.optimizer)
 
 
