@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from lockedopd.opd.chunked_loss import compute_chunked_opd_loss, rollout_opd_loss, token_chunks
+from lockedopd.opd.chunked_loss import rollout_opd_loss, token_chunks
 from lockedopd.opd.config import ObjectiveConfig
 from lockedopd.opd.rollout import generate_rollout
 from lockedopd.teachers import HFTeacher
@@ -109,9 +109,7 @@ def test_objective_that_is_not_a_token_mean_refuses_chunks(scored, tiny_student)
         rollout, dense_teacher, _ = scored
         scores = dense_teacher.score(rollout.sequences(), rollout.prompt_lengths)
         with pytest.raises(ValueError, match="chunk_size=0"):
-            compute_chunked_opd_loss(
-                tiny_student, rollout, scores, ObjectiveConfig(name="test_sum_not_mean", chunk_size=4)
-            )
+            rollout_opd_loss(tiny_student, rollout, scores, ObjectiveConfig(name="test_sum_not_mean", chunk_size=4))
     finally:
         OBJECTIVES.pop("test_sum_not_mean", None)
 

@@ -43,24 +43,6 @@ from lockedopd.opd.rollout import Rollout, position_ids_from_mask, student_compl
 from lockedopd.teachers.base import TeacherScores, check_plain_output_layer
 
 
-def rollout_opd_loss(
-    model: nn.Module,
-    rollout: Rollout,
-    scores: TeacherScores,
-    config: ObjectiveConfig,
-    rewards: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    group_ids: torch.Tensor | None = None,
-) -> LossOutput:
-    """The OPD loss of one scored rollout of ``model``: unchunked when ``config.chunk_size == 0`` (the default:
-    :func:`~lockedopd.opd.rollout.student_completion_logprobs` then
-    :func:`~lockedopd.opd.loss.compute_opd_loss`), else :func:`compute_chunked_opd_loss`."""
-    if config.chunk_size > 0:
-        return compute_chunked_opd_loss(model, rollout, scores, config, rewards, generator, group_ids)
-    student_lp = student_completion_logprobs(model, rollout)
-    return compute_opd_loss(student_lp, rollout.completion_ids, scores, config, rewards, generator, group_ids)
-
-
 def student_completion_hidden(model: nn.Module, rollout: Rollout) -> tuple[torch.Tensor, nn.Module]:
     """The student's final hidden states at the completion positions, with grad, and its output layer.
 
@@ -153,7 +135,7 @@ def completion_kl_statistics(
     )
 
 
-def compute_chunked_opd_loss(
+def rollout_opd_loss(
     model: nn.Module,
     rollout: Rollout,
     scores: TeacherScores,
@@ -162,11 +144,15 @@ def compute_chunked_opd_loss(
     generator: torch.Generator | None = None,
     group_ids: torch.Tensor | None = None,
 ) -> LossOutput:
-    """:func:`~lockedopd.opd.loss.compute_opd_loss` on ``model``'s rollout, ``config.chunk_size`` tokens at a time.
-
-    Same arguments, value, gradient and statistics as the unchunked loss (see the module docstring for how), with
-    the student's log-probs made here from ``model`` instead of passed in.
+    """The OPD loss of one scored rollout of ``model`` (arguments as :func:`~lockedopd.opd.loss.compute_opd_loss`'s,
+    with the student's log-probs made here from ``model``): unchunked when ``config.chunk_size == 0`` (the default:
+    :func:`~lockedopd.opd.rollout.student_completion_logprobs` then ``compute_opd_loss``), else ``config.chunk_size``
+    tokens at a time, with the same value, gradient and statistics (the module docstring says how).
     """
+    if config.chunk_size == 0:
+        student_lp = student_completion_logprobs(model, rollout)
+        extras = {"rewards": rewards, "generator": generator, "group_ids": group_ids}
+        return compute_opd_loss(student_lp, rollout.completion_ids, scores, config, **extras)
     objective = get_objective(config.name)
     objective.check_scores(scores)
     if not objective.token_mean:

@@ -133,6 +133,7 @@ def compute_opd_loss(
     completion_ids: torch.Tensor,
     scores: TeacherScores,
     config: ObjectiveConfig,
+    *,
     rewards: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     group_ids: torch.Tensor | None = None,
