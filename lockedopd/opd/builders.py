@@ -18,6 +18,7 @@ from lockedopd.models import build_tiny_llama, build_tiny_tokenizer, layers_to_k
 from lockedopd.opd.built_models import is_built_source, resolve_built_source
 from lockedopd.opd.config import ModelConfig, OPDConfig
 from lockedopd.opd.objective_registry import get_objective
+from lockedopd.runtime.hub import is_hub_id, resolve_hub_model
 from lockedopd.runtime.vllm_runtime import vllm_unavailable_reason
 from lockedopd.teachers.base import TeacherScorer
 from lockedopd.teachers.registry import AUTO_BACKEND, TeacherBuildContext, teacher_backend
@@ -38,6 +39,22 @@ class RunInputs:
     accuracy_problems: list[PromptRecord] | None = None
 
 
+def model_directory(spec: ModelConfig) -> Path:
+    """The local directory a model ``source`` names: a checkpoint directory, a built recipe's cached model, or a
+    hub id's snapshot (:mod:`lockedopd.runtime.hub`)."""
+    if is_built_source(spec.source):
+        return resolve_built_source(spec.source)
+    path = Path(spec.source)
+    if path.is_dir():
+        return path
+    if is_hub_id(spec.source):
+        return resolve_hub_model(spec.source, spec.revision)
+    raise FileNotFoundError(
+        f"model source {spec.source!r} is neither 'tiny', 'smollm2', a built:RECIPE, an existing checkpoint "
+        "directory nor a hub id (owner/name)."
+    )
+
+
 def build_model(spec: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
     """Model (and its tokenizer) for one :class:`ModelConfig`, pruned if asked."""
     dtype = DTYPES[spec.dtype]
@@ -56,17 +73,11 @@ def build_model(spec: ModelConfig, tokenizer=None) -> tuple[nn.Module, object]:
     elif spec.source == "smollm2":
         model, tokenizer = load_smollm2(dtype=dtype)
     else:
-        path = Path(spec.source)
-        if is_built_source(spec.source):
-            path = resolve_built_source(spec.source)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"model source {spec.source!r} is neither 'tiny', 'smollm2' nor an existing checkpoint directory."
-            )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        path, remote = model_directory(spec), {"trust_remote_code": spec.trust_remote_code}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **remote)
+        tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     if spec.keep_layers is not None:
         prune_layers(model, spec.keep_layers)
     elif spec.drop_every is not None:
@@ -142,7 +153,7 @@ def _teacher_dir(config: OPDConfig) -> str:
         return str(default_cache_dir() / "smollm2-135m-instruct")
     if spec.source == "tiny" or spec.drop_every or spec.keep_layers:
         raise ValueError("the vLLM teacher needs teacher.model.source to be 'smollm2' or a checkpoint directory.")
-    return str(resolve_built_source(spec.source)) if is_built_source(spec.source) else spec.source
+    return str(model_directory(spec))
 
 
 def build_prompts(config: OPDConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:

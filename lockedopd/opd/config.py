@@ -59,8 +59,11 @@ class ModelConfig:
     """Where a model comes from.
 
     Attributes:
-        source: ``"tiny"`` (random Llama built in code), ``"smollm2"`` (the embedded SmolLM2-135M-Instruct) or
-            a local HF checkpoint directory.
+        source: ``"tiny"`` (random Llama built in code), ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), a
+            local HF checkpoint directory, ``built:RECIPE.yaml``, or a Hugging Face hub id (``Qwen/Qwen3-0.6B``:
+            its snapshot in the user's HF cache, downloaded once; offline the cached one).
+        revision: the hub revision (branch, tag or commit) of a hub id (``null`` = the default branch).
+        trust_remote_code: let transformers run the model repository's own code (off unless set).
         num_layers / hidden_size / intermediate_size / num_heads / seed: shape and init of a ``tiny`` model.
         init_std: weight init std of a ``tiny`` model (larger = peakier next-token distributions).
         drop_every: remove every n-th decoder layer (2 = every other, 3 = every third); a layer-pruned student.
@@ -72,6 +75,8 @@ class ModelConfig:
     """
 
     source: str = "tiny"
+    revision: str | None = None
+    trust_remote_code: bool = False
     num_layers: int = 2
     hidden_size: int = 32
     intermediate_size: int = 64
