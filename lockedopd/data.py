@@ -1,12 +1,52 @@
-"""Prompt sets: JSONL files with a ``"prompt"`` field (``"answer"`` and ``"completion"`` optional), or synthetic
-prompts for tiny runs."""
+"""Prompt sets: JSONL files with a ``"prompt"`` field (``"answer"`` and ``"completion"`` optional), ``datasets``
+sets (a hub name, a parquet file or a ``save_to_disk`` directory) with their own column names, or synthetic prompts
+for tiny runs."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PromptFields:
+    """Which columns of a record hold the prompt, the reference answer and a given completion; a chat
+    ``messages`` column (a list of ``{"role", "content"}``) stands in for the prompt (its last user turn) and the
+    completion (the assistant turn after it) when the record has no prompt column."""
+
+    prompt: str = "prompt"
+    answer: str = "answer"
+    completion: str = "completion"
+    messages: str = "messages"
+
+    def record(self, item: Mapping[str, Any], where: str) -> PromptRecord:
+        """The :class:`PromptRecord` of one row; ``ValueError`` naming ``where`` when it has no prompt."""
+        prompt, completion = item.get(self.prompt), item.get(self.completion)
+        if prompt is None and isinstance(item.get(self.messages), list):
+            prompt, completion = _chat_turns(item[self.messages])
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(
+                f'{where} has no non-empty "{self.prompt}" string (nor a "{self.messages}" chat); name the prompt '
+                "column with data.prompt_field."
+            )
+        if completion is not None and not isinstance(completion, str):
+            raise ValueError(f'{where} has a "{self.completion}" that is not a string.')
+        answer = item.get(self.answer)
+        return PromptRecord(prompt, None if answer is None else str(answer), completion)
+
+
+def _chat_turns(messages: list) -> tuple[str | None, str | None]:
+    users = [i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "user"]
+    if not users:
+        return None, None
+    last = users[-1]
+    after = messages[last + 1] if last + 1 < len(messages) else None
+    reply = after.get("content") if isinstance(after, Mapping) and after.get("role") == "assistant" else None
+    return messages[last].get("content"), reply
 
 
 @dataclass(frozen=True)
@@ -19,8 +59,50 @@ class PromptRecord:
     completion: str | None = None
 
 
-def load_prompts(path: str | Path) -> list[PromptRecord]:
-    """Read a JSONL prompt file.
+def load_records(
+    source: str | Path, fields: PromptFields | None = None, split: str = "train", subset: str | None = None
+) -> list[PromptRecord]:
+    """The prompt records of ``source``: a JSONL file (:func:`load_prompts`), a parquet file, a directory written by
+    ``datasets``' ``save_to_disk`` (its ``split`` when it holds several), or a hub dataset name (``subset``,
+    ``split``; the user's ``datasets`` cache, offline with ``HF_HUB_OFFLINE=1``), read through ``fields``.
+
+    Raises:
+        FileNotFoundError: a local source does not exist, or a hub dataset cannot be loaded.
+        ValueError: a row has no prompt, or the set holds none.
+    """
+    fields = fields or PromptFields()
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") or (path.is_file() and path.suffix != ".parquet"):
+        return load_prompts(path, fields)
+    import datasets
+
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise FileNotFoundError(f"parquet file {path} does not exist.")
+        rows = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    elif path.is_dir():
+        rows = datasets.load_from_disk(str(path))
+        if isinstance(rows, datasets.DatasetDict):
+            if split not in rows:
+                raise ValueError(f"{path} has the splits {sorted(rows)}, not {split!r}; set data.split.")
+            rows = rows[split]
+    else:
+        try:
+            rows = datasets.load_dataset(str(source), subset, split=split)
+        except Exception as exc:  # the hub's and the cache's many errors: one line naming the fix
+            raise FileNotFoundError(
+                f"dataset {str(source)!r} (subset {subset!r}, split {split!r}) is neither a local file or directory "
+                f"nor loadable from the hub or the datasets cache ({type(exc).__name__}: {exc}); give a JSONL or "
+                "parquet file, a save_to_disk directory, or download the dataset where there is network."
+            ) from exc
+    records = [fields.record(row, f"{source} row {i}") for i, row in enumerate(rows)]
+    if not records:
+        raise ValueError(f"{source} holds no prompts; OPD needs at least one.")
+    return records
+
+
+def load_prompts(path: str | Path, fields: PromptFields | None = None) -> list[PromptRecord]:
+    """Read a JSONL prompt file (one JSON object a line, its columns named by ``fields``).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -48,13 +130,9 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg}).") from exc
-        prompt = item.get("prompt") if isinstance(item, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f'{path}:{number} has no non-empty "prompt" string.')
-        answer, completion = item.get("answer"), item.get("completion")
-        if completion is not None and not isinstance(completion, str):
-            raise ValueError(f'{path}:{number} has a "completion" that is not a string.')
-        records.append(PromptRecord(prompt, None if answer is None else str(answer), completion))
+        if not isinstance(item, dict):
+            raise ValueError(f'{path}:{number} is not a JSON object with a "prompt".')
+        records.append((fields or PromptFields()).record(item, f"{path}:{number}"))
     if not records:
         raise ValueError(f"prompt file {path} holds no prompts; OPD needs at least one.")
     return records

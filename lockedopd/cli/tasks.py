@@ -50,7 +50,7 @@ def add_task_parsers(subparsers) -> None:
         _run_eval,
     )
     evaluate.add_argument("model", help="a Hugging Face model directory, built:RECIPE.yaml or smollm2")
-    evaluate.add_argument("--data", required=True, help="JSONL problems with an answer each")
+    evaluate.add_argument("--data", required=True, help="problems with an answer each: JSONL, parquet, a datasets dir")
     evaluate.add_argument("--verifier", required=True, help="a task name, contains_answer or module:function")
     evaluate.add_argument("--size", type=int, default=None, help="score only the first N problems")
     evaluate.add_argument("--samples", type=int, default=4, help="samples per problem (0 = greedy only)")
@@ -89,7 +89,7 @@ def _run_build_model(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from lockedopd.data import load_prompts
+    from lockedopd.data import load_records
     from lockedopd.opd.accuracy import evaluate_accuracy
     from lockedopd.opd.builders import build_model
     from lockedopd.opd.config import ModelConfig
@@ -97,7 +97,7 @@ def _run_eval(args) -> int:
     from lockedopd.tasks.rewards import resolve_reward_fn
 
     verifier = resolve_reward_fn(args.verifier)
-    problems = [r for r in load_prompts(args.data) if r.answer is not None][: args.size]
+    problems = [r for r in load_records(args.data) if r.answer is not None][: args.size]
     if not problems:
         raise ValueError(f'{args.data} has no record with an "answer"; accuracy needs reference answers.')
     keep = [int(i) for i in args.keep_layers.split(",")] if args.keep_layers else None

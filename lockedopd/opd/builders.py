@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lockedopd.data import PromptRecord, load_prompts, split_prompts, synthetic_prompts
+from lockedopd.data import PromptFields, PromptRecord, load_records, split_prompts, synthetic_prompts
 from lockedopd.models import build_tiny_llama, build_tiny_tokenizer, layers_to_keep, load_smollm2, prune_layers
 from lockedopd.opd.built_models import is_built_source, resolve_built_source
 from lockedopd.opd.config import ModelConfig, OPDConfig
@@ -156,6 +156,17 @@ def _teacher_dir(config: OPDConfig) -> str:
     return str(model_directory(spec))
 
 
+def prompt_fields(config: OPDConfig) -> PromptFields:
+    """The columns ``data.*_field`` name."""
+    d = config.data
+    return PromptFields(prompt=d.prompt_field, answer=d.answer_field, completion=d.completion_field)
+
+
+def load_eval_records(config: OPDConfig, source: str) -> list[PromptRecord]:
+    """Held-out records of ``source`` (``data.eval_split`` of a ``datasets`` source)."""
+    return load_records(source, prompt_fields(config), config.data.eval_split, config.data.subset)
+
+
 def build_prompts(config: OPDConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """Train and held-out prompt sets."""
     data = config.data
@@ -164,9 +175,9 @@ def build_prompts(config: OPDConfig) -> tuple[list[PromptRecord], list[PromptRec
             raise ValueError("data.train_path is required unless the student is a tiny model.")
         records = synthetic_prompts(64 + data.eval_size, seed=config.seed)
     else:
-        records = load_prompts(data.train_path)
+        records = load_records(data.train_path, prompt_fields(config), data.split, data.subset)
     if data.eval_path is not None:
-        train, held_out = records, load_prompts(data.eval_path)[: data.eval_size]
+        train, held_out = records, load_eval_records(config, data.eval_path)[: data.eval_size]
     else:
         train, held_out = split_prompts(records, data.eval_size, seed=config.seed)
     if not train:
@@ -201,7 +212,7 @@ def build_accuracy_problems(config: OPDConfig) -> list[PromptRecord] | None:
         return None
     resolve_reward_fn(acc.verifier)  # a bad name fails here, before anything is written
     path = acc.path or config.data.eval_path
-    problems = [r for r in load_prompts(path) if r.answer is not None][: acc.size]
+    problems = [r for r in load_eval_records(config, path) if r.answer is not None][: acc.size]
     if not problems:
         raise ValueError(f'accuracy: {path} has no record with an "answer"; accuracy needs reference answers.')
     return problems

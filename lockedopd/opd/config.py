@@ -226,19 +226,31 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    """Prompts. JSONL files with a ``"prompt"`` field (and optionally ``"answer"`` for rewards).
+    """Prompts: a JSONL file, a parquet file, a ``datasets`` ``save_to_disk`` directory or a hub dataset name
+    (:func:`lockedopd.data.load_records`), each row a prompt (and optionally an answer for rewards and accuracy, and
+    a completion for ``sft``).
 
     Attributes:
         train_path: training prompts; ``null`` with a tiny model uses built-in synthetic prompts.
-        eval_path: held-out prompts; ``null`` holds out ``eval_size`` prompts of the train file instead.
+        eval_path: held-out prompts; ``null`` holds out ``eval_size`` prompts of the train set instead.
         eval_size: how many held-out prompts to evaluate on.
         use_chat_template: wrap prompts with the tokenizer's chat template.
+        split / eval_split: the split of a ``datasets`` source the train / held-out prompts come from.
+        subset: the configuration of a hub dataset (``null`` = its default).
+        prompt_field / answer_field / completion_field: the columns holding them (a chat ``messages`` column is
+            read when there is no prompt column: its last user turn, and the assistant turn after it).
     """
 
     train_path: str | None = None
     eval_path: str | None = None
     eval_size: int = 16
     use_chat_template: bool = True
+    split: str = "train"
+    eval_split: str = "test"
+    subset: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    completion_field: str = "completion"
 
 
 @dataclass
