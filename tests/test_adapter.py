@@ -372,3 +372,28 @@ def test_locked_layer_saves_only_its_r_dimensional_projection(mlp_basis):
     r, fp32 = 3, 4
     # a: x·V_a (16 x r); tanh keeps its output h (16 x 6); b: h·V_b (16 x r). A trainable W would add x (16 x 8).
     assert sorted(saved.by_storage.values()) == sorted([16 * r * fp32, 16 * 6 * fp32, 16 * r * fp32])
+
+
+@pytest.mark.parametrize("mode", ["right", "two_sided"])
+def test_a_merged_export_loads_as_a_plain_model_with_the_locked_models_logits(tmp_path, mode):
+    from transformers import AutoModelForCausalLM
+
+    from lockedopd.adapter import export_merged
+
+    model = build_tiny_llama(vocab_size=48, tokenizer=None)
+    basis = tmp_path / "basis.safetensors"
+    save_basis(basis, make_bases(model, LLAMA_TARGETS, R), {"step": 3})
+    torch.manual_seed(2)
+    cfg = SubspaceLockedConfig(r=R, mode=mode, target_modules=LLAMA_TARGETS, basis_path=str(basis), init_scale=0.2)
+    locked = get_peft_model(model, cfg)
+    ids = torch.randint(0, 48, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = locked(ids).logits
+        with locked.disable_adapter():
+            assert (locked(ids).logits - expected).abs().max() > 1e-3  # the update is not nothing
+    export_merged(locked, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in k or "subspace" in k for k in plain.state_dict())  # no adapter left: a plain model
+    with torch.no_grad():
+        assert (plain(ids).logits - expected).abs().max() < 1e-5
+        assert torch.equal(locked(ids).logits, expected)  # the exported model was a copy: the locked one is intact

@@ -213,3 +213,32 @@ def test_a_built_model_is_trained_once_and_named_by_its_recipe(tmp_path, task_fi
     assert model.config.num_hidden_layers == 2
     pruned, _ = build_model(ModelConfig(source=source, drop_every=2))
     assert pruned.config.num_hidden_layers == 1
+
+
+def test_lockedopd_eval_of_a_locked_run_scores_its_last_checkpoint_the_same_twice(tmp_path, task_files):
+    import json
+
+    from lockedopd.cli import main
+    from lockedopd.opd.run_checkpoint import load_run_model
+
+    run = tmp_path / "run"
+    config = load_config(
+        TINY_CONFIG,
+        [f"output_dir={run}", "progress=false", "max_steps=6", "lock.at_step=4", "save_steps=3", "eval_steps=6",
+         f"data.train_path={task_files['train']}", f"data.eval_path={task_files['validation']}",
+         "rollout.max_new_tokens=8"],
+    )  # fmt: skip
+    trainer = OPDTrainer.from_config(config)
+    trainer.train()
+    model, _, step = load_run_model(run)
+    ids = torch.tensor([trainer.train_ids[0]])
+    with torch.no_grad():  # the locked update is folded into the checkpoint's weights
+        assert step == 6 and (model(ids).logits - trainer.model(ids).logits).abs().max() < 1e-5
+    argv = ["eval", str(run), "--data", str(task_files["test"]), "--verifier", "column_addition", "--size", "8",
+            "--samples", "2", "--max-new-tokens", "8", "--batch-size", "4"]  # fmt: skip
+    reports = []
+    for name in ("a.json", "b.json"):
+        assert main([*argv, "--json", str(tmp_path / name)]) == 0
+        reports.append(json.loads((tmp_path / name).read_text()))
+    assert reports[0] == reports[1] and reports[0]["checkpoint_step"] == 6 and reports[0]["problems"] == 8
+    assert 0.0 <= reports[0]["greedy_accuracy"] <= 1.0 and reports[0]["samples"] == 2

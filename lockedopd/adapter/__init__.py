@@ -5,11 +5,11 @@ Importing this package extends ``peft.PeftType`` with ``SUBSPACE_LOCKED`` and re
 """
 
 from .config import SubspaceLockedConfig
-from .export import export_lora
+from .export import export_lora, export_merged
 from .layer import SubspaceLockedLayer
 from .model import SubspaceLockedModel
 from .registration import register_subspace_locked
 
-__all__ = ["SubspaceLockedConfig", "SubspaceLockedLayer", "SubspaceLockedModel", "export_lora"]
+__all__ = ["SubspaceLockedConfig", "SubspaceLockedLayer", "SubspaceLockedModel", "export_lora", "export_merged"]
 
 register_subspace_locked()

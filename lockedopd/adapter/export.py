@@ -1,9 +1,12 @@
-"""Export a subspace-locked adapter as a plain PEFT LoRA adapter (loadable without lockedopd)."""
+"""Export a subspace-locked model for tools without lockedopd: as a plain PEFT LoRA adapter, or merged into a plain
+Hugging Face model directory."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +15,7 @@ from lockedopd.runtime.atomic_io import atomic_directory
 
 from .model import locked_layers
 
-__all__ = ["export_lora"]
+__all__ = ["export_lora", "export_merged"]
 
 
 def export_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -92,3 +95,21 @@ def export_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name:
         lora_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def export_merged(peft_model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write ``peft_model`` with its locked update folded into the weights as a plain Hugging Face model directory
+    (safetensors): ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it without lockedopd or PEFT, and so do the
+    tools users evaluate with (``lm-eval --model hf --model_args pretrained=out_dir``, vLLM). ``peft_model`` itself is
+    left as it is (a copy is merged); ``tokenizer``, when given, is saved beside the weights. The directory is
+    written to a temporary sibling first and then moved into place.
+
+    Returns:
+        The output directory.
+    """
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    with atomic_directory(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -45,11 +45,15 @@ def add_task_parsers(subparsers) -> None:
         subparsers,
         "eval",
         "task accuracy of a model: greedy exact match and mean accuracy over k samples",
-        "Score a model directory (or built:RECIPE, smollm2) on problems with answers: greedy exact match and the "
-        "mean accuracy of --samples samples per problem at --temperature; JSON to stdout or --json.",
+        "Score a run's latest checkpoint or a model (directory, hub id, built:RECIPE, smollm2) on problems with "
+        "answers: greedy exact match and the mean accuracy of --samples samples per problem at --temperature; JSON "
+        "to stdout or --json.",
         _run_eval,
     )
-    evaluate.add_argument("model", help="a Hugging Face model directory, built:RECIPE.yaml or smollm2")
+    evaluate.add_argument(
+        "model",
+        help="a run directory (its latest checkpoint), a model directory, a hub id, built:RECIPE.yaml or smollm2",
+    )
     evaluate.add_argument("--data", required=True, help="problems with an answer each: JSONL, parquet, a datasets dir")
     evaluate.add_argument("--verifier", required=True, help="a task name, contains_answer or module:function")
     evaluate.add_argument("--size", type=int, default=None, help="score only the first N problems")
@@ -101,7 +105,13 @@ def _run_eval(args) -> int:
     if not problems:
         raise ValueError(f'{args.data} has no record with an "answer"; accuracy needs reference answers.')
     keep = [int(i) for i in args.keep_layers.split(",")] if args.keep_layers else None
-    model, tokenizer = build_model(ModelConfig(source=args.model, drop_every=args.drop_every, keep_layers=keep))
+    step = None
+    if (Path(args.model) / "config.yaml").is_file():  # a run directory: its latest checkpoint, update folded in
+        from lockedopd.opd.run_checkpoint import load_run_model
+
+        model, tokenizer, step = load_run_model(args.model)
+    else:
+        model, tokenizer = build_model(ModelConfig(source=args.model, drop_every=args.drop_every, keep_layers=keep))
     prompt_ids = encode_prompts(tokenizer, [r.prompt for r in problems])
     result = evaluate_accuracy(
         model, tokenizer, prompt_ids, [r.answer for r in problems], verifier, args.max_new_tokens,
@@ -109,6 +119,7 @@ def _run_eval(args) -> int:
     )  # fmt: skip
     report = {
         "model": args.model,
+        "checkpoint_step": step,
         "drop_every": args.drop_every,
         "keep_layers": keep,
         "data": str(args.data),

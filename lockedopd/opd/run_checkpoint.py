@@ -239,3 +239,34 @@ def _is_tied_duplicate(model: nn.Module, name: str) -> bool:
         return False
     out = model.get_output_embeddings()
     return out is not None and name.endswith("lm_head.weight")
+
+
+def load_run_model(run_dir: str | Path, step: int | None = None) -> tuple[nn.Module, Any, int]:
+    """A run's student as its checkpoint ``step`` holds it (``None``: the latest complete one), the locked update
+    folded in, with its tokenizer, built from the run's own ``config.yaml``: ``(model, tokenizer, step)``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``config.yaml`` or no complete checkpoint (at ``step``).
+        ValueError: the checkpoint's weights do not fit the student the config builds.
+    """
+    from safetensors.torch import load_file
+
+    from lockedopd.opd.builders import build_model
+    from lockedopd.opd.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); give the output_dir of a run.")
+    found = dict(list_checkpoints(run_dir))
+    chosen = max(found) if step is None and found else step
+    if chosen not in found:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint{'' if step is None else f' at step {step}'}.")
+    model, tokenizer = build_model(load_config(run_dir / "config.yaml").student)
+    missing, unexpected = model.load_state_dict(load_file(str(found[chosen] / "model.safetensors")), strict=False)
+    missing = [m for m in missing if not _is_tied_duplicate(model, m)]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {found[chosen]} does not fit the student of {run_dir / 'config.yaml'} (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]})."
+        )
+    return model, tokenizer, chosen
