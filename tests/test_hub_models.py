@@ -59,3 +59,34 @@ def test_what_counts_as_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "owner" / "name").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert not is_hub_id("owner/name")  # an existing local path is a directory, not a hub id
+
+
+def test_teacher_and_student_tokenizers_must_match_and_the_error_names_the_difference():
+    from lockedopd.models import build_tiny_tokenizer
+    from lockedopd.opd.builders import check_tokenizers_match
+
+    student = build_tiny_tokenizer()
+    check_tokenizers_match(student, build_tiny_tokenizer())  # the same tokenizer passes
+    extra = build_tiny_tokenizer()
+    extra.add_tokens(["<extra>"])
+    differs = r"\(103 vs 104 tokens; only the student's: \[\], only the teacher's: \['<extra>'\]"
+    with pytest.raises(ValueError, match=differs):
+        check_tokenizers_match(student, extra)
+    other_end = build_tiny_tokenizer()
+    other_end.eos_token = "<pad>"
+    with pytest.raises(ValueError, match=r"not their eos_token \('<eos>' vs '<pad>'\)"):
+        check_tokenizers_match(student, other_end)
+
+
+def test_a_hub_teacher_with_another_tokenizer_is_refused_before_it_loads(offline_cache, tmp_path, tiny_student):
+    from lockedopd.models import build_tiny_tokenizer
+    from lockedopd.opd.builders import build_run_inputs
+    from lockedopd.opd.config import load_config
+    from tests.conftest import TINY_CONFIG
+
+    other = build_tiny_tokenizer()
+    other.add_tokens(["<tool>"])
+    save_in_cache_layout(offline_cache, "tiny-org/other-teacher", tiny_student, other)
+    config = load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "teacher.model.source=tiny-org/other-teacher"])
+    with pytest.raises(ValueError, match=r"teacher and student tokenizers differ .*only the teacher's: \['<tool>'\]"):
+        build_run_inputs(config)

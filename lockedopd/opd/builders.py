@@ -202,6 +202,42 @@ def check_vocabularies(student: nn.Module, tokenizer, teacher: TeacherScorer) ->
         )
 
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def check_tokenizers_match(student_tokenizer, teacher_tokenizer) -> None:
+    """Raise ``ValueError`` naming what differs when teacher and student do not tokenize alike: on-policy
+    distillation hands the teacher the student's token ids, so both must map every token (and every special
+    token) to the same id."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab != teacher_vocab:
+        only_student = sorted(set(student_vocab) - set(teacher_vocab))[:3]
+        only_teacher = sorted(set(teacher_vocab) - set(student_vocab))[:3]
+        moved = sorted(t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t])[:3]
+        raise ValueError(
+            f"teacher and student tokenizers differ ({len(student_vocab)} vs {len(teacher_vocab)} tokens; only the "
+            f"student's: {only_student}, only the teacher's: {only_teacher}, other ids: {moved}); on-policy "
+            "distillation scores the student's token ids, so pick a teacher of the student's model family."
+        )
+    for name in SPECIAL_TOKENS:
+        ours, theirs = getattr(student_tokenizer, name, None), getattr(teacher_tokenizer, name, None)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ValueError(
+                f"teacher and student tokenizers share a vocabulary but not their {name} ({ours!r} vs {theirs!r}); "
+                "completions would end differently for the two: use the student's tokenizer files for the teacher."
+            )
+
+
+def teacher_tokenizer(config: OPDConfig):
+    """The tokenizer that ships with the teacher (``None`` where the teacher has none of its own: tiny, smollm2)."""
+    if config.teacher.model.source in ("tiny", "smollm2"):
+        return None
+    from transformers import AutoTokenizer
+
+    spec = config.teacher.model
+    return AutoTokenizer.from_pretrained(model_directory(spec), trust_remote_code=spec.trust_remote_code)
+
+
 def build_accuracy_problems(config: OPDConfig) -> list[PromptRecord] | None:
     """The problems ``accuracy`` scores (the first ``accuracy.size`` of ``accuracy.path`` or ``data.eval_path``),
     with the verifier checked; ``None`` when ``accuracy.verifier`` is unset."""
@@ -237,6 +273,9 @@ def build_run_inputs(config: OPDConfig) -> RunInputs:
     if not get_objective(config.objective.name).needs_teacher:
         check_supervised_data(config, train)
         return RunInputs(student, tokenizer, None, train, held_out, accuracy_problems=accuracy_problems)
+    own = teacher_tokenizer(config)
+    if own is not None:  # before the teacher is loaded: a mismatch fails fast, naming what differs
+        check_tokenizers_match(tokenizer, own)
     backend = resolve_teacher_backend(config)
     teacher = build_teacher(config, tokenizer, backend)
     check_vocabularies(student, tokenizer, teacher)
