@@ -9,7 +9,7 @@ from lockedopd.adapter.model import locked_layers
 from lockedopd.lock.params import select_target_linears
 from lockedopd.lock.phases import enter_locked_phase
 from lockedopd.models import build_tiny_llama
-from lockedopd.subspace import save_basis
+from lockedopd.subspace import load_basis, save_basis
 from lockedopd.subspace.basis import SubspaceBasis
 
 RANK = 4
@@ -39,8 +39,9 @@ def test_factored_optimizer_uses_the_adapter_buffers(tmp_path, mode):
         assert phase.bases[name].V.data_ptr() == layer.locked_V["default"].data_ptr(), name
         if mode == "two_sided":
             assert basis.U.data_ptr() == layer.locked_U["default"].data_ptr(), name
-        else:  # the right-sided adapter holds no U; the one passed in is carried
-            assert torch.equal(phase.bases[name].U, pairs[name][0])
+        else:  # a right-sided lock holds no U in memory (nor does its adapter); the basis file keeps it
+            assert basis.U is None and phase.bases[name].U is None and "default" not in layer.locked_U
+            assert torch.equal(load_basis(path)[0][name][0], pairs[name][0])
         assert torch.equal(basis.V, pairs[name][1])
 
 
