@@ -46,6 +46,17 @@ def test_shares_are_read_against_the_full_reference_with_the_larger_gain():
     assert out["methods"]["lora"]["accuracy"]["mean"] == pytest.approx(0.40)
 
 
+def test_the_reference_is_chosen_on_the_seeds_both_candidates_have():
+    # full has a weak extra seed; on the one seed both have, full's gain (0.90) beats factored's (0.80)
+    cells = {
+        "full": {0: cell(0.95, start=0.05), 1: cell(0.40, start=0.05)},
+        "full_factored": {0: cell(0.85)},
+    }
+    out = accuracy_report.aggregate_accuracy(cells, list(cells))
+    assert out["reference"] == "full"  # over all seeds, full's mean gain (0.625) would have lost to 0.80
+    assert out["reference_gains"]["full"]["mean"] == pytest.approx(0.625)  # the reported interval keeps every seed
+
+
 def count_digits(completions, answers):
     """A verifier a random tiny model passes sometimes (the share of its completion that is digits)."""
     return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]

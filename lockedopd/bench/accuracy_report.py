@@ -61,17 +61,25 @@ def gain_start(cells: Cells, method: str, seed: int, key: str) -> float | None:
 
 
 def choose_reference(cells: Cells) -> tuple[str | None, dict[str, Any]]:
-    """The reference with the larger mean whole-run gain, and each candidate's gain interval."""
-    gains: dict[str, Any] = {}
+    """The reference with the larger mean whole-run gain, and each candidate's gain interval (over all its seeds).
+
+    The candidates are compared on the seeds they all have (a seed's gain differs from the next seed's more than
+    the candidates differ), and on all their seeds only when they share none."""
+    per_seed: dict[str, dict[int, float]] = {}
     for name in REFERENCE_CANDIDATES:
-        per_seed = []
         for seed, cell in cells.get(name, {}).items():
             start, end = start_accuracy(cells, seed, "eval_accuracy"), final_accuracy(cell, "eval_accuracy")
             if start is not None and end is not None:
-                per_seed.append(end - start)
-        if per_seed:
-            gains[name] = t_interval(per_seed)
-    best = max(gains, key=lambda n: gains[n]["mean"]) if gains else None
+                per_seed.setdefault(name, {})[seed] = end - start
+    gains = {name: t_interval(list(by_seed.values())) for name, by_seed in per_seed.items()}
+    common = set.intersection(*(set(by_seed) for by_seed in per_seed.values())) if per_seed else set()
+
+    def mean_gain(name: str) -> float:
+        """``name``'s mean gain over the common seeds (all of its own when there are none)."""
+        seeds = common or per_seed[name]
+        return sum(per_seed[name][s] for s in seeds) / len(seeds)
+
+    best = max(per_seed, key=mean_gain) if per_seed else None
     return best, gains
 
 
@@ -150,7 +158,7 @@ def accuracy_markdown(report: dict[str, Any]) -> list[str]:
         f"Task `{report.get('task')}`: greedy exact match on {teacher.get('problems', '?')} problems (mean, 95% "
         "t-interval over training seeds); mean@k = mean accuracy of k samples per problem at temperature 1. Share = "
         f"share of the reference's accuracy gain; reference **{acc['reference']}** (the full-parameter run with the "
-        "larger gain).",
+        "larger mean gain on the seeds both have).",
         "",
         f"Teacher: greedy {_pct({'mean': teacher.get('greedy_accuracy')})}, mean@k "
         f"{_pct({'mean': teacher.get('sampled_accuracy')})}. "
