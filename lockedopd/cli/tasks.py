@@ -69,6 +69,7 @@ def add_task_parsers(subparsers) -> None:
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", dest="json_out", type=Path, help="also write the result here")
+    evaluate.add_argument("--markdown", dest="markdown_out", type=Path, help="also write it as a markdown table here")
 
 
 def _run_task_make(args) -> int:
@@ -133,9 +134,22 @@ def _run_eval(args) -> int:
         "seed": args.seed,
     }
     text = json.dumps(report, indent=2)
-    if args.json_out:
-        from lockedopd.runtime.atomic_io import atomic_write_text
+    from lockedopd.runtime.atomic_io import atomic_write_text
 
+    if args.json_out:
         atomic_write_text(args.json_out, text + "\n")
+    if args.markdown_out:
+        atomic_write_text(args.markdown_out, eval_markdown(report))
     print(text)
     return 0
+
+
+def eval_markdown(report: dict) -> str:
+    """One ``lockedopd eval`` result as a markdown table (model, data, problems, greedy and mean@k accuracy)."""
+    from lockedopd.bench.tables import markdown_table
+
+    sampled = "—" if report["sampled_accuracy"] is None else f"{report['sampled_accuracy']:.3f}"
+    row = [report["model"], report["data"], report["verifier"], report["problems"],
+           f"{report['greedy_accuracy']:.3f}", f"mean@{report['samples']}: {sampled}"]  # fmt: skip
+    head = ["model", "data", "verifier", "problems", "greedy", "sampled"]
+    return "\n".join(markdown_table(head, [row], numbers_right=True)) + "\n"
