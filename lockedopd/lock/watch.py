@@ -50,8 +50,8 @@ class WarmupWatch:
 
     def start(self, model: nn.Module, target_modules: Sequence[str] | str | None, seed: int) -> None:
         """Sketch ``model``'s target matrices as they are now (W_0) on the tracking processes."""
-        LockPolicy(self.settings, at_step=self.at_step)  # checks at_step on every process
         if not (self.dist.is_main or self.every_process):
+            LockPolicy(self.settings, at_step=self.at_step)  # a bad at_step fails here too, not only on the main one
             return
         self.policy = LockPolicy(self.settings, at_step=self.at_step)
         self.policy.start(model, target_modules, seed=seed)
