@@ -1,12 +1,15 @@
 """Prompt sets: JSONL files with a ``"prompt"`` field (``"answer"`` and ``"completion"`` optional), ``datasets``
 sets (a hub name, a parquet file or a ``save_to_disk`` directory) with their own column names, or synthetic prompts
-for tiny runs."""
+for tiny runs.
+
+A ``datasets`` set stays in its memory-mapped Arrow files (:class:`DatasetPrompts` reads a row when it is asked
+for), so a set larger than memory trains; JSONL files are read whole."""
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,12 +62,93 @@ class PromptRecord:
     completion: str | None = None
 
 
+class DatasetPrompts(Sequence):
+    """The :class:`PromptRecord` rows of a ``datasets.Dataset``, read one at a time from its Arrow files.
+
+    Built by :func:`load_records`, which checks every prompt up front (the prompt column is scanned in Arrow
+    batches, never turned into Python objects all at once): a bad row fails before training starts.
+
+    Args:
+        rows: the dataset (Arrow-backed, as ``load_dataset`` / ``load_from_disk`` give it).
+        fields: which columns hold prompt, answer and completion.
+        source: the name errors use.
+    """
+
+    def __init__(self, rows: Any, fields: PromptFields, source: str) -> None:
+        self.rows, self.fields, self.source = rows, fields, source
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        return self.fields.record(self.rows[index], f"{self.source} row {index}")
+
+    def __iter__(self) -> Iterator[PromptRecord]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def select(self, indices: Sequence[int]) -> DatasetPrompts:
+        """The rows at ``indices`` (in that order), still in the Arrow files."""
+        return DatasetPrompts(self.rows.select(indices), self.fields, self.source)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first row without a prompt (and the column to name) or an empty set."""
+        if len(self) == 0:
+            raise ValueError(f"{self.source} holds no prompts; OPD needs at least one.")
+        columns = self.rows.column_names
+        if self.fields.prompt not in columns:
+            if self.fields.messages not in columns:
+                raise ValueError(
+                    f'{self.source} has no non-empty "{self.fields.prompt}" string (nor a "{self.fields.messages}" '
+                    f"chat) column; its columns are {columns}: name the prompt column with data.prompt_field."
+                )
+            self[0]  # a chat column: its first row shows whether the turns are what we read
+            return
+        for offset, bad in self._scan(self.fields.prompt, blank_is_missing=True):
+            self.fields.record(self.rows[offset + bad], f"{self.source} row {offset + bad}")  # raises, naming it
+
+    def count_missing(self, field: str) -> int:
+        """Rows whose column ``field`` is absent, null or blank."""
+        if field not in self.rows.column_names:
+            return len(self)
+        return sum(1 for _ in self._scan(field, blank_is_missing=True, every=True))
+
+    def _scan(self, field: str, blank_is_missing: bool, every: bool = False) -> Iterator[tuple[int, int]]:
+        """``(batch offset, row in batch)`` of the rows whose ``field`` is null (or blank), batch by batch."""
+        import pyarrow.compute as pc
+
+        offset = 0
+        for batch in self.rows.select_columns([field]).with_format("arrow").iter(batch_size=65_536):
+            column = batch.column(field)
+            missing = pc.is_null(column)
+            if blank_is_missing and (column.type == "string" or column.type == "large_string"):
+                blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+                missing = pc.or_(missing, pc.fill_null(blank, True))
+            for row in pc.indices_nonzero(missing).to_pylist():
+                yield offset, row
+                if not every:
+                    return
+            offset += len(column)
+
+
+def count_missing_completions(records: Sequence[PromptRecord]) -> int:
+    """Records without a given completion (a :class:`DatasetPrompts` counts in its Arrow files)."""
+    if isinstance(records, DatasetPrompts):
+        return records.count_missing(records.fields.completion)
+    return sum(1 for r in records if not r.completion)
+
+
 def load_records(
     source: str | Path, fields: PromptFields | None = None, split: str = "train", subset: str | None = None
-) -> list[PromptRecord]:
-    """The prompt records of ``source``: a JSONL file (:func:`load_prompts`), a parquet file, a directory written by
-    ``datasets``' ``save_to_disk`` (its ``split`` when it holds several), or a hub dataset name (``subset``,
-    ``split``; the user's ``datasets`` cache, offline with ``HF_HUB_OFFLINE=1``), read through ``fields``.
+) -> Sequence[PromptRecord]:
+    """The prompt records of ``source``: a JSONL file (:func:`load_prompts`, a list), a parquet file, a directory
+    written by ``datasets``' ``save_to_disk`` (its ``split`` when it holds several), or a hub dataset name (``subset``,
+    ``split``; the user's ``datasets`` cache, offline with ``HF_HUB_OFFLINE=1``), read through ``fields`` (the last
+    three as a :class:`DatasetPrompts`, left in their Arrow files).
 
     Raises:
         FileNotFoundError: a local source does not exist, or a hub dataset cannot be loaded.
@@ -95,9 +179,8 @@ def load_records(
                 f"nor loadable from the hub or the datasets cache ({type(exc).__name__}: {exc}); give a JSONL or "
                 "parquet file, a save_to_disk directory, or download the dataset where there is network."
             ) from exc
-    records = [fields.record(row, f"{source} row {i}") for i, row in enumerate(rows)]
-    if not records:
-        raise ValueError(f"{source} holds no prompts; OPD needs at least one.")
+    records = DatasetPrompts(rows, fields, str(source))
+    records.check()
     return records
 
 
@@ -149,8 +232,9 @@ def synthetic_prompts(n: int, seed: int = 0) -> list[PromptRecord]:
     return records
 
 
-def split_prompts(records: list[PromptRecord], eval_size: int, seed: int = 0):
-    """Hold out ``eval_size`` prompts (a seeded shuffle); returns ``(train, eval)``."""
+def split_prompts(records: Sequence[PromptRecord], eval_size: int, seed: int = 0):
+    """Hold out ``eval_size`` prompts (a seeded shuffle); returns ``(train, eval)`` (lists, or two
+    :class:`DatasetPrompts` selections of a ``datasets`` set)."""
     if eval_size < 0 or eval_size >= len(records):
         raise ValueError(
             f"cannot hold out {eval_size} of {len(records)} prompts; lower data.eval_size or give data.eval_path."
@@ -158,4 +242,6 @@ def split_prompts(records: list[PromptRecord], eval_size: int, seed: int = 0):
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     held = set(order[:eval_size])
+    if isinstance(records, DatasetPrompts):
+        return records.select([i for i in range(len(records)) if i not in held]), records.select(order[:eval_size])
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in order[:eval_size]]

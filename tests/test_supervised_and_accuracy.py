@@ -244,6 +244,6 @@ def test_lockedopd_eval_of_a_locked_run_scores_its_last_checkpoint_the_same_twic
     assert 0.0 <= reports[0]["greedy_accuracy"] <= 1.0 and reports[0]["samples"] == 2
     assert main([*argv, "--markdown", str(tmp_path / "eval.md")]) == 0
     table = (tmp_path / "eval.md").read_text().splitlines()
-    assert table[0] == "| model | data | verifier | problems | greedy | sampled |" and len(table) == 3
+    assert table[0] == "| target | data | verifier | problems | greedy | sampled |" and len(table) == 3
     greedy, sampled = reports[0]["greedy_accuracy"], reports[0]["sampled_accuracy"]
     assert table[2].endswith(f"| 8 | {greedy:.3f} | mean@2: {sampled:.3f} |")

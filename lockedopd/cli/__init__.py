@@ -13,6 +13,7 @@ from lockedopd.cli.bench import add_bench_parser
 from lockedopd.cli.command import add_command, add_config_arguments
 from lockedopd.cli.diagnostics import add_diagnose_parser, add_trajectory_parser
 from lockedopd.cli.errors import run_guarded
+from lockedopd.cli.evaluate import add_eval_parser
 from lockedopd.cli.plan import add_plan_parser
 from lockedopd.cli.tasks import add_task_parsers
 from lockedopd.runtime.vllm_runtime import set_verbose
@@ -61,6 +62,7 @@ COMMAND_FAMILIES = (
     add_diagnose_parser,
     add_trajectory_parser,
     add_task_parsers,
+    add_eval_parser,
     add_plan_parser,
 )
 
@@ -73,14 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_distill_parser(subparsers)
-    for add_parsers in (
-        add_bench_parser,
-        add_diagnose_parser,
-        add_trajectory_parser,
-        add_task_parsers,
-        add_plan_parser,
-    ):
+    for add_parsers in COMMAND_FAMILIES:
         add_parsers(subparsers)
     return parser
 

@@ -12,7 +12,7 @@ The verifier is any :data:`lockedopd.tasks.rewards.RewardFn` (a task's ``verify`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,11 @@ from transformers import LogitsProcessorList
 
 from lockedopd.opd.rollout import PerRowSampling, mask_after_eos
 from lockedopd.tasks.rewards import RewardFn
+
+#: Completions for the evaluator: ``(prompts, seeds, temperature, max_new_tokens) -> (texts, token_counts)``, greedy
+#: when ``seeds`` is ``None``, else row r sampled from its own stream ``seeds[r]`` (an HF model's ``generate`` by
+#: default; :class:`lockedopd.opd.vllm_generation.VLLMTextGenerator` on a vLLM engine).
+TextGenerator = Callable[[list[list[int]], "list[int] | None", float, int], tuple[list[str], list[int]]]
 
 
 @dataclass
@@ -59,7 +64,7 @@ class AccuracyResult:
 
 @torch.no_grad()
 def evaluate_accuracy(
-    model: nn.Module,
+    model: nn.Module | None,
     tokenizer,
     prompt_ids: Sequence[Sequence[int]],
     answers: Sequence[str],
@@ -69,11 +74,13 @@ def evaluate_accuracy(
     samples: int = 4,
     temperature: float = 1.0,
     seed: int = 0,
+    generator: TextGenerator | None = None,
 ) -> AccuracyResult:
     """Greedy exact match and mean accuracy over ``samples`` samples per problem.
 
     Args:
-        model: the causal LM (a PEFT-wrapped one too); evaluated in eval mode, its mode restored.
+        model: the causal LM (a PEFT-wrapped one too); evaluated in eval mode, its mode restored (``None`` when a
+            ``generator`` writes the completions).
         tokenizer: decodes completions for the verifier.
         prompt_ids: N prompts (token ids, chat template applied as in training).
         answers: N reference answers.
@@ -83,6 +90,7 @@ def evaluate_accuracy(
         samples: samples per problem at ``temperature`` (0 = greedy only).
         temperature: the sampling temperature.
         seed: sample j of problem i draws from the stream seeded ``seed + j * N + i``.
+        generator: writes the completions instead of ``model.generate`` (e.g. a vLLM engine).
     """
     if not prompt_ids:
         raise ValueError("evaluate_accuracy: no problems to evaluate; give prompts that carry an answer.")
@@ -95,12 +103,19 @@ def evaluate_accuracy(
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
+    if generator is None:
+        if model is None:
+            raise ValueError("evaluate_accuracy: give the model, or a generator that writes the completions.")
+
+        def generator(prompts, seeds, temperature, max_new):
+            return _generate_texts(model, tokenizer, prompts, pad, eos, max_new, seeds, temperature)
+
     n = len(prompt_ids)
     correct: list[bool] = []
     tokens = 0
     for start in range(0, n, batch_size):
         chunk = list(prompt_ids[start : start + batch_size])
-        texts, lengths = _generate_texts(model, tokenizer, chunk, pad, eos, max_new_tokens, None, temperature)
+        texts, lengths = generator(chunk, None, temperature, max_new_tokens)
         scores = verifier(texts, list(answers[start : start + batch_size]))
         correct.extend(float(s) >= 1.0 for s in scores)
         tokens += sum(lengths)
@@ -112,7 +127,7 @@ def evaluate_accuracy(
             chunk = rows[start : start + batch_size]
             prompts = [list(prompt_ids[i]) for _, i in chunk]
             seeds = [seed + k for k, _ in chunk]
-            texts, _ = _generate_texts(model, tokenizer, prompts, pad, eos, max_new_tokens, seeds, temperature)
+            texts, _ = generator(prompts, seeds, temperature, max_new_tokens)
             total += float(sum(float(s) for s in verifier(texts, [answers[i] for _, i in chunk])))
         sampled = total / len(rows)
     return AccuracyResult(

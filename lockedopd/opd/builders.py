@@ -6,18 +6,27 @@ Everything is checked here, before a run directory is created, so bad input leav
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lockedopd.data import PromptFields, PromptRecord, load_records, split_prompts, synthetic_prompts
+from lockedopd.data import (
+    PromptFields,
+    PromptRecord,
+    count_missing_completions,
+    load_records,
+    split_prompts,
+    synthetic_prompts,
+)
 from lockedopd.models import build_tiny_llama, build_tiny_tokenizer, layers_to_keep, load_smollm2, prune_layers
 from lockedopd.opd.built_models import is_built_source, resolve_built_source
 from lockedopd.opd.config import ModelConfig, OPDConfig
 from lockedopd.opd.objective_registry import get_objective
+from lockedopd.runtime.devices import resolve_device
 from lockedopd.runtime.hub import is_hub_id, resolve_hub_model
 from lockedopd.runtime.vllm_runtime import vllm_unavailable_reason
 from lockedopd.teachers.base import TeacherScorer
@@ -33,8 +42,8 @@ class RunInputs:
     student: nn.Module
     tokenizer: object
     teacher: TeacherScorer | None
-    train_prompts: list[PromptRecord]
-    eval_prompts: list[PromptRecord]
+    train_prompts: Sequence[PromptRecord]
+    eval_prompts: Sequence[PromptRecord]
     eval_teacher: TeacherScorer | None = None
     accuracy_problems: list[PromptRecord] | None = None
 
@@ -124,7 +133,9 @@ def build_teacher(config: OPDConfig, tokenizer, backend: str | None = None) -> T
     context = TeacherBuildContext(
         config=config,
         tokenizer=tokenizer,
-        build_model=lambda: build_model(spec, tokenizer if spec.source == "tiny" else None)[0],
+        build_model=lambda: build_model(spec, tokenizer if spec.source == "tiny" else None)[0].to(
+            resolve_device(config.device)
+        ),
         model_dir=lambda: _teacher_dir(config),
     )
     teacher = entry.build(context)
@@ -162,12 +173,12 @@ def prompt_fields(config: OPDConfig) -> PromptFields:
     return PromptFields(prompt=d.prompt_field, answer=d.answer_field, completion=d.completion_field)
 
 
-def load_eval_records(config: OPDConfig, source: str) -> list[PromptRecord]:
+def load_eval_records(config: OPDConfig, source: str) -> Sequence[PromptRecord]:
     """Held-out records of ``source`` (``data.eval_split`` of a ``datasets`` source)."""
     return load_records(source, prompt_fields(config), config.data.eval_split, config.data.subset)
 
 
-def build_prompts(config: OPDConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
+def build_prompts(config: OPDConfig) -> tuple[Sequence[PromptRecord], Sequence[PromptRecord]]:
     """Train and held-out prompt sets."""
     data = config.data
     if data.train_path is None:
@@ -248,15 +259,18 @@ def build_accuracy_problems(config: OPDConfig) -> list[PromptRecord] | None:
         return None
     resolve_reward_fn(acc.verifier)  # a bad name fails here, before anything is written
     path = acc.path or config.data.eval_path
-    problems = [r for r in load_eval_records(config, path) if r.answer is not None][: acc.size]
+    d = config.data
+    fields = PromptFields(acc.prompt_field or d.prompt_field, acc.answer_field or d.answer_field, d.completion_field)
+    records = load_records(path, fields, acc.split or d.eval_split, acc.subset or d.subset)
+    problems = list(islice((r for r in records if r.answer is not None), acc.size))
     if not problems:
         raise ValueError(f'accuracy: {path} has no record with an "answer"; accuracy needs reference answers.')
     return problems
 
 
-def check_supervised_data(config: OPDConfig, train: list[PromptRecord]) -> None:
+def check_supervised_data(config: OPDConfig, train: Sequence[PromptRecord]) -> None:
     """Raise ``ValueError`` when an objective that trains on given completions (``sft``) gets prompts without one."""
-    missing = sum(1 for r in train if not r.completion)
+    missing = count_missing_completions(train)
     if missing:
         raise ValueError(
             f'objective.name={config.objective.name} trains on each record\'s "completion", but {missing} of '

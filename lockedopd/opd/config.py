@@ -379,7 +379,11 @@ class AccuracyConfig:
     Attributes:
         verifier: who judges a completion: a task's name (its verifier, e.g. ``column_addition``), a built-in reward
             (``contains_answer``) or ``"module:function"``; ``null`` = no accuracy evaluation.
-        path: JSONL problems with an ``answer`` each (``null`` = ``data.eval_path``).
+        path: problems with an answer each, any source ``data.train_path`` takes (a JSONL file, parquet, a
+            ``save_to_disk`` directory, a hub dataset name; ``null`` = ``data.eval_path``).
+        split / subset / prompt_field / answer_field: how to read ``path`` when it is a ``datasets`` source with its
+            own names (``null`` = ``data.eval_split`` / ``data.subset`` / ``data.prompt_field`` /
+            ``data.answer_field``).
         size: the first ``size`` problems of ``path`` are scored.
         samples: samples per problem for the mean accuracy at ``temperature`` (0 = greedy exact match only).
         temperature: sampling temperature of those samples.
@@ -392,6 +396,10 @@ class AccuracyConfig:
 
     verifier: str | None = None
     path: str | None = None
+    split: str | None = None
+    subset: str | None = None
+    prompt_field: str | None = None
+    answer_field: str | None = None
     size: int = 500
     samples: int = 4
     temperature: float = 1.0
@@ -451,6 +459,9 @@ class OPDConfig:
         eval_fixed_text: also measure KL on fixed text, the teacher's greedy completions of the held-out prompts
             (``eval_fixed_text_kl``, plus forward KL and the student's NLL of that text); needs full-vocabulary
             teacher log-probs for evaluation.
+        device: where the student trains: ``"cpu"`` (default), ``"cuda"`` (each process the GPU of its ``LOCAL_RANK``;
+            an in-process HF teacher goes there too, and several processes talk over NCCL instead of gloo) or
+            ``"auto"`` (CUDA where torch sees a GPU, else the CPU).
         fsdp: shard the student over the processes with FSDP2 (:mod:`lockedopd.runtime.fsdp`; needs ``torchrun`` /
             ``accelerate launch`` with >= 2 processes, and ``accelerate launch`` with an FSDP config turns it on):
             weights, gradients and AdamW state in the warmup, the frozen base, the coefficients and the locked
@@ -488,6 +499,7 @@ class OPDConfig:
     eval_sampling_seeds: int = 1
     eval_fixed_text: bool = False
     eval_fixed_text_path: str | None = None
+    device: str = choice("cpu", ("cpu", "cuda", "auto"), "where the student trains")
     fsdp: bool = False
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -7,13 +7,15 @@ exactly this tensor and keeps only the last ``C + 1`` logits, so no prompt logit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
+
+from lockedopd.data import count_missing_completions
 
 
 @dataclass
@@ -73,6 +75,60 @@ def encode_prompts(
             raise ValueError(f"prompt {text!r} encodes to zero tokens; remove empty prompts from the data.")
         encoded.append(ids)
     return encoded
+
+
+class EncodedRecords(Sequence):
+    """Token ids of each of ``records``, encoded by ``encode`` when first asked for and then kept: a run encodes the
+    prompts it samples, never a large ``datasets`` set whole. ``encode`` maps one record to its ids."""
+
+    def __init__(self, records: Sequence[Any], encode: Callable[[Any], list[int]]) -> None:
+        self.records, self.encode = records, encode
+        self._ids: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def encoded(self) -> list[int]:
+        """Indices of the records encoded so far."""
+        return sorted(self._ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if index not in self._ids:
+            self._ids[index] = self.encode(self.records[index])
+        return self._ids[index]
+
+
+def encode_training_records(
+    tokenizer,
+    records: Sequence[Any],
+    use_chat_template: bool,
+    max_prompt_tokens: int,
+    with_completions: bool,
+    why: str = "this objective",
+) -> tuple[EncodedRecords, EncodedRecords | None]:
+    """Prompt ids (and, ``with_completions``, the given completions' ids) of training ``records``, each encoded when
+    the run first samples it (:class:`EncodedRecords`).
+
+    Raises:
+        ValueError: ``with_completions`` and some records have no completion (``why`` says who needs them).
+    """
+    prompts = EncodedRecords(
+        records, lambda record: encode_prompts(tokenizer, [record.prompt], use_chat_template, max_prompt_tokens)[0]
+    )
+    if not with_completions:
+        return prompts, None
+    missing = count_missing_completions(records)
+    if missing:
+        raise ValueError(
+            f"{why} trains on given completions, but {missing} of {len(records)} training records have none; give "
+            'records with a "completion" (or name its column with data.completion_field).'
+        )
+    return prompts, EncodedRecords(records, lambda record: encode_completions(tokenizer, [record.completion])[0])
 
 
 def encode_completions(tokenizer, completions: Sequence[str]) -> list[list[int]]:

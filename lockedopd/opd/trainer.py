@@ -34,12 +34,7 @@ from lockedopd.opd.config import OPDConfig, config_to_yaml
 from lockedopd.opd.loss import teacher_request
 from lockedopd.opd.objective_registry import get_objective
 from lockedopd.opd.progress import StepProgress
-from lockedopd.opd.rollout import (
-    Rollout,
-    encode_completions,
-    encode_prompts,
-    rollout_from_completions,
-)
+from lockedopd.opd.rollout import Rollout, encode_training_records, rollout_from_completions
 from lockedopd.opd.rollout_policy import RolloutPolicy
 from lockedopd.opd.run_checkpoint import MetricsLog, resume_note, resume_run, save_run, write_summary
 from lockedopd.opd.run_evaluation import RunEvaluator
@@ -48,6 +43,7 @@ from lockedopd.opd.seeds import step_seed
 from lockedopd.optim.full import build_full_optimizer
 from lockedopd.runtime.activation_checkpointing import enable_activation_checkpointing
 from lockedopd.runtime.atomic_io import atomic_write_text
+from lockedopd.runtime.devices import resolve_device
 from lockedopd.runtime.distributed import (
     DistContext,
     check_world_size,
@@ -106,7 +102,9 @@ class OPDTrainer:
             )
         if config.malloc_mmap_threshold:
             set_malloc_mmap_threshold(config.malloc_mmap_threshold)
-        self.dist = dist if dist is not None else init_distributed()
+        device = resolve_device(config.device)
+        self.dist = dist if dist is not None else init_distributed(cpu=device.type == "cpu")
+        student.to(device)  # a no-op on the CPU
         config = fsdp_from_launcher(config)
         check_world_size(config, self.dist)
         self.fsdp = config.fsdp
@@ -116,15 +114,15 @@ class OPDTrainer:
         self.tokenizer = tokenizer
         self.teacher = teacher
         self.eval_teacher = eval_teacher if eval_teacher is not None else teacher
-        self.train_prompts = list(train_prompts)
+        self.train_prompts = train_prompts  # a datasets set stays in its Arrow files (lockedopd.data.DatasetPrompts)
         self.run_dir = Path(config.output_dir)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_token_id = tokenizer.eos_token_id
-        template, longest = config.data.use_chat_template, config.rollout.max_prompt_tokens
-        self.train_ids = encode_prompts(tokenizer, [r.prompt for r in train_prompts], template, longest)
-        self.train_completion_ids = None  # the given completions an objective without a teacher trains on
-        if not self.objective.samples_student:
-            self.train_completion_ids = encode_completions(tokenizer, [r.completion for r in self.train_prompts])
+        # encoded as the run samples them; given completions for an objective without a teacher (sft)
+        self.train_ids, self.train_completion_ids = encode_training_records(
+            tokenizer, train_prompts, config.data.use_chat_template, config.rollout.max_prompt_tokens,
+            with_completions=not self.objective.samples_student, why=f"objective.name={config.objective.name}",
+        )  # fmt: skip
         self.evaluator = RunEvaluator(config, tokenizer, eval_prompts, accuracy_problems or [], self.eval_teacher,
                                       self.objective.needs_teacher, self.run_dir)  # fmt: skip
         self.reward_fn = resolve_reward_fn(config.objective.reward_fn) if config.objective.reward_fn else None

@@ -192,12 +192,12 @@ def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 _CONTEXT: DistContext | None = None
 
 
-def init_distributed() -> DistContext:
+def init_distributed(cpu: bool = True) -> DistContext:
     """The :class:`DistContext` of this process, starting the process group when launched with several.
 
     Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the group is started once, through
-    ``accelerate.PartialState(cpu=True)``, which picks gloo: the OPD loop keeps the student and its gradients on the
-    CPU (GPU work happens inside vLLM), and gloo is the backend for CPU tensors. An already started
+    ``accelerate.PartialState(cpu=cpu)``: gloo for a student on the CPU (``cpu=True``, the default: GPU work, if any,
+    happens inside vLLM), NCCL for one on the GPUs (``device: cuda``). An already started
     ``torch.distributed`` group (e.g. by the caller's own ``Accelerator`` or a ``transformers.Trainer``) is used as
     it is.
     """
@@ -215,7 +215,7 @@ def init_distributed() -> DistContext:
         raise ImportError(
             "lockedopd: WORLD_SIZE > 1 but accelerate is not installed; pip install accelerate, or run one process."
         ) from exc
-    state = PartialState(cpu=True)
+    state = PartialState(cpu=cpu)
     _CONTEXT = DistContext(state.num_processes, state.process_index)
     return _CONTEXT
 
