@@ -133,7 +133,7 @@ def select_by_accuracy(methods: dict[str, Any], screens: dict[str, list[str]]) -
         candidates = {
             name: None if "accuracy" not in methods.get(name, {}) else {
                 "accuracy": methods[name]["accuracy"]["mean"],
-                "accuracy_sampled": methods[name]["accuracy_sampled"]["mean"],
+                "accuracy_sampled": (methods[name].get("accuracy_sampled") or {}).get("mean"),  # none: greedy only
             }
             for name in members
         }  # fmt: skip

@@ -23,6 +23,8 @@ def _shares(method: str, by_seed: dict[int, dict[str, Any]], full: dict[int, dic
     for s in sorted(by_seed):
         if method == REFERENCE:
             shares[str(s)] = 1.0
+        elif by_seed[s]["final_step"] not in by_seed[s]["eval_reverse_kl"]:
+            continue  # no KL to the teacher (sft, rlvr): no KL share
         elif s in full:
             value = share_of_full_gain(by_seed[s], full[s])
             if value is not None:
@@ -47,8 +49,9 @@ def aggregate_method(method: str, by_seed: dict[int, dict[str, Any]], full: dict
         per_cell = [c.get(key, {}) for c in by_seed.values()]
         steps = sorted({step for values in per_cell for step in values})
         entry[key] = {str(step): spread([v[step] for v in per_cell if step in v]) for step in steps}
-    finals = [by_seed[s]["eval_reverse_kl"][by_seed[s]["final_step"]] for s in seeds]
-    entry["final_reverse_kl"] = {**t_interval(finals), "per_seed": dict(zip(map(str, seeds), finals))}
+    finals = [by_seed[s]["eval_reverse_kl"].get(by_seed[s]["final_step"]) for s in seeds]
+    if all(v is not None for v in finals):  # a run without a teacher (sft, rlvr) has no KL to it
+        entry["final_reverse_kl"] = {**t_interval(finals), "per_seed": dict(zip(map(str, seeds), finals))}
     fixed = [by_seed[s].get("eval_fixed_text_kl", {}).get(by_seed[s]["final_step"]) for s in seeds]
     if all(v is not None for v in fixed):
         entry["final_fixed_text_kl"] = {**t_interval(fixed), "per_seed": dict(zip(map(str, seeds), fixed))}

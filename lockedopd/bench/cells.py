@@ -65,6 +65,10 @@ def run_cell(exp: Experiment, method: str, seed: int) -> dict[str, Any]:
         if exp.isolation == "inline":
             add_wall(cell, time.time() - started)
         raise
+    if exp.geometry:  # before cleanup deletes the checkpoints it reads
+        from lockedopd.bench.geometry import measure_cell_geometry
+
+        measure_cell_geometry(cell)
     wall = time.time() - started
     steps = [r for r in _records((cell / "metrics.jsonl").read_text()) if "trainable_params" in r]
     previous = cell / "wall_s.json"  # seconds spent in earlier, interrupted invocations of this cell
@@ -135,7 +139,7 @@ def parse_cell(files: CellFiles) -> dict[str, Any]:
         "summary": summary,
         "eval_reverse_kl": {step: r["eval_reverse_kl"] for step, r in evals.items()},
         **{key: {step: r[key] for step, r in evals.items() if key in r} for key in EVAL_KEYS},
-        "final_step": max(evals) if evals else None,
+        "final_step": max((r["step"] for r in records if any(k.startswith("eval_") for k in r)), default=None),
         **cell_accuracy(records),
     }
 

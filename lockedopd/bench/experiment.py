@@ -53,6 +53,9 @@ class Experiment:
             leads the report, and only the first method's cells evaluate the step-0 student.
         teacher_model: the teacher's model source (e.g. ``built:RECIPE.yaml``), scored once with the cells' accuracy
             settings into ``OUT/teacher_accuracy.json``.
+        geometry: measure each finished cell's update geometry from its checkpoints before they are deleted
+            (:mod:`lockedopd.bench.geometry`: stable rank, ‖ΔW‖_F, Hill α̂ and top-16 similarity to the final update
+            per checkpoint, the paper's Table-1 metrics at the end) into the cell's ``geometry.json``.
         root: the folder relative paths are read from (set by :func:`load_experiment`; None = the current one).
     """
 
@@ -70,6 +73,7 @@ class Experiment:
     extra_seeds: dict[str, list[int]] = field(default_factory=dict)
     task: str | None = None
     teacher_model: str | None = None
+    geometry: bool = False
     root: str | None = None
 
     def __post_init__(self) -> None:

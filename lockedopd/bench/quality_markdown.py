@@ -24,7 +24,7 @@ def _summary(report: dict[str, Any]) -> list[str]:
     head = ["method", "seeds", "final held-out KL", "final fixed-text KL", "share of full gain", "trainable params",
             "optimizer state", "wall s / cell"]  # fmt: skip
     rows = [
-        [name, len(m["seeds"]), interval(m["final_reverse_kl"]), interval(m.get("final_fixed_text_kl", {})),
+        [name, len(m["seeds"]), interval(m.get("final_reverse_kl")), interval(m.get("final_fixed_text_kl", {})),
          interval(m["share_of_full_gain"]), f"{m['trainable_params']:,}", mib(m["optimizer_state_bytes"]),
          f"{m['wall_s']['mean']:.0f}"]
         for name, m in report["methods"].items()
@@ -46,7 +46,7 @@ def _extra_seeds(report: dict[str, Any]) -> list[str]:
         "",
     ]
     head = ["method", "seeds", "final held-out KL", "final fixed-text KL", "share of full gain"]
-    rows = [[name, ", ".join(map(str, m["seeds"])), interval(m["final_reverse_kl"]),
+    rows = [[name, ", ".join(map(str, m["seeds"])), interval(m.get("final_reverse_kl")),
              interval(m.get("final_fixed_text_kl", {})), interval(m["share_of_full_gain"])]
             for name, m in wider.items()]  # fmt: skip
     return lines + markdown_table(head, rows)
@@ -146,7 +146,7 @@ def _lr_selection(report: dict[str, Any]) -> list[str]:
 def _per_seed(report: dict[str, Any], every_seed: dict[str, Any]) -> list[str]:
     head = ["method", "seed", "lock step", "final held-out KL", "share of full gain", "wall s"]
     rows = [
-        [name, s, fmt(m["lock_step"][str(s)]), fmt(m["final_reverse_kl"]["per_seed"][str(s)]),
+        [name, s, fmt(m["lock_step"][str(s)]), fmt(m.get("final_reverse_kl", {}).get("per_seed", {}).get(str(s))),
          fmt(m["share_of_full_gain"]["per_seed"].get(str(s)), 3), fmt(m["per_seed_wall_s"][str(s)], 0)]
         for name, m in every_seed.items()
         for s in m["seeds"]

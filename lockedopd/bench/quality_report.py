@@ -40,7 +40,7 @@ def select_learning_rates(methods: dict[str, Any], screens: dict[str, list[str]]
         for name in members:
             m = methods.get(name)
             candidates[name] = None if m is None else {
-                "final_reverse_kl": m["final_reverse_kl"]["mean"],
+                "final_reverse_kl": m.get("final_reverse_kl", {}).get("mean"),
                 "final_fixed_text_kl": m.get("final_fixed_text_kl", {}).get("mean"),
             }  # fmt: skip
         scored = {
