@@ -76,3 +76,14 @@ def test_the_math_verifier_compares_answers_as_mathematics():
                    "the answer is 3", "no answer here", r"\boxed{1/2}"]  # fmt: skip
     answers = ["0.5", "2", "0.75", "3", "4", None]
     assert math_answer(completions, answers) == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_partial_credit_counts_the_answers_right_digits_and_is_one_exactly_where_verify_accepts():
+    partial = resolve_reward_fn("column_addition.partial")
+    texts = ["The answer is 1234.", "The answer is 1334.", "The answer is 234.", "no answer", "The answer is 99999."]
+    assert partial(texts, ["1234"] * 5) == [1.0, 0.75, 0.75, 0.0, 0.0]
+    problems = [COLUMN_ADDITION.render((a, b)) for a, b in [(123, 456), (999, 1), (4321, 879)]]
+    own = [p.completion for p in problems]
+    assert partial(own, [p.answer for p in problems]) == COLUMN_ADDITION.verify(own, [p.answer for p in problems])
+    with pytest.raises(ValueError, match="neither a built-in"):
+        resolve_reward_fn("column_addition.fuzzy")

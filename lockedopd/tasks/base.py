@@ -42,6 +42,9 @@ class Task:
         verify: the :data:`Verifier`: 1.0 where a completion's answer equals the reference, else 0.0 (also a
             reward function: ``objective.reward_fn: NAME``).
         description: one line for ``--help`` and reports.
+        partial_credit: a dense reward in [0, 1] that equals 1.0 exactly where ``verify`` accepts
+            (``objective.reward_fn: NAME.partial``): RLVR from a student that almost never gets the whole answer
+            right learns nothing from 0/1 rewards; ``None`` when the task has none.
     """
 
     name: str
@@ -49,6 +52,7 @@ class Task:
     render: Callable[[Hashable], TaskProblem]
     verify: Verifier
     description: str = ""
+    partial_credit: Verifier | None = None
 
     def split_of(self, key: Hashable) -> str:
         """The split a problem belongs to, a pure function of the problem: splits never share a problem, whatever

@@ -68,10 +68,26 @@ def verify(completions: Sequence[str], answers: Sequence[str | None]) -> list[fl
     return scores
 
 
+def digit_credit(completions: Sequence[str], answers: Sequence[str | None]) -> list[float]:
+    """Partial credit: the share of the reference's digits the stated answer gets right, aligned from the ones
+    digit (a longer or shorter answer loses the positions it misses); 0.0 without a stated answer. 1.0 exactly
+    where :func:`verify` accepts."""
+    scores = []
+    for text, answer in zip(completions, answers, strict=True):
+        stated = extract_answer(text)
+        if answer is None or stated is None:
+            scores.append(0.0)
+            continue
+        got, want = str(stated)[::-1], str(int(str(answer).strip()))[::-1]
+        scores.append(sum(g == w for g, w in zip(got, want)) / max(len(got), len(want)))
+    return scores
+
+
 COLUMN_ADDITION = Task(
     name="column_addition",
     draw=draw_operands,
     render=render,
     verify=verify,
+    partial_credit=digit_credit,
     description="add two 3- or 4-digit numbers column by column with carries",
 )

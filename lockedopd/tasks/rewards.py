@@ -47,13 +47,19 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {"contains_answer": contains_answer, "mat
 
 
 def resolve_reward_fn(spec: str) -> RewardFn:
-    """A built-in reward name, a task's name (its verifier, :mod:`lockedopd.tasks`) or ``"module:function"``."""
+    """A built-in reward name, a task's name (its verifier, :mod:`lockedopd.tasks`), ``"TASK.partial"`` (the task's
+    partial-credit reward) or ``"module:function"``."""
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     from lockedopd.tasks.registry import get_task, task_names
 
     if spec in task_names():
         return get_task(spec).verify
+    task, _, variant = spec.rpartition(".")
+    if variant == "partial" and task in task_names():
+        if get_task(task).partial_credit is None:
+            raise ValueError(f"reward_fn {spec!r}: task {task!r} has no partial-credit reward; use {task!r}.")
+        return get_task(task).partial_credit
     if ":" not in spec:
         raise ValueError(
             f"reward_fn {spec!r} is neither a built-in ({sorted(BUILTIN_REWARDS)}), a task's verifier "
