@@ -46,14 +46,15 @@ def test_a_geometry_grid_keeps_each_cells_trajectory_and_table_one(tmp_path):
     base = load_experiment(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml", str(tmp_path / "grid"))
     exp = dataclasses.replace(
         base,
-        methods={"full": {"lock.enabled": False}, "sft": {"lock.enabled": False, "objective.name": "sft"},
+        methods={"opd": {"lock.enabled": False}, "sft": {"lock.enabled": False, "objective.name": "sft"},
                  "sft_locked": {"objective.name": "sft", "lock.at_step": 4, "lock.optimizer": "projected_full"}},
         seeds=[0],
         task="column_addition",
         geometry=True,
+        report="paper",
         overrides={**base.overrides, "eval_fixed_text": False, "eval_sampling_seeds": 1,
                    "data.train_path": str(files["train"]), "data.eval_size": 4,
-                   "accuracy.verifier": "column_addition", "accuracy.path": str(files["test"]),
+                   "accuracy.verifier": "tests.test_accuracy_grid:count_digits", "accuracy.path": str(files["test"]),
                    "accuracy.samples": 0, "rollout.max_new_tokens": 6},
     )  # fmt: skip
     quality.run(exp)
@@ -72,4 +73,79 @@ def test_a_geometry_grid_keeps_each_cells_trajectory_and_table_one(tmp_path):
     assert [r["update_fro_norm"] for r in locked[:2]] == [r["update_fro_norm"] for r in sft[:2]]
     assert locked[-1]["update_fro_norm"] != sft[-1]["update_fro_norm"]
     report = json.loads((exp.out_dir / "results.json").read_text())
-    assert set(report["methods"]) == set(exp.methods)
+    assert set(report["methods"]) == set(exp.methods) and len(report["findings"]) >= 8
+    verdicts = {f["id"]: f["verdict"] for f in report["findings"]}
+    assert verdicts["bf16_sparsity"] == "not measured"  # no RLVR cell yet: nothing is claimed without one
+    assert set(report["sufficiency"]) == {"opd", "sft"} and set(report["sufficiency"]["sft"]["share"]) >= {"mean"}
+    assert report["trajectories"]["opd"]["steps"] == [2, 4, 6, 8] and report["trajectories"]["sft_locked"][
+        "seeds"
+    ] == [0]
+    text = (exp.out_dir / "findings.md").read_text()
+    assert "| bf16_sparsity |" in text and "- SFT:" in text
+    assert (exp.out_dir / "trajectories.png").is_file() and (exp.out_dir / "early_subspace.png").is_file()
+
+
+def _cell(ranks, norms, sims, final, acc=None, lock=None):
+    per_step = [{"step": 4 * (i + 1), "stable_rank_median": r, "update_fro_norm": n, "hill_alpha_median": 2.0,
+                 "subspace_similarity_mean": s} for i, (r, n, s) in enumerate(zip(ranks, norms, sims))]  # fmt: skip
+    return {"geometry": {"per_step": per_step, "final": final}, "lock_step": lock, "eval_accuracy": acc or {}}
+
+
+def _table(sparsity, density, angle, nss, low, principal=0.28):
+    return {"bf16_sparsity": sparsity, "update_density": density, "principal_angle_max_deg": angle, "nss": nss,
+            "low_magnitude_overlap": low, "principal_mask_overlap": principal, "stable_rank": 20.0}  # fmt: skip
+
+
+def paper_like_cells(flip: bool = False):
+    """Cells that behave as the paper reports (``flip``: SFT and RLVR swapped, the locked SFT keeping its gain)."""
+    sft_arm = dict(ranks=[10, 30, 60], norms=[1, 2, 3], sims=[0.3, 0.6, 1.0], final=_table(0.08, 0.93, 12, 0.3, 0.32))
+    rlvr_arm = dict(ranks=[30, 20, 15], norms=[0.1, 0.2, 0.3], sims=[0.4, 0.7, 1.0],
+                    final=_table(0.77, 0.28, 0.4, 0.01, 0.73))  # fmt: skip
+    if flip:
+        sft_arm, rlvr_arm = rlvr_arm, sft_arm
+    cells = {}
+    for seed in (0, 1, 2):
+        jitter = 0.01 * seed
+        cells.setdefault("sft", {})[seed] = _cell(**sft_arm, acc={0: 0.0, 40: 0.9 + jitter})
+        cells.setdefault("rlvr", {})[seed] = _cell(**rlvr_arm, acc={0: 0.0, 40: 0.2})
+        opd_table = _table(0.5, 0.46, 1.0, 0.1, 0.54)
+        cells.setdefault("opd", {})[seed] = _cell([22, 25, 24], [1, 1.5, 2], [0.8 + jitter, 0.9, 1.0], opd_table,
+                                                  acc={0: 0.0, 40: 0.8})  # fmt: skip
+        cells.setdefault("opd_locked", {})[seed] = _cell([22, 23, 23], [1, 1.4, 1.9], [0.8, 0.9, 1.0],
+                                                         _table(0.5, 0.46, 1.0, 0.1, 0.54),
+                                                         acc={8: 0.5, 40: 0.79 - jitter}, lock=8)  # fmt: skip
+        sft_kept = 0.97 + jitter if flip else 0.6 + jitter
+        cells.setdefault("sft_locked", {})[seed] = _cell([10, 12, 12], [1, 1.5, 2], [0.3, 0.6, 1.0],
+                                                         _table(0.1, 0.9, 10, 0.3, 0.3),
+                                                         acc={8: 0.4, 40: sft_kept}, lock=8)  # fmt: skip
+    for seed in (0, 1):
+        for name in ("keep_top_50", "keep_random_25", "offpolicy_teacher", "mix_0.75", "mix_0.5"):
+            cells.setdefault(name, {})[seed] = _cell([23, 26, 25], [1, 1.6, 2.2], [0.8, 0.9, 1.0], _table(*[0.5] * 5))
+        for name in ("mix_0.25", "mix_0"):
+            cells.setdefault(name, {})[seed] = _cell(
+                [30, 20, 14], [0.1, 0.2, 0.3], [0.4, 0.7, 1.0], _table(*[0.5] * 5)
+            )
+    return cells
+
+
+def test_findings_from_cells_that_behave_like_the_paper_are_all_reproduced():
+    from lockedopd.bench.paper_findings import findings, sufficiency
+
+    found = {f["id"]: f for f in findings(paper_like_cells())}
+    assert len(found) >= 8 and all(set(f) >= {"id", "claim", "paper", "measured", "verdict"} for f in found.values())
+    assert {f["verdict"] for f in found.values()} == {"reproduced"}, {k: f["verdict"] for k, f in found.items()}
+    suff = sufficiency(paper_like_cells())
+    assert suff["opd"]["seeds"] == [0, 1, 2] and suff["sft"]["seeds"] == [0, 1, 2]
+    # OPD seed 1: (0.78 - 0.5) / (0.8 - 0.5); SFT seed 2: (0.62 - 0.4) / (0.92 - 0.4)
+    assert abs(suff["opd"]["per_seed"][1] - 0.28 / 0.3) < 1e-9 and abs(suff["sft"]["per_seed"][2] - 0.22 / 0.52) < 1e-9
+    assert suff["sft"]["share"]["high"] < suff["opd"]["share"]["low"]
+
+
+def test_findings_turn_opposite_when_sft_and_rlvr_swap_and_the_locked_sft_keeps_its_gain():
+    from lockedopd.bench.paper_findings import findings
+
+    found = {f["id"]: f["verdict"] for f in findings(paper_like_cells(flip=True))}
+    for fid in ("bf16_sparsity", "update_density", "principal_angle_rotation", "low_magnitude_overlap",
+                "sft_rank_expands", "rlvr_rank_contracts", "sufficiency_contrast"):  # fmt: skip
+        assert found[fid] == "opposite", (fid, found[fid])
+    assert found["sufficiency_opd"] == "reproduced" and found["objective_mixing"] == "reproduced"

@@ -20,6 +20,7 @@ from typing import Any
 from lockedopd.bench.accuracy_report import cell_accuracy
 from lockedopd.bench.archive import CELL_FILE, CellFiles, all_cells, small_files
 from lockedopd.bench.experiment import Experiment, cell_config, cell_overrides, in_root
+from lockedopd.bench.geometry import GEOMETRY_FILE
 
 REMOVE_WHEN_DONE = ("checkpoints", "lock", "adapter", "vllm_student")
 EVAL_KEYS = ("eval_fixed_text_kl", "eval_fixed_text_forward_kl")
@@ -141,6 +142,7 @@ def parse_cell(files: CellFiles) -> dict[str, Any]:
         **{key: {step: r[key] for step, r in evals.items() if key in r} for key in EVAL_KEYS},
         "final_step": max((r["step"] for r in records if any(k.startswith("eval_") for k in r)), default=None),
         **cell_accuracy(records),
+        **({"geometry": json.loads(files[GEOMETRY_FILE])} if GEOMETRY_FILE in files else {}),
     }
 
 

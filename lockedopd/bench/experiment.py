@@ -56,6 +56,8 @@ class Experiment:
         geometry: measure each finished cell's update geometry from its checkpoints before they are deleted
             (:mod:`lockedopd.bench.geometry`: stable rank, ‖ΔW‖_F, Hill α̂ and top-16 similarity to the final update
             per checkpoint, the paper's Table-1 metrics at the end) into the cell's ``geometry.json``.
+        report: ``"quality"`` (the grid's report) or ``"paper"`` (also the paper's findings:
+            :mod:`lockedopd.bench.paper_findings` names the cells it reads; needs ``geometry: true``).
         root: the folder relative paths are read from (set by :func:`load_experiment`; None = the current one).
     """
 
@@ -74,6 +76,7 @@ class Experiment:
     task: str | None = None
     teacher_model: str | None = None
     geometry: bool = False
+    report: str = "quality"
     root: str | None = None
 
     def __post_init__(self) -> None:
@@ -83,6 +86,10 @@ class Experiment:
             raise ValueError(f"experiment: seeds must be a non-empty list of distinct integers, got {self.seeds}.")
         if self.order not in ORDERS:
             raise ValueError(f"experiment: order={self.order!r} is not one of {list(ORDERS)}.")
+        if self.report not in ("quality", "paper"):
+            raise ValueError(f"experiment: report={self.report!r} is not one of ['quality', 'paper'].")
+        if self.report == "paper" and not self.geometry:
+            raise ValueError("experiment: report=paper reads each cell's update geometry; set geometry: true.")
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"experiment: isolation={self.isolation!r} is not one of {list(ISOLATIONS)}.")
         for family, members in self.lr_screens.items():

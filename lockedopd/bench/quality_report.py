@@ -17,6 +17,7 @@ from lockedopd.bench.aggregate import Cells, aggregate_on_common_seeds, every_se
 from lockedopd.bench.cells import collect
 from lockedopd.bench.experiment import Experiment, method_errors
 from lockedopd.bench.monitor import cell_ranking_agreement, ranking_agreement
+from lockedopd.bench.paper_report import findings_markdown, paper_section, plot_paper
 from lockedopd.bench.plots import plot_accuracy, plot_quality
 from lockedopd.bench.quality_markdown import markdown_report
 from lockedopd.bench.teacher import read_teacher_accuracy
@@ -102,6 +103,7 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
         "monitor_ranking_next_batch": ranking_agreement(every_seed, "next_batch_progress_share"),
         "monitor_ranking_by_run": cell_ranking_agreement(every_seed),
         **({"lr_selection": lr_selection(exp, aggregated)} if exp.lr_screens else {}),
+        **(paper_section(cells) if exp.report == "paper" else {}),
         "not_run": errors,
         "pending_cells": pending,
     }
@@ -120,4 +122,7 @@ def write_reports(exp: Experiment, errors: dict[str, str] | None = None) -> dict
     plot_quality(report, out / "quality.png")
     if exp.task:
         plot_accuracy(report, out / "accuracy.png")
+    if exp.report == "paper":
+        atomic_write_text(out / "findings.md", findings_markdown(report))
+        plot_paper(report, out)
     return report

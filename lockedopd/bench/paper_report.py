@@ -1,0 +1,127 @@
+"""The paper experiment's report: ``findings.md`` (one row a finding: the paper's number, ours, the verdict), the
+findings and the sufficiency shares in ``results.json``, and figures in the shape of the paper's Figs. 4-7:
+``trajectories.png`` (stable rank, ‖ΔW‖_F and Hill α̂ over training per arm), ``early_subspace.png`` (similarity of
+each checkpoint's top-16 subspace to the final update's), ``sufficiency.png`` (share of the gain kept under the
+lock, OPD vs SFT) and ``controls.png`` (stable rank of each control against OPD's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lockedopd.bench.accuracy_report import Cells
+from lockedopd.bench.paper_findings import ARMS, CONTROLS, RULES, findings, sufficiency
+from lockedopd.bench.tables import markdown_table
+
+__all__ = ["paper_section", "findings_markdown", "plot_paper"]
+
+
+def paper_section(cells: Cells) -> dict[str, Any]:
+    """The ``findings``, ``sufficiency`` and per-method mean ``trajectories`` keys of ``results.json``."""
+    trajectories = {}
+    for method, by_seed in cells.items():
+        runs = [c["geometry"] for c in by_seed.values() if c.get("geometry")]
+        if runs:
+            trajectories[method] = {
+                "steps": [r["step"] for r in runs[0]["per_step"]],
+                **{key: _mean_rows([[r[key] for r in g["per_step"]] for g in runs]) for key in TRAJECTORY_KEYS},
+                "seeds": sorted(s for s, c in by_seed.items() if c.get("geometry")),
+            }
+    return {"findings": findings(cells), "sufficiency": sufficiency(cells), "trajectories": trajectories}
+
+
+TRAJECTORY_KEYS = ("stable_rank_median", "update_fro_norm", "hill_alpha_median", "subspace_similarity_mean")
+
+
+def _mean_rows(rows: list[list[float | None]]) -> list[float | None]:
+    width = min(len(r) for r in rows)
+    out = []
+    for col in zip(*(r[:width] for r in rows)):
+        values = [v for v in col if v is not None]
+        out.append(sum(values) / len(values) if values else None)
+    return out
+
+
+def findings_markdown(report: dict[str, Any]) -> str:
+    """``findings.md``: the verdict table, the rules behind the verdicts and the sufficiency shares."""
+    rows = [[f["id"], f["claim"], f["paper"], f["measured"], f["verdict"]] for f in report["findings"]]
+    counts = {v: sum(f["verdict"] == v for f in report["findings"]) for v in
+              ("reproduced", "not reproduced", "opposite", "not measured")}  # fmt: skip
+    lines = [
+        f"# The paper's findings on `{report.get('task')}` ({report.get('experiment')})",
+        "",
+        "*On the Geometry of On-Policy Distillation* (arXiv 2606.07082), measured here on one student: "
+        + ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+        + ". Figures: `trajectories.png` (Fig. 4), `early_subspace.png` (Fig. 5), `sufficiency.png` (Fig. 6), "
+        "`controls.png` (Fig. 7).",
+        "",
+        *markdown_table(["id", "claim", "paper", "measured (mean [95% interval] over seeds)", "verdict"], rows),
+        "",
+        "Verdict rules:",
+        "",
+        *[f"- {name}: {rule}" for name, rule in RULES.items()],
+        "",
+    ]
+    suff = report["sufficiency"]
+    lines += [
+        "Functional sufficiency (share of the unconstrained run's post-lock greedy accuracy gain, per seed):",
+        "",
+    ]
+    for arm, entry in suff.items():
+        per = ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(entry["per_seed"].items())) or "no finished pair yet"
+        lines.append(f"- {arm.upper()}: {per}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_paper(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """The four figures (those with data); returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lockedopd.runtime.plotting import save_figure
+
+    traj = report["trajectories"]
+    written = []
+    arms = [a for a in ARMS if a in traj]
+    if arms:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for ax, key, title in zip(axes, TRAJECTORY_KEYS[:3], ("stable rank (median)", "‖ΔW‖_F", "Hill α̂ (median)")):
+            for arm in arms:
+                ax.plot(traj[arm]["steps"], traj[arm][key], marker="o", label=arm.upper())
+            ax.set_title(title)
+            ax.set_xlabel("step")
+        axes[0].legend()
+        written.append(save_figure(fig, out_dir / "trajectories.png"))
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for arm in arms:
+            ax.plot(traj[arm]["steps"], traj[arm]["subspace_similarity_mean"], marker="o", label=arm.upper())
+        ax.set(title="top-16 similarity to the final update", xlabel="step", ylim=(0, 1.05))
+        ax.legend()
+        written.append(save_figure(fig, out_dir / "early_subspace.png"))
+    suff = report["sufficiency"]
+    if any(entry["share"]["mean"] is not None for entry in suff.values()):
+        fig, ax = plt.subplots(figsize=(4, 3.6))
+        names = [a for a in suff if suff[a]["share"]["mean"] is not None]
+        shares = [suff[a]["share"] for a in names]
+        means = [t["mean"] for t in shares]
+        below = [t["mean"] - (t["low"] if t["low"] is not None else t["mean"]) for t in shares]
+        above = [(t["high"] if t["high"] is not None else t["mean"]) - t["mean"] for t in shares]
+        colours = ["tab:blue", "tab:orange"][: len(names)]
+        ax.bar([a.upper() for a in names], means, yerr=[below, above], capsize=6, color=colours)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set(title="gain kept under the early lock", ylabel="share of the unconstrained gain")
+        written.append(save_figure(fig, out_dir / "sufficiency.png"))
+    families = [(f, [v for v in variants if v in traj]) for f, variants in CONTROLS.items()]
+    families = [(f, v) for f, v in families if v]
+    if families and "opd" in traj:
+        fig, axes = plt.subplots(1, len(families), figsize=(4.4 * len(families), 3.6), squeeze=False)
+        for ax, (family, variants) in zip(axes[0], families):
+            ax.plot(traj["opd"]["steps"], traj["opd"]["stable_rank_median"], color="black", lw=2, label="OPD")
+            for v in variants:
+                ax.plot(traj[v]["steps"], traj[v]["stable_rank_median"], marker=".", label=v)
+            ax.set(title=family, xlabel="step", ylabel="stable rank (median)")
+            ax.legend(fontsize=7)
+        written.append(save_figure(fig, out_dir / "controls.png"))
+    return written
