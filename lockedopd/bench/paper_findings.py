@@ -74,6 +74,7 @@ def _order(per_method: dict[str, dict[int, float]], increasing: bool) -> str:
     rows = [[per_method[m][s] for m in per_method] for s in sorted(seeds)]
 
     def holds(row: list[float], up: bool) -> bool:
+        """Whether ``row`` is strictly increasing (``up``) or strictly decreasing."""
         return all((b > a) if up else (b < a) for a, b in zip(row, row[1:]))
 
     if all(holds(r, increasing) for r in rows):
