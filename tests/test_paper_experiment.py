@@ -149,3 +149,12 @@ def test_findings_turn_opposite_when_sft_and_rlvr_swap_and_the_locked_sft_keeps_
                 "sft_rank_expands", "rlvr_rank_contracts", "sufficiency_contrast"):  # fmt: skip
         assert found[fid] == "opposite", (fid, found[fid])
     assert found["sufficiency_opd"] == "reproduced" and found["objective_mixing"] == "reproduced"
+
+
+def test_bench_paper_runs_only_paper_experiments():
+    from lockedopd.cli import main
+
+    assert main(["bench", "paper", str(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml"), "--rerender"]) == 2
+    experiment = load_experiment(REPO / "benchmarks" / "experiments" / "paper_column_addition.yaml")
+    assert experiment.report == "paper" and experiment.geometry
+    assert {"opd", "opd_locked"} <= set(experiment.methods)
