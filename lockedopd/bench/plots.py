@@ -44,7 +44,8 @@ def plot_quality(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a grid without a teacher KL (sft, rlvr screens) draws nothing here
+            ax.legend(fontsize=8)
     fig.suptitle(f"{report['experiment']}: mean over training seeds, band = min..max", fontsize=10)
     return save_figure(fig, path)
 
