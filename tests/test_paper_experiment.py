@@ -158,3 +158,12 @@ def test_bench_paper_runs_only_paper_experiments():
     experiment = load_experiment(REPO / "benchmarks" / "experiments" / "paper_column_addition.yaml")
     assert experiment.report == "paper" and experiment.geometry
     assert {"opd", "opd_locked"} <= set(experiment.methods)
+
+
+def test_a_checkpoint_without_a_measured_rank_leaves_its_seed_out_instead_of_failing():
+    from lockedopd.bench.paper_findings import findings
+
+    cells = paper_like_cells()
+    cells["opd"][0]["geometry"]["per_step"][0]["stable_rank_median"] = None  # e.g. no update yet at step 4
+    found = {f["id"]: f for f in findings(cells)}
+    assert found["opd_rank_band"]["verdict"] == "reproduced" and "(n=1)" not in found["opd_rank_band"]["measured"]

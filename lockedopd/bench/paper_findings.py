@@ -54,7 +54,10 @@ def _final(cells: Cells, method: str, key: str) -> dict[int, float]:
 
 
 def _series(cells: Cells, method: str, key: str = "stable_rank_median") -> dict[int, list[float]]:
-    return {s: [r[key] for r in g["per_step"]] for s, g in _geometry(cells, method).items()}
+    """Per seed, ``key`` at every checkpoint (seeds with an unmeasured checkpoint, e.g. an update still zero, are
+    left out)."""
+    series = {s: [r[key] for r in g["per_step"]] for s, g in _geometry(cells, method).items()}
+    return {s: values for s, values in series.items() if values and all(v is not None for v in values)}
 
 
 def _fmt(values: dict[int, float], scale: float = 1.0, unit: str = "") -> str:
