@@ -5,6 +5,7 @@ teacher when one is given; JSON to stdout (and ``--json``), a markdown table wit
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def run_eval(args) -> int:
     verifier = resolve_reward_fn(args.verifier)
     fields = PromptFields(prompt=args.prompt_field, answer=args.answer_field)
     records = load_records(args.data, fields, split=args.split)
-    problems = [records[i] for i in range(len(records)) if records[i].answer is not None][: args.size]
+    problems = list(islice((r for r in records if r.answer is not None), args.size))  # reads only what it scores
     if not problems:
         raise ValueError(f'{args.data} has no record with an "{args.answer_field}"; accuracy needs reference answers.')
     keep = [int(i) for i in args.keep_layers.split(",")] if args.keep_layers else None
