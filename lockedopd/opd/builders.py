@@ -17,7 +17,6 @@ from torch import nn
 from lockedopd.data import (
     PromptFields,
     PromptRecord,
-    count_missing_completions,
     load_records,
     split_prompts,
     synthetic_prompts,
@@ -268,24 +267,12 @@ def build_accuracy_problems(config: OPDConfig) -> list[PromptRecord] | None:
     return problems
 
 
-def check_supervised_data(config: OPDConfig, train: Sequence[PromptRecord]) -> None:
-    """Raise ``ValueError`` when an objective that trains on given completions (``sft``) gets prompts without one."""
-    missing = count_missing_completions(train)
-    if missing:
-        raise ValueError(
-            f'objective.name={config.objective.name} trains on each record\'s "completion", but {missing} of '
-            f"{len(train)} training records have none; give data.train_path records with a completion (e.g. "
-            "`lockedopd task make column_addition --out DIR`)."
-        )
-
-
 def build_run_inputs(config: OPDConfig) -> RunInputs:
     """Build and cross-check every input of a run (no teacher for objectives that need none, e.g. ``sft``)."""
     train, held_out = build_prompts(config)
     accuracy_problems = build_accuracy_problems(config)
     student, tokenizer = build_model(config.student)
-    if not get_objective(config.objective.name).needs_teacher:
-        check_supervised_data(config, train)
+    if not get_objective(config.objective.name).needs_teacher:  # given completions are checked by the trainer
         return RunInputs(student, tokenizer, None, train, held_out, accuracy_problems=accuracy_problems)
     own = teacher_tokenizer(config)
     if own is not None:  # before the teacher is loaded: a mismatch fails fast, naming what differs

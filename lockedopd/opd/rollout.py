@@ -126,7 +126,8 @@ def encode_training_records(
     if missing:
         raise ValueError(
             f"{why} trains on given completions, but {missing} of {len(records)} training records have none; give "
-            'records with a "completion" (or name its column with data.completion_field).'
+            'records with a "completion" (name its column with data.completion_field; `lockedopd task make '
+            "column_addition --out DIR` writes a task's)."
         )
     return prompts, EncodedRecords(records, lambda record: encode_completions(tokenizer, [record.completion])[0])
 
