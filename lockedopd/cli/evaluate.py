@@ -42,7 +42,7 @@ def add_eval_parser(subparsers) -> None:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="who generates the completions")
     evaluate.add_argument("--base", default=None, help="an adapter's base model (default: the one its config names)")
-    evaluate.add_argument("--revision", default=None, help="the hub revision of a hub-id target or base")
+    evaluate.add_argument("--revision", default=None, help="hub revision of a hub-id target or base (not --teacher)")
     evaluate.add_argument(
         "--teacher", default=None, help="also measure the exact reverse KL to this model (same sources as a target)"
     )
@@ -128,7 +128,7 @@ def _teacher_kl(target, prompt_ids: list[list[int]], args) -> dict[str, Any]:
     from lockedopd.opd.evaluation import evaluate_reverse_kl
     from lockedopd.teachers.hf import HFTeacher
 
-    teacher_model, teacher_tokenizer = build_model(ModelConfig(source=args.teacher, revision=args.revision))
+    teacher_model, teacher_tokenizer = build_model(ModelConfig(source=args.teacher))  # its default revision
     check_tokenizers_match(target.tokenizer, teacher_tokenizer)
     tokenizer = target.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
