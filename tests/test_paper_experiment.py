@@ -167,3 +167,38 @@ def test_a_checkpoint_without_a_measured_rank_leaves_its_seed_out_instead_of_fai
     cells["opd"][0]["geometry"]["per_step"][0]["stable_rank_median"] = None  # e.g. no update yet at step 4
     found = {f["id"]: f for f in findings(cells)}
     assert found["opd_rank_band"]["verdict"] == "reproduced" and "(n=1)" not in found["opd_rank_band"]["measured"]
+
+
+def _with_monitor(cells, estimates):
+    """``estimates``: {locked cell name: {seed: the monitor's predicted_progress_share}}."""
+    for name, by_seed in estimates.items():
+        for seed, estimate in by_seed.items():
+            cells[name][seed]["summary"] = {
+                "monitor": {"predicted_progress_share": estimate, "captured_energy_mean": 0.3, "drift_events": [20]}
+            }
+    return cells
+
+
+def test_the_monitor_agrees_only_when_its_estimate_orders_the_locks_as_their_measured_shares():
+    from lockedopd.bench.paper_findings import monitor_on_locks
+
+    assert monitor_on_locks(paper_like_cells())["verdict"] == "not measured"  # no monitor summaries
+    low_on_sft = {"opd_locked": {0: 0.20, 1: 0.18, 2: 0.19}, "sft_locked": {0: 0.05, 1: 0.07, 2: 0.06}}
+    agrees = monitor_on_locks(_with_monitor(paper_like_cells(), low_on_sft))
+    assert agrees["verdict"] == "agrees" and agrees["seeds"] == [0, 1, 2]
+    # SFT seed 1 kept (0.61 - 0.4) / (0.91 - 0.4) of its gain, and the monitor's reading sits beside it
+    entry = agrees["per_seed"]["sft"][1]
+    assert abs(entry["measured"] - 0.21 / 0.51) < 1e-9 and entry["estimate"] == 0.07 and entry["drift_events"] == [20]
+    # the locked SFT keeping more than the locked OPD while the monitor still reads it lower: opposite
+    assert monitor_on_locks(_with_monitor(paper_like_cells(flip=True), low_on_sft))["verdict"] == "opposite"
+    one_seed_wrong = {**low_on_sft, "sft_locked": {0: 0.05, 1: 0.30, 2: 0.06}}
+    assert monitor_on_locks(_with_monitor(paper_like_cells(), one_seed_wrong))["verdict"] == "mixed"
+
+
+def test_findings_markdown_shows_the_monitor_beside_the_measured_shares():
+    from lockedopd.bench.paper_report import findings_markdown, paper_section
+
+    cells = _with_monitor(paper_like_cells(), {"opd_locked": {0: 0.2}, "sft_locked": {0: 0.05}})
+    report = {"task": "t", "experiment": "e", **paper_section(cells)}
+    text = findings_markdown(report)
+    assert "**agrees**" in text and "| SFT | 0 | 0.050 |" in text and "| OPD | 1 | — |" in text

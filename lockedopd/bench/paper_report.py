@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
-from lockedopd.bench.paper_findings import ARMS, CONTROLS, RULES, findings, sufficiency
+from lockedopd.bench.paper_findings import ARMS, CONTROLS, RULES, findings, monitor_on_locks, sufficiency
 from lockedopd.bench.tables import markdown_table
 
 __all__ = ["paper_section", "findings_markdown", "plot_paper"]
 
 
 def paper_section(cells: Cells) -> dict[str, Any]:
-    """The ``findings``, ``sufficiency`` and per-method mean ``trajectories`` keys of ``results.json``."""
+    """The ``findings``, ``sufficiency``, ``monitor`` (:func:`~lockedopd.bench.paper_findings.monitor_on_locks`) and
+    per-method mean ``trajectories`` keys of ``results.json``."""
     trajectories = {}
     for method, by_seed in cells.items():
         runs = [c["geometry"] for c in by_seed.values() if c.get("geometry")]
@@ -27,7 +28,12 @@ def paper_section(cells: Cells) -> dict[str, Any]:
                 **{key: _mean_rows([[r[key] for r in g["per_step"]] for g in runs]) for key in TRAJECTORY_KEYS},
                 "seeds": sorted(s for s, c in by_seed.items() if c.get("geometry")),
             }
-    return {"findings": findings(cells), "sufficiency": sufficiency(cells), "trajectories": trajectories}
+    return {
+        "findings": findings(cells),
+        "sufficiency": sufficiency(cells),
+        "monitor": monitor_on_locks(cells),
+        "trajectories": trajectories,
+    }
 
 
 TRAJECTORY_KEYS = ("stable_rank_median", "update_fro_norm", "hill_alpha_median", "subspace_similarity_mean")
@@ -70,7 +76,31 @@ def findings_markdown(report: dict[str, Any]) -> str:
     for arm, entry in suff.items():
         per = ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(entry["per_seed"].items())) or "no finished pair yet"
         lines.append(f"- {arm.upper()}: {per}")
+    if report.get("monitor"):
+        lines += ["", *_monitor_markdown(report["monitor"])]
     return "\n".join(lines) + "\n"
+
+
+def _monitor_markdown(monitor: dict[str, Any]) -> list[str]:
+    """The live monitor on the two locks: its estimate beside the share each run measurably kept."""
+
+    def cell(x: float | None) -> str:
+        return "—" if x is None else f"{x:.3f}"
+
+    rows = [
+        [arm.upper(), str(seed), cell(e["estimate"]), cell(e["measured"]), cell(e["captured_energy"]),
+         ", ".join(map(str, e["drift_events"])) or "none"]
+        for arm, by_seed in monitor["per_seed"].items()
+        for seed, e in sorted(by_seed.items())
+    ]  # fmt: skip
+    return [
+        f"The live monitor on these locks (`{monitor['estimate']}`, read during the run without the unconstrained "
+        f"one): does it tell the lock that kept less of its gain? Verdict over seeds {monitor['seeds'] or '—'}: "
+        f"**{monitor['verdict']}** (agrees: on every seed its estimate orders the SFT and OPD locks as their measured "
+        "shares do).",
+        "",
+        *markdown_table(["lock", "seed", "monitor's estimate", "measured share", "captured energy", "drift at"], rows),
+    ]
 
 
 def plot_paper(report: dict[str, Any], out_dir: Path) -> list[Path]:
