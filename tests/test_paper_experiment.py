@@ -180,7 +180,7 @@ def _with_monitor(cells, estimates):
 
 
 def test_the_monitor_agrees_only_when_its_estimate_orders_the_locks_as_their_measured_shares():
-    from lockedopd.bench.paper_findings import monitor_on_locks
+    from lockedopd.bench.paper_monitor import monitor_on_locks
 
     assert monitor_on_locks(paper_like_cells())["verdict"] == "not measured"  # no monitor summaries
     low_on_sft = {"opd_locked": {0: 0.20, 1: 0.18, 2: 0.19}, "sft_locked": {0: 0.05, 1: 0.07, 2: 0.06}}

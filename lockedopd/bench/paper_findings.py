@@ -12,10 +12,6 @@ fixed rules, stated with each finding (:data:`RULES`), so a finding reads the sa
 - a stable rank "expands" / "contracts" when its last checkpoint's is ≥ 1.2x / ≤ 1/1.2 of its first, on every seed;
 - functional sufficiency: the locked run's share of its unconstrained run's post-lock accuracy gain (greedy), per
   seed; OPD's is ``reproduced`` at a mean ≥ 0.9; the contrast is ``reproduced`` when SFT's interval lies below OPD's.
-
-:func:`monitor_on_locks` asks the library's own question of the same locked runs: does the live trajectory monitor's
-estimate of the share kept (read during the run, without the unconstrained run) tell the lock that loses its gain
-from the one that keeps it?
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from typing import Any
 from lockedopd.bench.accuracy_report import Cells, final_accuracy
 from lockedopd.bench.stats import t_interval
 
-__all__ = ["ARMS", "CONTROLS", "LOCKED", "MONITOR_ESTIMATE", "RULES", "findings", "monitor_on_locks", "sufficiency"]
+__all__ = ["ARMS", "CONTROLS", "LOCKED", "RULES", "findings", "sufficiency"]
 
 #: The three training paradigms, by cell name.
 ARMS = ("sft", "opd", "rlvr")
@@ -131,55 +127,6 @@ def sufficiency(cells: Cells) -> dict[str, Any]:
                 shares[seed] = (end - start) / (free_end - start)
         out[arm] = {"seeds": sorted(shares), "share": t_interval(list(shares.values())), "per_seed": shares}
     return out
-
-
-#: The monitor's estimate that the locks are compared by: the same-batch share of unconstrained AdamW's first-order
-#: progress (the one that ranks runs; the next-batch share is too noisy over a short locked phase, its reference sum
-#: can even come out negative).
-MONITOR_ESTIMATE = "predicted_progress_share"
-
-
-def monitor_on_locks(cells: Cells) -> dict[str, Any]:
-    """What the trajectory monitor said on each locked run, beside the share of the gain the run measurably kept.
-
-    Returns:
-        ``{"estimate": MONITOR_ESTIMATE, "per_seed": {arm: {seed: {"estimate", "measured", "captured_energy",
-        "drift_events"}}}, "seeds": [...], "verdict"}``. The verdict compares the locked SFT and OPD runs of every seed
-        that has both estimates and both measured shares: ``"agrees"`` when on each of them the monitor's estimate
-        orders the two runs as their measured shares do (the lock that kept less reads lower), ``"opposite"`` when it
-        orders them the other way on each, ``"mixed"`` otherwise, ``"not measured"`` without such a seed.
-    """
-    suff = sufficiency(cells)
-    per_seed: dict[str, dict[int, dict[str, Any]]] = {}
-    for arm, locked in LOCKED.items():
-        per_seed[arm] = {}
-        for seed, cell in sorted(cells.get(locked, {}).items()):
-            monitor = (cell.get("summary") or {}).get("monitor") or {}
-            per_seed[arm][seed] = {
-                "estimate": monitor.get(MONITOR_ESTIMATE),
-                "measured": suff[arm]["per_seed"].get(seed),
-                "captured_energy": monitor.get("captured_energy_mean"),
-                "drift_events": list(monitor.get("drift_events") or []),
-            }
-    seeds = [
-        s
-        for s in sorted(set(per_seed["sft"]) & set(per_seed["opd"]))
-        if all(per_seed[a][s][k] is not None for a in ("sft", "opd") for k in ("estimate", "measured"))
-    ]
-    agree = [
-        (per_seed["sft"][s]["estimate"] - per_seed["opd"][s]["estimate"])
-        * (per_seed["sft"][s]["measured"] - per_seed["opd"][s]["measured"])
-        for s in seeds
-    ]
-    if not seeds:
-        verdict = "not measured"
-    elif all(a > 0 for a in agree):
-        verdict = "agrees"
-    elif all(a < 0 for a in agree):
-        verdict = "opposite"
-    else:
-        verdict = "mixed"
-    return {"estimate": MONITOR_ESTIMATE, "per_seed": per_seed, "seeds": seeds, "verdict": verdict}
 
 
 def _sufficiency_findings(cells: Cells) -> list[dict[str, Any]]:

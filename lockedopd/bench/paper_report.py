@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
-from lockedopd.bench.paper_findings import ARMS, CONTROLS, RULES, findings, monitor_on_locks, sufficiency
+from lockedopd.bench.paper_findings import ARMS, CONTROLS, RULES, findings, sufficiency
+from lockedopd.bench.paper_monitor import monitor_on_locks
 from lockedopd.bench.tables import markdown_table
 
 __all__ = ["paper_section", "findings_markdown", "plot_paper"]
 
 
 def paper_section(cells: Cells) -> dict[str, Any]:
-    """The ``findings``, ``sufficiency``, ``monitor`` (:func:`~lockedopd.bench.paper_findings.monitor_on_locks`) and
+    """The ``findings``, ``sufficiency``, ``monitor`` (:func:`~lockedopd.bench.paper_monitor.monitor_on_locks`) and
     per-method mean ``trajectories`` keys of ``results.json``."""
     trajectories = {}
     for method, by_seed in cells.items():
@@ -84,11 +85,11 @@ def findings_markdown(report: dict[str, Any]) -> str:
 def _monitor_markdown(monitor: dict[str, Any]) -> list[str]:
     """The live monitor on the two locks: its estimate beside the share each run measurably kept."""
 
-    def cell(x: float | None) -> str:
+    def _number(x: float | None) -> str:
         return "—" if x is None else f"{x:.3f}"
 
     rows = [
-        [arm.upper(), str(seed), cell(e["estimate"]), cell(e["measured"]), cell(e["captured_energy"]),
+        [arm.upper(), str(seed), _number(e["estimate"]), _number(e["measured"]), _number(e["captured_energy"]),
          ", ".join(map(str, e["drift_events"])) or "none"]
         for arm, by_seed in monitor["per_seed"].items()
         for seed, e in sorted(by_seed.items())
