@@ -169,6 +169,18 @@ def test_a_checkpoint_without_a_measured_rank_leaves_its_seed_out_instead_of_fai
     assert found["opd_rank_band"]["verdict"] == "reproduced" and "(n=1)" not in found["opd_rank_band"]["measured"]
 
 
+def test_a_claim_against_two_arms_waits_for_both():
+    from lockedopd.bench.paper_findings import findings
+
+    cells = paper_like_cells()
+    del cells["rlvr"]  # OPD's early alignment against SFT alone is half the claim
+    assert {f["id"]: f["verdict"] for f in findings(cells)}["early_subspace"] == "not measured"
+    cells = paper_like_cells()
+    for cell in cells["rlvr"].values():  # RLVR aligned earlier than OPD on every seed: the claim fails
+        cell["geometry"]["per_step"][0]["subspace_similarity_mean"] = 0.99
+    assert {f["id"]: f["verdict"] for f in findings(cells)}["early_subspace"] == "not reproduced"
+
+
 def _with_monitor(cells, estimates):
     """``estimates``: {locked cell name: {seed: the monitor's predicted_progress_share}}."""
     for name, by_seed in estimates.items():

@@ -267,17 +267,11 @@ def _trajectory_findings(cells: Cells) -> list[dict[str, Any]]:
         claim = f"{arm.upper()}'s stable rank {word} over training."
         out.append(_finding(f"{arm}_rank_{word}", claim, paper, f"last / first {_fmt(trend)}",
                             _trend_verdict(trend, expands), "expands"))  # fmt: skip
-    norms = {arm: _final_norm(cells, arm) for arm in ("rlvr", "opd")}
-    out.append(
-        _finding(
-            "opd_norm_above_rlvr",
-            "OPD's cumulative update is larger than RLVR's (locking is not a small-update artefact).",
-            "OPD's ‖ΔW‖_F substantially larger",
-            f"‖ΔW_T‖_F OPD {_fmt(norms['opd'])}, RLVR {_fmt(norms['rlvr'])}",
-            _order(norms, True),
-            "order",
-        )
-    )
+    norms = {a: {s: r[-1] for s, r in _series(cells, a, "update_fro_norm").items() if r} for a in ("rlvr", "opd")}
+    out.append(_finding("opd_norm_above_rlvr", "OPD's cumulative update is larger than RLVR's (locking is not a "
+                        "small-update artefact).", "OPD's ‖ΔW‖_F substantially larger",
+                        f"‖ΔW_T‖_F OPD {_fmt(norms['opd'])}, RLVR {_fmt(norms['rlvr'])}", _order(norms, True),
+                        "order"))  # fmt: skip
     first = {arm: {s: r[0] for s, r in _series(cells, arm, "subspace_similarity_mean").items() if r} for arm in ARMS}
     against_sft = _order({"sft": first["sft"], "opd": first["opd"]}, True)
     against_rlvr = _order({"rlvr": first["rlvr"], "opd": first["opd"]}, True)
@@ -288,12 +282,15 @@ def _trajectory_findings(cells: Cells) -> list[dict[str, Any]]:
             "and RLVR's.",
             "OPD ~0.8 at the first checkpoint",
             "similarity at the first checkpoint: " + ", ".join(f"{a.upper()} {_fmt(v)}" for a, v in first.items()),
-            against_sft if against_sft == against_rlvr else "not reproduced",
+            _both(against_sft, against_rlvr),
             "order",
         )
     )
     return out
 
 
-def _final_norm(cells: Cells, method: str) -> dict[int, float]:
-    return {s: r[-1] for s, r in _series(cells, method, "update_fro_norm").items() if r}
+def _both(first: str, second: str) -> str:
+    """The verdict of a claim made of two comparisons: ``not measured`` until both are measured."""
+    if "not measured" in (first, second):
+        return "not measured"
+    return first if first == second else "not reproduced"
