@@ -57,6 +57,32 @@ def test_the_reference_is_chosen_on_the_seeds_both_candidates_have():
     assert out["reference_gains"]["full"]["mean"] == pytest.approx(0.625)  # the reported interval keeps every seed
 
 
+def test_a_method_from_its_own_student_measures_its_gain_from_its_own_start():
+    anchored = {**cell(0.70, start=0.45), "own_student": True}  # an RL arm from an SFT anchor
+    cells = {"rlvr": {0: anchored}, "full": {0: cell(0.95, start=0.05)}}  # the anchor's cell comes first
+    out = accuracy_report.aggregate_accuracy(cells, list(cells))
+    assert out["student_start_accuracy"]["mean"] == pytest.approx(0.05)  # the seed's shared step-0 student
+    assert out["methods"]["rlvr"]["gain_start"]["0"] == pytest.approx(0.45)
+    share = out["methods"]["rlvr"]["share_of_full_accuracy_gain"]["per_seed"]["0"]
+    assert share == pytest.approx((0.70 - 0.45) / (0.95 - 0.45))
+
+
+def test_only_a_method_with_another_student_evaluates_its_own_start(tmp_path):
+    from lockedopd.bench.experiment import cell_overrides, has_own_student
+
+    spec = {
+        "base_config": str(REPO / "recipes/configs/column_addition.yaml"), "task": "column_addition",
+        "out": str(tmp_path / "out"), "seeds": [0],
+        "methods": {"opd": {"lock.enabled": False}, "sft": {"objective.name": "sft"},
+                    "rlvr": {"student.source": "built:anchor.yaml", "student.keep_layers": None}},
+    }  # fmt: skip
+    path = tmp_path / "exp.yaml"
+    path.write_text(json.dumps(spec))
+    exp = load_experiment(path)
+    assert [has_own_student(exp, m) for m in exp.methods] == [False, False, True]
+    assert [("eval_at_start=false" in cell_overrides(exp, m, 0)) for m in exp.methods] == [False, True, False]
+
+
 def count_digits(completions, answers):
     """A verifier a random tiny model passes sometimes (the share of its completion that is digits)."""
     return [sum(ch.isdigit() for ch in text) / max(len(text), 1) for text in completions]

@@ -213,6 +213,18 @@ def test_a_built_model_is_trained_once_and_named_by_its_recipe(tmp_path, task_fi
     assert model.config.num_hidden_layers == 2
     pruned, _ = build_model(ModelConfig(source=source, drop_every=2))
     assert pruned.config.num_hidden_layers == 1
+    # an anchor trained from the built model, pruned: its key follows the inner recipe's, its export stays pruned
+    anchor = tmp_path / "anchor.yaml"
+    anchor.write_text(yaml.safe_dump({**data, "max_steps": 2, "student": {"source": source, "keep_layers": [1]}}))
+    anchor_key = build_key(recipe_config(anchor))
+    anchor_dir, _ = build_model_from_recipe(anchor)
+    assert anchor_dir.name.endswith(anchor_key)
+    student, _ = build_model(ModelConfig(source=f"built:{anchor}"))
+    assert student.config.num_hidden_layers == 1
+    recipe.write_text(yaml.safe_dump({**data, "lr": data.get("lr", 1e-3) * 2}))  # the inner model changes
+    assert build_key(recipe_config(anchor)) != anchor_key
+    with pytest.raises(FileNotFoundError, match=f"lockedopd build-model {anchor}"):
+        build_model(ModelConfig(source=f"built:{anchor}"))
 
 
 def test_lockedopd_eval_of_a_locked_run_scores_its_last_checkpoint_the_same_twice(tmp_path, task_files):

@@ -7,7 +7,9 @@ Definitions, per training seed s:
 - accuracy: greedy exact match on the task's test problems at the end of the run (``eval_accuracy``); beside it the
   mean accuracy over k samples at temperature 1 (``eval_accuracy_sampled``);
 - start of a method's gain: its accuracy at its lock step L (evaluated in its own run), or the seed's step-0
-  accuracy (L = 0: methods that never lock or lock at step 0, e.g. LoRA, GaLore, full-parameter runs);
+  accuracy (L = 0: methods that never lock or lock at step 0, e.g. LoRA, GaLore, full-parameter runs), or, for a
+  method that starts from another student (``own_student``: e.g. an RL arm from an SFT anchor), its own step-0
+  accuracy;
 - share of the reference's gain: (acc_end(method) − acc_L) / (acc_end(reference) − acc_L), undefined where the
   reference ended where the method started;
 - reference: among ``REFERENCE_CANDIDATES`` that ran, the one with the larger mean whole-run gain
@@ -37,8 +39,10 @@ def cell_accuracy(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
 
 def start_accuracy(cells: Cells, seed: int, key: str) -> float | None:
     """The step-0 accuracy of a seed: from any cell of that seed that evaluated at step 0 (the step-0 student and
-    its sampling seeds are the same for every method of a seed)."""
+    its sampling seeds are the same for every method of a seed that does not start from its own student)."""
     for by_seed in cells.values():
+        if by_seed.get(seed, {}).get("own_student"):
+            continue
         value = by_seed.get(seed, {}).get(key, {}).get(0)
         if value is not None:
             return value
@@ -52,10 +56,11 @@ def final_accuracy(cell: dict[str, Any], key: str) -> float | None:
 
 
 def gain_start(cells: Cells, method: str, seed: int, key: str) -> float | None:
-    """acc_L of a method's cell: its own evaluation at its lock step, or the seed's step-0 accuracy (L = 0)."""
+    """acc_L of a method's cell: its own evaluation at its lock step (or at step 0 when it started from its own
+    student), else the seed's step-0 accuracy (L = 0)."""
     cell = cells[method][seed]
     lock = cell.get("lock_step") or 0
-    if lock:
+    if lock or cell.get("own_student"):
         return cell.get(key, {}).get(lock)
     return start_accuracy(cells, seed, key)
 

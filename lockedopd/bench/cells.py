@@ -19,7 +19,7 @@ from typing import Any
 
 from lockedopd.bench.accuracy_report import cell_accuracy
 from lockedopd.bench.archive import CELL_FILE, CellFiles, all_cells, small_files
-from lockedopd.bench.experiment import Experiment, cell_config, cell_overrides, in_root
+from lockedopd.bench.experiment import Experiment, cell_config, cell_overrides, has_own_student, in_root
 from lockedopd.bench.geometry import GEOMETRY_FILE
 
 REMOVE_WHEN_DONE = ("checkpoints", "lock", "adapter", "vllm_student")
@@ -77,6 +77,7 @@ def run_cell(exp: Experiment, method: str, seed: int) -> dict[str, Any]:
     info = {
         "method": method,
         "seed": seed,
+        "own_student": has_own_student(exp, method),
         "overrides": cell_overrides(exp, method, seed),
         "wall_s": round(wall + earlier, 1),
         "interrupted_wall_s": round(earlier, 1),

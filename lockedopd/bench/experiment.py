@@ -216,11 +216,23 @@ def cell_overrides(exp: Experiment, method: str, seed: int) -> list[str]:
     """The config overrides of one cell: common ones, the method's, then seed, output_dir and resume."""
     overrides = override_list(exp.overrides) + override_list(exp.methods[method])
     overrides += [f"seed={seed}", f"output_dir={exp.cell_dir(method, seed)}", "resume=true"]
-    if exp.task and method != next(iter(exp.methods)):  # the step-0 student is the same for every method of a seed:
-        overrides.append("eval_at_start=false")  # only the experiment's first method evaluates it
+    if exp.task and method != next(iter(exp.methods)) and not has_own_student(exp, method):
+        overrides.append("eval_at_start=false")  # the seed's step-0 student: only the first method evaluates it
     if exp.fixed_text_cache:
         overrides.append(f"eval_fixed_text_path={exp.out_dir / 'fixed_text'}")
     return overrides
+
+
+def has_own_student(exp: Experiment, method: str) -> bool:
+    """Whether ``method`` starts from another student than the experiment's first method (its ``student.*``
+    overrides differ, e.g. an RL arm from an SFT anchor): it then evaluates its own step-0 accuracy, and its gain
+    is measured from there, not from the seed's shared step-0 student."""
+
+    def student(name: str) -> dict[str, Any]:
+        """The ``student.*`` overrides of method ``name``."""
+        return {key: value for key, value in exp.methods[name].items() if key.startswith("student.")}
+
+    return student(method) != student(next(iter(exp.methods)))
 
 
 def cell_config(exp: Experiment, method: str, seed: int) -> Any:

@@ -43,12 +43,13 @@ def recipe_config(recipe: str | Path, overrides: list[str] | None = None):
 def build_key(config) -> str:
     """A 16-hex content hash of what decides a recipe's final weights: its settings that differ from the defaults
     (less :data:`OBSERVING_KEYS`; a setting added to lockedopd later, at its default, leaves the key as it was) and
-    the bytes of its training data file."""
+    the bytes of its training data file. A model source that is itself built (an SFT anchor trained from a built
+    teacher) enters with that recipe's own key, so rebuilding the inner model rebuilds the outer one."""
     from lockedopd.opd.config import OPDConfig, config_to_dict, flatten_settings
 
     defaults = flatten_settings(config_to_dict(OPDConfig()))
     settings = {
-        key: value
+        key: _with_built_key(value)
         for key, value in flatten_settings(config_to_dict(config)).items()
         if defaults.get(key, object()) != value and not _observing(key)
     }
@@ -82,6 +83,12 @@ def resolve_built_source(source: str) -> Path:
             f"`lockedopd build-model {recipe}` (it is then reused until the recipe or its data change)."
         )
     return directory
+
+
+def _with_built_key(value):
+    if isinstance(value, str) and is_built_source(value) and Path(value[len(BUILT_PREFIX) :]).is_file():
+        return f"{value}#{build_key(recipe_config(value[len(BUILT_PREFIX) :]))}"
+    return value
 
 
 def _observing(key: str) -> bool:
