@@ -214,3 +214,19 @@ def test_findings_markdown_shows_the_monitor_beside_the_measured_shares():
     report = {"task": "t", "experiment": "e", **paper_section(cells)}
     text = findings_markdown(report)
     assert "**agrees**" in text and "| SFT | 0 | 0.050 |" in text and "| OPD | 1 | — |" in text
+
+
+def test_findings_markdown_names_an_arm_that_starts_from_its_own_student():
+    from lockedopd.bench.paper_report import findings_markdown, paper_section
+
+    cells = paper_like_cells()
+    anchor = ['student.source="built:anchor.yaml"', "student.keep_layers=null"]
+    for cell in cells["rlvr"].values():
+        cell.update(own_student=True, overrides=["lr=3e-05", *anchor, "seed=0"])
+    report = {"task": "t", "experiment": "e", **paper_section(cells)}
+    assert report["own_starts"] == {"rlvr": anchor}
+    text = findings_markdown(report)
+    assert (
+        'RLVR starts from its own student (`student.source="built:anchor.yaml"`, `student.keep_layers=null`)' in text
+    )
+    assert "SFT starts" not in text and "OPD starts" not in text

@@ -14,7 +14,7 @@ from lockedopd.bench.paper_findings import ARMS, CONTROLS, RULES, findings, suff
 from lockedopd.bench.paper_monitor import monitor_on_locks
 from lockedopd.bench.tables import markdown_table
 
-__all__ = ["paper_section", "findings_markdown", "plot_paper"]
+__all__ = ["paper_section", "own_starts", "findings_markdown", "plot_paper"]
 
 
 def paper_section(cells: Cells) -> dict[str, Any]:
@@ -34,7 +34,20 @@ def paper_section(cells: Cells) -> dict[str, Any]:
         "sufficiency": sufficiency(cells),
         "monitor": monitor_on_locks(cells),
         "trajectories": trajectories,
+        "own_starts": own_starts(cells),
     }
+
+
+def own_starts(cells: Cells) -> dict[str, list[str]]:
+    """``{method: its student.* overrides}`` of the methods that start from another student than the others (e.g.
+    RLVR from an SFT anchor): their ΔW and accuracy gain are measured from that student."""
+    starts = {}
+    for method, by_seed in cells.items():
+        for cell in by_seed.values():
+            if cell.get("own_student"):
+                starts[method] = [o for o in cell.get("overrides", []) if o.startswith("student.")]
+                break
+    return starts
 
 
 TRAJECTORY_KEYS = ("stable_rank_median", "update_fro_norm", "hill_alpha_median", "subspace_similarity_mean")
@@ -64,6 +77,11 @@ def findings_markdown(report: dict[str, Any]) -> str:
         "",
         *markdown_table(["id", "claim", "paper", "measured (mean [95% interval] over seeds)", "verdict"], rows),
         "",
+        *[
+            f"{method.upper()} starts from its own student ({', '.join(f'`{o}`' for o in overrides)}): its ΔW and its "
+            "accuracy gain are measured from that student, the other arms' from the seed's shared one.\n"
+            for method, overrides in report.get("own_starts", {}).items()
+        ],
         "Verdict rules:",
         "",
         *[f"- {name}: {rule}" for name, rule in RULES.items()],
