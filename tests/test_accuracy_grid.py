@@ -97,6 +97,7 @@ def test_a_tiny_accuracy_grid_writes_the_headline_report(tmp_path):
         seeds=[0, 1],
         task="column_addition",
         teacher_model="tiny",  # scored once with the cells' accuracy settings
+        targets=[{"method": "locked_right", "share_at_least": 0.5}],
         overrides={**load_experiment(REPO / "benchmarks" / "experiments" / "quality_tiny.yaml").overrides,
                    "data.train_path": str(files["train"]), "data.eval_size": 4,
                    "accuracy.verifier": "tests.test_accuracy_grid:count_digits", "accuracy.path": str(files["test"]),
@@ -120,5 +121,9 @@ def test_a_tiny_accuracy_grid_writes_the_headline_report(tmp_path):
     assert report["student_start_accuracy"] is not None
     assert report["teacher_accuracy"] == report["teacher"]["greedy_accuracy"] and report["teacher"]["problems"] == 8
     text = (exp.out_dir / "results.md").read_text()
-    assert text.index("## Task accuracy") < text.index("## Held-out reverse KL")
+    assert text.index("## Task accuracy") < text.index("## Targets") < text.index("## Held-out reverse KL")
+    (target,) = report["targets"]
+    assert target["verdict"] == "pending" and target["seeds"] == {"locked_right": 2}  # a verdict needs 3 seeds
+    share = report["methods"]["locked_right"]["share_of_full_accuracy_gain"]["mean"]
+    assert target["measured"]["share"] == share
     assert (exp.out_dir / "accuracy.png").is_file()

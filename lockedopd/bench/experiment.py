@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lockedopd.bench.targets import Target, parse_targets
+
 REFERENCE = "full"
 ORDERS = ("method_major", "seed_major")
 ISOLATIONS = ("process", "inline")
@@ -58,6 +60,8 @@ class Experiment:
             per checkpoint, the paper's Table-1 metrics at the end) into the cell's ``geometry.json``.
         report: ``"quality"`` (the grid's report) or ``"paper"`` (also the paper's findings:
             :mod:`lockedopd.bench.paper_findings` names the cells it reads; needs ``geometry: true``).
+        targets: the claims the grid tests, checked on every report (:mod:`lockedopd.bench.targets`: e.g.
+            ``{method: locked_right, share_at_least: 0.98}``); needs ``task``.
         root: the folder relative paths are read from (set by :func:`load_experiment`; None = the current one).
     """
 
@@ -77,6 +81,7 @@ class Experiment:
     teacher_model: str | None = None
     geometry: bool = False
     report: str = "quality"
+    targets: list[dict[str, Any]] = field(default_factory=list)
     root: str | None = None
 
     def __post_init__(self) -> None:
@@ -100,6 +105,9 @@ class Experiment:
                 )
         for method, extra in self.extra_seeds.items():
             self._check_extra_seeds(method, extra)
+        if self.targets and not self.task:
+            raise ValueError("experiment: targets are checked on task accuracy; set task (e.g. column_addition).")
+        parse_targets(self.targets, list(self.methods))
         for name, overrides in self.methods.items():
             if not isinstance(overrides, dict):
                 raise ValueError(
@@ -139,6 +147,10 @@ class Experiment:
     def out_dir(self) -> Path:
         """The output directory, absolute."""
         return self.path(self.out)
+
+    def parsed_targets(self) -> list[Target]:
+        """:attr:`targets` as :class:`~lockedopd.bench.targets.Target` objects."""
+        return parse_targets(self.targets, list(self.methods))
 
     def seeds_of(self, method: str) -> list[int]:
         """The training seeds of one method: ``seeds``, then its ``extra_seeds``."""

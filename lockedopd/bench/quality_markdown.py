@@ -9,6 +9,7 @@ from lockedopd.bench.accuracy_report import ACCURACY_LR_RULE, accuracy_markdown
 from lockedopd.bench.aggregate import every_seed_view
 from lockedopd.bench.monitor import measured_share
 from lockedopd.bench.tables import fmt, interval, markdown_table, mean_std, mib
+from lockedopd.bench.targets import targets_markdown
 
 FIXED_TEXT_TABLES = (
     ("eval_fixed_text_kl", "Reverse KL(student ‖ teacher) on the teacher's fixed greedy text"),
@@ -165,7 +166,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     methods = report["methods"]
     lines = [f"# Quality benchmark: {report['experiment']}", ""]
     if report.get("accuracy"):
-        lines += ["## Task accuracy", "", *accuracy_markdown(report), "## Held-out reverse KL", ""]
+        lines += ["## Task accuracy", "", *accuracy_markdown(report), *targets_markdown(report.get("targets", []))]
+        lines += ["## Held-out reverse KL", ""]
     lines.append(
         f"Base config `{report['base_config']}`, seeds {report['seeds']}; common overrides "
         f"`{report['overrides']}`. Share = share of full OPD's post-lock gain in held-out reverse KL (mean, 95% "

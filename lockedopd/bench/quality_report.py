@@ -20,6 +20,7 @@ from lockedopd.bench.monitor import cell_ranking_agreement, ranking_agreement
 from lockedopd.bench.paper_report import findings_markdown, paper_section, plot_paper
 from lockedopd.bench.plots import plot_accuracy, plot_quality
 from lockedopd.bench.quality_markdown import markdown_report
+from lockedopd.bench.targets import check_targets
 from lockedopd.bench.teacher import read_teacher_accuracy
 
 LR_SELECTION_RULE = (
@@ -71,6 +72,7 @@ def _accuracy_section(exp: Experiment, cells: Cells, aggregated: dict[str, Any])
     teacher = read_teacher_accuracy(exp)
     return {
         "task": exp.task,
+        **({"targets": check_targets(exp.parsed_targets(), section, aggregated)} if exp.targets else {}),
         "teacher_accuracy": None if teacher is None else teacher["greedy_accuracy"],
         "teacher_accuracy_sampled": None if teacher is None else teacher["sampled_accuracy"],
         "teacher": teacher,
