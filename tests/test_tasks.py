@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from lockedopd.tasks import COLUMN_ADDITION, get_task
+from lockedopd.tasks import COLUMN_ADDITION, COLUMN_ADDITION_VERBOSE, get_task
 from lockedopd.tasks.base import write_task_splits
-from lockedopd.tasks.column_addition import extract_answer, worked_solution
+from lockedopd.tasks.column_addition import extract_answer, verbose_solution, worked_solution
 from lockedopd.tasks.rewards import resolve_reward_fn
 
 
@@ -43,6 +43,23 @@ def test_the_worked_solution_carries_column_by_column():
         assert int(problem.answer) == a + b
         assert 3 <= problem.completion.count("\n") <= 4  # one line per column (3 or 4), then the answer
         assert len(problem.completion.split("The answer")[0]) >= 16  # a worked solution precedes the answer
+
+
+def test_the_verbose_variant_poses_the_same_problems_in_another_style():
+    assert verbose_solution(457, 86) == (
+        "Ones: 7 + 6 = 13, carry 1.\nTens: 5 + 8 + 1 = 14, carry 1.\nHundreds: 4 + 0 + 1 = 5.\nThe answer is 543."
+    )
+    assert verbose_solution(9999, 1).splitlines()[-2:] == ["Ten thousands: carry 1.", "The answer is 10000."]
+    assert get_task("column_addition_verbose") is COLUMN_ADDITION_VERBOSE
+    for split, seed in (("train", 5), ("validation", 0), ("test", 1)):
+        terse = COLUMN_ADDITION.problems(split, 300, seed=seed)
+        verbose = COLUMN_ADDITION_VERBOSE.problems(split, 300, seed=seed)
+        # split for split and seed for seed the same problems: a verbose train problem is never a test problem
+        assert [(p.prompt, p.answer) for p in verbose] == [(p.prompt, p.answer) for p in terse]
+        assert all(v.completion != t.completion for v, t in zip(verbose, terse, strict=True))
+        answers = [p.answer for p in verbose]
+        assert COLUMN_ADDITION_VERBOSE.verify([p.completion for p in verbose], answers) == [1.0] * 300
+    assert COLUMN_ADDITION_VERBOSE.split_of((457, 86)) == COLUMN_ADDITION.split_of((457, 86))
 
 
 def test_the_verifier_accepts_the_tasks_own_answers_and_rejects_wrong_ones():

@@ -6,11 +6,12 @@ judge (:mod:`lockedopd.opd.accuracy`).
 """
 
 from lockedopd.tasks.base import SPLITS, Task, TaskProblem, Verifier, write_task_splits
-from lockedopd.tasks.column_addition import COLUMN_ADDITION
+from lockedopd.tasks.column_addition import COLUMN_ADDITION, COLUMN_ADDITION_VERBOSE
 from lockedopd.tasks.registry import get_task, register_task, task_names
 
 __all__ = [
     "COLUMN_ADDITION",
+    "COLUMN_ADDITION_VERBOSE",
     "SPLITS",
     "Task",
     "TaskProblem",

@@ -45,6 +45,9 @@ class Task:
         partial_credit: a dense reward in [0, 1] that equals 1.0 exactly where ``verify`` accepts
             (``objective.reward_fn: NAME.partial``): RLVR from a student that almost never gets the whole answer
             right learns nothing from 0/1 rewards; ``None`` when the task has none.
+        variant_of: the task whose problems this one shares, split for split and seed for seed, written with
+            another solution style (``None``: its own problems). Its test problems are then exactly the other
+            task's, and no train problem of either is a test problem of the other.
     """
 
     name: str
@@ -53,11 +56,17 @@ class Task:
     verify: Verifier
     description: str = ""
     partial_credit: Verifier | None = None
+    variant_of: str | None = None
+
+    @property
+    def problem_space(self) -> str:
+        """The name the problems' splits and draws are keyed by: :attr:`variant_of`, else :attr:`name`."""
+        return self.variant_of or self.name
 
     def split_of(self, key: Hashable) -> str:
         """The split a problem belongs to, a pure function of the problem: splits never share a problem, whatever
         the seed or the number of problems drawn."""
-        digest = hashlib.sha256(f"{self.name}:{key!r}".encode()).digest()
+        digest = hashlib.sha256(f"{self.problem_space}:{key!r}".encode()).digest()
         bucket = int.from_bytes(digest[:8], "big") % 100
         return next(split for split, buckets in SPLIT_BUCKETS.items() if bucket in buckets)
 
@@ -67,7 +76,7 @@ class Task:
             raise ValueError(f"task {self.name}: split {split!r} is not one of {list(SPLITS)}.")
         if count < 1:
             raise ValueError(f"task {self.name}: count must be >= 1, got {count}.")
-        rng = random.Random(f"{self.name}/{split}/{seed}")
+        rng = random.Random(f"{self.problem_space}/{split}/{seed}")
         seen: set[Hashable] = set()
         keys: list[Hashable] = []
         attempts = 0

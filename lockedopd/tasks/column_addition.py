@@ -10,6 +10,17 @@ in, and their sum (whose tens digit is the carry going out). For 457 + 86::
     5+8+1=14
     4+0+1=5
     The answer is 543.
+
+``column_addition_verbose`` poses the same problems (split for split) with another solution style: each column named,
+spaced and with its carry in words, the way another model might write it (54-100 tokens against 30-44)::
+
+    Ones: 7 + 6 = 13, carry 1.
+    Tens: 5 + 8 + 1 = 14, carry 1.
+    Hundreds: 4 + 0 + 1 = 5.
+    The answer is 543.
+
+It exists for the paper's SFT contrast: SFT on text far from what the student already writes (the paper's SFT
+trains on another model's solutions), where SFT on the terse style would only repeat what the teacher taught.
 """
 
 from __future__ import annotations
@@ -44,10 +55,37 @@ def worked_solution(a: int, b: int) -> str:
     return "\n".join(lines)
 
 
+PLACE_NAMES = ("Ones", "Tens", "Hundreds", "Thousands", "Ten thousands")
+
+
+def verbose_solution(a: int, b: int) -> str:
+    """The same column-by-column addition as :func:`worked_solution` in another style (each column named, its carry
+    in words), ending with ``The answer is {a + b}.``"""
+    da, db = str(a)[::-1], str(b)[::-1]
+    carry, lines = 0, []
+    for column in range(max(len(da), len(db))):
+        x = int(da[column]) if column < len(da) else 0
+        y = int(db[column]) if column < len(db) else 0
+        total = x + y + carry
+        terms = f"{x} + {y}" if column == 0 else f"{x} + {y} + {carry}"
+        carry = total // 10
+        lines.append(f"{PLACE_NAMES[column]}: {terms} = {total}" + (f", carry {carry}." if carry else "."))
+    if carry:
+        lines.append(f"{PLACE_NAMES[len(lines)]}: carry {carry}.")
+    lines.append(f"The answer is {a + b}.")
+    return "\n".join(lines)
+
+
 def render(key: tuple[int, int]) -> TaskProblem:
     """The problem of the operands ``key``."""
     a, b = key
     return TaskProblem(prompt=f"What is {a} + {b}?", completion=worked_solution(a, b), answer=str(a + b))
+
+
+def render_verbose(key: tuple[int, int]) -> TaskProblem:
+    """The problem of the operands ``key``, solved by :func:`verbose_solution`."""
+    a, b = key
+    return TaskProblem(prompt=f"What is {a} + {b}?", completion=verbose_solution(a, b), answer=str(a + b))
 
 
 def extract_answer(completion: str) -> int | None:
@@ -90,4 +128,13 @@ COLUMN_ADDITION = Task(
     verify=verify,
     partial_credit=digit_credit,
     description="add two 3- or 4-digit numbers column by column with carries",
+)
+COLUMN_ADDITION_VERBOSE = Task(
+    name="column_addition_verbose",
+    draw=draw_operands,
+    render=render_verbose,
+    verify=verify,
+    partial_credit=digit_credit,
+    description="column_addition's problems, solved in words (another solution style, for off-distribution SFT)",
+    variant_of="column_addition",
 )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from lockedopd.tasks.base import Task
-from lockedopd.tasks.column_addition import COLUMN_ADDITION
+from lockedopd.tasks.column_addition import COLUMN_ADDITION, COLUMN_ADDITION_VERBOSE
 
-_TASKS: dict[str, Task] = {COLUMN_ADDITION.name: COLUMN_ADDITION}
+_TASKS: dict[str, Task] = {task.name: task for task in (COLUMN_ADDITION, COLUMN_ADDITION_VERBOSE)}
 
 
 def register_task(task: Task) -> Task:
