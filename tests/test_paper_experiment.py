@@ -76,7 +76,8 @@ def test_a_geometry_grid_keeps_each_cells_trajectory_and_table_one(tmp_path):
     assert set(report["methods"]) == set(exp.methods) and len(report["findings"]) >= 8
     verdicts = {f["id"]: f["verdict"] for f in report["findings"]}
     assert verdicts["bf16_sparsity"] == "not measured"  # no RLVR cell yet: nothing is claimed without one
-    assert set(report["sufficiency"]) == {"opd", "sft"} and set(report["sufficiency"]["sft"]["share"]) >= {"mean"}
+    assert set(report["sufficiency"]) == {"opd", "sft", "sft_verbose"}
+    assert set(report["sufficiency"]["sft"]["share"]) >= {"mean"}
     assert report["trajectories"]["opd"]["steps"] == [2, 4, 6, 8] and report["trajectories"]["sft_locked"][
         "seeds"
     ] == [0]
@@ -107,6 +108,7 @@ def paper_like_cells(flip: bool = False):
     for seed in (0, 1, 2):
         jitter = 0.01 * seed
         cells.setdefault("sft", {})[seed] = _cell(**sft_arm, acc={0: 0.0, 40: 0.9 + jitter})
+        cells.setdefault("sft_verbose", {})[seed] = _cell(**sft_arm, acc={0: 0.0, 40: 0.85 + jitter})
         cells.setdefault("rlvr", {})[seed] = _cell(**rlvr_arm, acc={0: 0.0, 40: 0.2})
         opd_table = _table(0.5, 0.46, 1.0, 0.1, 0.54)
         cells.setdefault("opd", {})[seed] = _cell([22, 25, 24], [1, 1.5, 2], [0.8 + jitter, 0.9, 1.0], opd_table,
@@ -118,6 +120,9 @@ def paper_like_cells(flip: bool = False):
         cells.setdefault("sft_locked", {})[seed] = _cell([10, 12, 12], [1, 1.5, 2], [0.3, 0.6, 1.0],
                                                          _table(0.1, 0.9, 10, 0.3, 0.3),
                                                          acc={8: 0.4, 40: sft_kept}, lock=8)  # fmt: skip
+        cells.setdefault("sft_verbose_locked", {})[seed] = _cell([10, 12, 12], [1, 1.5, 2], [0.3, 0.6, 1.0],
+                                                                 _table(0.1, 0.9, 10, 0.3, 0.3),
+                                                                 acc={8: 0.3, 40: sft_kept - 0.1}, lock=8)  # fmt: skip
     for seed in (0, 1):
         for name in ("keep_top_50", "keep_random_25", "offpolicy_teacher", "mix_0.75", "mix_0.5"):
             cells.setdefault(name, {})[seed] = _cell([23, 26, 25], [1, 1.6, 2.2], [0.8, 0.9, 1.0], _table(*[0.5] * 5))
@@ -139,6 +144,9 @@ def test_findings_from_cells_that_behave_like_the_paper_are_all_reproduced():
     # OPD seed 1: (0.78 - 0.5) / (0.8 - 0.5); SFT seed 2: (0.62 - 0.4) / (0.92 - 0.4)
     assert abs(suff["opd"]["per_seed"][1] - 0.28 / 0.3) < 1e-9 and abs(suff["sft"]["per_seed"][2] - 0.22 / 0.52) < 1e-9
     assert suff["sft"]["share"]["high"] < suff["opd"]["share"]["low"]
+    # the off-distribution SFT arm, seed 0: (0.5 - 0.3) / (0.85 - 0.3)
+    assert abs(suff["sft_verbose"]["per_seed"][0] - 0.2 / 0.55) < 1e-9
+    assert found["sufficiency_contrast_off_distribution"]["measured"].startswith("SFT (off-distribution) keeps 0.3")
 
 
 def test_findings_turn_opposite_when_sft_and_rlvr_swap_and_the_locked_sft_keeps_its_gain():
@@ -146,7 +154,8 @@ def test_findings_turn_opposite_when_sft_and_rlvr_swap_and_the_locked_sft_keeps_
 
     found = {f["id"]: f["verdict"] for f in findings(paper_like_cells(flip=True))}
     for fid in ("bf16_sparsity", "update_density", "principal_angle_rotation", "low_magnitude_overlap",
-                "sft_rank_expands", "rlvr_rank_contracts", "sufficiency_contrast"):  # fmt: skip
+                "sft_rank_expands", "rlvr_rank_contracts", "sufficiency_contrast", "sft_off_distribution_rank_expands",
+                "sufficiency_contrast_off_distribution"):  # fmt: skip
         assert found[fid] == "opposite", (fid, found[fid])
     assert found["sufficiency_opd"] == "reproduced" and found["objective_mixing"] == "reproduced"
 

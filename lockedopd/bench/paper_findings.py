@@ -22,12 +22,24 @@ from typing import Any
 from lockedopd.bench.accuracy_report import Cells, final_accuracy
 from lockedopd.bench.stats import t_interval
 
-__all__ = ["ARMS", "CONTROLS", "LOCKED", "RULES", "findings", "sufficiency"]
+__all__ = ["ARMS", "CONTROLS", "LOCKED", "RULES", "SFT_OFF_DISTRIBUTION", "findings", "label", "sufficiency"]
 
 #: The three training paradigms, by cell name.
 ARMS = ("sft", "opd", "rlvr")
+#: SFT on text off the student's distribution (the same problems in another solution style): the paper's SFT trains
+#: on another model's solutions, while ``sft`` trains on the very text its teacher was fine-tuned on. Its SFT claims
+#: (the rank expands, the lock loses the gain) are checked on it too.
+SFT_OFF_DISTRIBUTION = "sft_verbose"
 #: Each paradigm's run locked to its own early top-16 subspace.
-LOCKED = {"opd": "opd_locked", "sft": "sft_locked"}
+LOCKED = {"opd": "opd_locked", "sft": "sft_locked", SFT_OFF_DISTRIBUTION: "sft_verbose_locked"}
+_LABELS = {SFT_OFF_DISTRIBUTION: "SFT (off-distribution)"}
+
+
+def label(arm: str) -> str:
+    """How reports name an arm: ``SFT``, ``OPD``, ``RLVR``, ``SFT (off-distribution)``."""
+    return _LABELS.get(arm, arm.upper())
+
+
 #: The controls on OPD (its ``opd`` cells are their baseline).
 CONTROLS = {
     "token sparsification": ("keep_top_50", "keep_top_25", "keep_random_50", "keep_random_25"),
@@ -129,20 +141,23 @@ def sufficiency(cells: Cells) -> dict[str, Any]:
     return out
 
 
+def _contrast(sft: dict[str, Any], opd: dict[str, Any]) -> str:
+    """The sufficiency contrast's verdict from two share intervals (see :data:`RULES` ``sufficiency``)."""
+    if opd["low"] is None or sft["low"] is None:
+        return "not measured"
+    if sft["high"] < opd["low"]:
+        return "reproduced"
+    if sft["low"] > opd["high"]:
+        return "opposite"
+    return "not reproduced"
+
+
 def _sufficiency_findings(cells: Cells) -> list[dict[str, Any]]:
     suff = sufficiency(cells)
-    opd, sft = suff["opd"]["share"], suff["sft"]["share"]
+    opd = suff["opd"]["share"]
     opd_verdict = "not measured" if opd["mean"] is None else ("reproduced" if opd["mean"] >= 0.9 else "not reproduced")
-    if opd["low"] is None or sft["low"] is None:
-        contrast = "not measured"
-    elif sft["high"] < opd["low"]:
-        contrast = "reproduced"
-    elif sft["low"] > opd["high"]:
-        contrast = "opposite"
-    else:
-        contrast = "not reproduced"
-    opd_share, sft_share = _fmt(suff["opd"]["per_seed"]), _fmt(suff["sft"]["per_seed"])
-    return [
+    opd_share = _fmt(suff["opd"]["per_seed"])
+    out = [
         _finding(
             "sufficiency_opd",
             "Training only inside OPD's top-16 update subspace taken at ~20% of training keeps OPD's accuracy gain.",
@@ -150,16 +165,22 @@ def _sufficiency_findings(cells: Cells) -> list[dict[str, Any]]:
             f"share of OPD's post-lock gain {opd_share}",
             opd_verdict,
             "sufficiency",
-        ),
-        _finding(
-            "sufficiency_contrast",
-            "The same constraint degrades SFT: the early subspace is sufficient for OPD, not for SFT.",
-            "SFT substantially degraded",
-            f"SFT keeps {sft_share} of its gain, OPD {opd_share}",
-            contrast,
-            "sufficiency",
-        ),
+        )
     ]
+    for arm, fid, which in (("sft", "sufficiency_contrast", ""),
+                            (SFT_OFF_DISTRIBUTION, "sufficiency_contrast_off_distribution",
+                             " trained on solutions in another style (off the student's distribution)")):  # fmt: skip
+        out.append(
+            _finding(
+                fid,
+                f"The same constraint degrades SFT{which}: the early subspace is sufficient for OPD, not for SFT.",
+                "SFT substantially degraded",
+                f"{label(arm)} keeps {_fmt(suff[arm]['per_seed'])} of its gain, OPD {opd_share}",
+                _contrast(suff[arm]["share"], opd),
+                "sufficiency",
+            )
+        )
+    return out
 
 
 def _finding(fid: str, claim: str, paper: str, measured: str, verdict: str, rule: str) -> dict[str, Any]:
@@ -262,11 +283,13 @@ def _trajectory_findings(cells: Cells) -> list[dict[str, Any]]:
             "expands",
         )
     ]
-    for arm, expands, paper in (("sft", True, "~10 to > 60"), ("rlvr", False, "~30 to ~15")):
+    for arm, fid, expands, paper in (("sft", "sft_rank_expands", True, "~10 to > 60"),
+                                     (SFT_OFF_DISTRIBUTION, "sft_off_distribution_rank_expands", True, "~10 to > 60"),
+                                     ("rlvr", "rlvr_rank_contracts", False, "~30 to ~15")):  # fmt: skip
         trend, word = _trend(cells, arm), "expands" if expands else "contracts"
-        claim = f"{arm.upper()}'s stable rank {word} over training."
-        out.append(_finding(f"{arm}_rank_{word}", claim, paper, f"last / first {_fmt(trend)}",
-                            _trend_verdict(trend, expands), "expands"))  # fmt: skip
+        claim = f"{label(arm)}'s stable rank {word} over training."
+        out.append(_finding(fid, claim, paper, f"last / first {_fmt(trend)}", _trend_verdict(trend, expands),
+                            "expands"))  # fmt: skip
     norms = {a: {s: r[-1] for s, r in _series(cells, a, "update_fro_norm").items() if r} for a in ("rlvr", "opd")}
     out.append(_finding("opd_norm_above_rlvr", "OPD's cumulative update is larger than RLVR's (locking is not a "
                         "small-update artefact).", "OPD's ‖ΔW‖_F substantially larger",

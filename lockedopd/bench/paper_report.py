@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
-from lockedopd.bench.paper_findings import ARMS, CONTROLS, RULES, findings, sufficiency
+from lockedopd.bench.paper_findings import ARMS, CONTROLS, RULES, SFT_OFF_DISTRIBUTION, findings, label, sufficiency
 from lockedopd.bench.paper_monitor import monitor_on_locks
 from lockedopd.bench.tables import markdown_table
 
@@ -94,7 +94,7 @@ def findings_markdown(report: dict[str, Any]) -> str:
     ]
     for arm, entry in suff.items():
         per = ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(entry["per_seed"].items())) or "no finished pair yet"
-        lines.append(f"- {arm.upper()}: {per}")
+        lines.append(f"- {label(arm)}: {per}")
     if report.get("monitor"):
         lines += ["", *_monitor_markdown(report["monitor"])]
     return "\n".join(lines) + "\n"
@@ -107,7 +107,7 @@ def _monitor_markdown(monitor: dict[str, Any]) -> list[str]:
         return "—" if x is None else f"{x:.3f}"
 
     rows = [
-        [arm.upper(), str(seed), _number(e["estimate"]), _number(e["measured"]), _number(e["captured_energy"]),
+        [label(arm), str(seed), _number(e["estimate"]), _number(e["measured"]), _number(e["captured_energy"]),
          ", ".join(map(str, e["drift_events"])) or "none"]
         for arm, by_seed in monitor["per_seed"].items()
         for seed, e in sorted(by_seed.items())
@@ -133,19 +133,19 @@ def plot_paper(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
     traj = report["trajectories"]
     written = []
-    arms = [a for a in ARMS if a in traj]
+    arms = [a for a in (*ARMS, SFT_OFF_DISTRIBUTION) if a in traj]
     if arms:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         for ax, key, title in zip(axes, TRAJECTORY_KEYS[:3], ("stable rank (median)", "‖ΔW‖_F", "Hill α̂ (median)")):
             for arm in arms:
-                ax.plot(traj[arm]["steps"], traj[arm][key], marker="o", label=arm.upper())
+                ax.plot(traj[arm]["steps"], traj[arm][key], marker="o", label=label(arm))
             ax.set_title(title)
             ax.set_xlabel("step")
         axes[0].legend()
         written.append(save_figure(fig, out_dir / "trajectories.png"))
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for arm in arms:
-            ax.plot(traj[arm]["steps"], traj[arm]["subspace_similarity_mean"], marker="o", label=arm.upper())
+            ax.plot(traj[arm]["steps"], traj[arm]["subspace_similarity_mean"], marker="o", label=label(arm))
         ax.set(title="top-16 similarity to the final update", xlabel="step", ylim=(0, 1.05))
         ax.legend()
         written.append(save_figure(fig, out_dir / "early_subspace.png"))
@@ -157,8 +157,8 @@ def plot_paper(report: dict[str, Any], out_dir: Path) -> list[Path]:
         means = [t["mean"] for t in shares]
         below = [t["mean"] - (t["low"] if t["low"] is not None else t["mean"]) for t in shares]
         above = [(t["high"] if t["high"] is not None else t["mean"]) - t["mean"] for t in shares]
-        colours = ["tab:blue", "tab:orange"][: len(names)]
-        ax.bar([a.upper() for a in names], means, yerr=[below, above], capsize=6, color=colours)
+        colours = ["tab:blue", "tab:orange", "tab:green"][: len(names)]
+        ax.bar([label(a) for a in names], means, yerr=[below, above], capsize=6, color=colours)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set(title="gain kept under the early lock", ylabel="share of the unconstrained gain")
         written.append(save_figure(fig, out_dir / "sufficiency.png"))
