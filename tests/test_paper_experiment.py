@@ -134,7 +134,8 @@ def paper_like_cells(flip: bool = False):
 
 
 def test_findings_from_cells_that_behave_like_the_paper_are_all_reproduced():
-    from lockedopd.bench.paper_findings import findings, sufficiency
+    from lockedopd.bench.paper_arms import sufficiency
+    from lockedopd.bench.paper_findings import findings
 
     found = {f["id"]: f for f in findings(paper_like_cells())}
     assert len(found) >= 8 and all(set(f) >= {"id", "claim", "paper", "measured", "verdict"} for f in found.values())

@@ -1,7 +1,7 @@
 """The paper's findings, measured on one student: each claim of *On the Geometry of On-Policy Distillation* with the
 paper's number, ours (mean and 95% interval over training seeds) and a verdict.
 
-An experiment with ``report: paper`` names its cells by role (:data:`ARMS`, :data:`LOCKED`, :data:`CONTROLS`); its
+An experiment with ``report: paper`` names its cells by role (:mod:`lockedopd.bench.paper_arms`); its
 cells carry ``geometry.json`` (``geometry: true``, :mod:`lockedopd.bench.geometry`) and task accuracy. Verdicts follow
 fixed rules, stated with each finding (:data:`RULES`), so a finding reads the same on any run:
 
@@ -19,33 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lockedopd.bench.accuracy_report import Cells, final_accuracy
+from lockedopd.bench.accuracy_report import Cells
+from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
 from lockedopd.bench.stats import t_interval
 
-__all__ = ["ARMS", "CONTROLS", "LOCKED", "RULES", "SFT_OFF_DISTRIBUTION", "findings", "label", "sufficiency"]
+__all__ = ["RULES", "findings"]
 
-#: The three training paradigms, by cell name.
-ARMS = ("sft", "opd", "rlvr")
-#: SFT on text off the student's distribution (the same problems in another solution style): the paper's SFT trains
-#: on another model's solutions, while ``sft`` trains on the very text its teacher was fine-tuned on. Its SFT claims
-#: (the rank expands, the lock loses the gain) are checked on it too.
-SFT_OFF_DISTRIBUTION = "sft_verbose"
-#: Each paradigm's run locked to its own early top-16 subspace.
-LOCKED = {"opd": "opd_locked", "sft": "sft_locked", SFT_OFF_DISTRIBUTION: "sft_verbose_locked"}
-_LABELS = {SFT_OFF_DISTRIBUTION: "SFT (off-distribution)"}
-
-
-def label(arm: str) -> str:
-    """How reports name an arm: ``SFT``, ``OPD``, ``RLVR``, ``SFT (off-distribution)``."""
-    return _LABELS.get(arm, arm.upper())
-
-
-#: The controls on OPD (its ``opd`` cells are their baseline).
-CONTROLS = {
-    "token sparsification": ("keep_top_50", "keep_top_25", "keep_random_50", "keep_random_25"),
-    "off-policy rollouts": ("offpolicy_teacher", "offpolicy_initial"),
-    "objective mixing": ("mix_0.75", "mix_0.5", "mix_0.25", "mix_0"),
-}
 KEEP_TOLERANCE = 0.25
 EXPANDS = 1.2
 RULES = {
@@ -123,22 +102,6 @@ def _mean_series(by_seed: dict[int, list[float]]) -> list[float]:
 def _trend(cells: Cells, method: str) -> dict[int, float]:
     """Per seed: last / first checkpoint's median stable rank."""
     return {s: r[-1] / r[0] for s, r in _series(cells, method).items() if len(r) > 1 and r[0]}
-
-
-def sufficiency(cells: Cells) -> dict[str, Any]:
-    """``{"opd"|"sft": {"seeds", "share": t_interval, "per_seed"}}``: each locked run's share of its unconstrained
-    run's post-lock greedy accuracy gain (the locked run's own accuracy at its lock step is where both stood)."""
-    out: dict[str, Any] = {}
-    for arm, locked in LOCKED.items():
-        shares: dict[int, float] = {}
-        for seed, cell in sorted(cells.get(locked, {}).items()):
-            lock, free = cell.get("lock_step"), cells.get(arm, {}).get(seed)
-            start = cell.get("eval_accuracy", {}).get(lock) if lock else None
-            end, free_end = final_accuracy(cell, "eval_accuracy"), free and final_accuracy(free, "eval_accuracy")
-            if None not in (start, end, free_end) and free_end != start:
-                shares[seed] = (end - start) / (free_end - start)
-        out[arm] = {"seeds": sorted(shares), "share": t_interval(list(shares.values())), "per_seed": shares}
-    return out
 
 
 def _contrast(sft: dict[str, Any], opd: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
-from lockedopd.bench.paper_findings import LOCKED, sufficiency
+from lockedopd.bench.paper_arms import LOCKED, sufficiency
 
 __all__ = ["MONITOR_ESTIMATE", "monitor_on_locks"]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
-from lockedopd.bench.paper_findings import ARMS, CONTROLS, RULES, SFT_OFF_DISTRIBUTION, findings, label, sufficiency
+from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
+from lockedopd.bench.paper_findings import RULES, findings
 from lockedopd.bench.paper_monitor import monitor_on_locks
 from lockedopd.bench.tables import markdown_table
 
