@@ -40,19 +40,26 @@ def draw_operands(rng: random.Random) -> tuple[int, int]:
     return tuple(rng.randrange(10 ** (d - 1), 10**d) for d in digits)  # type: ignore[return-value]
 
 
-def worked_solution(a: int, b: int) -> str:
-    """The column-by-column solution of ``a + b`` (ones first), ending with ``The answer is {a + b}.``"""
+def columns(a: int, b: int) -> list[tuple[int, int, int, int]]:
+    """The columns of ``a + b``, ones first: ``(x, y, carry_in, total)`` per column, ``total = x + y + carry_in``
+    (its tens digit is the next column's carry in)."""
     da, db = str(a)[::-1], str(b)[::-1]
-    carry, lines = 0, []
+    carry, out = 0, []
     for column in range(max(len(da), len(db))):
         x = int(da[column]) if column < len(da) else 0
         y = int(db[column]) if column < len(db) else 0
-        total = x + y + carry
-        terms = f"{x}+{y}" if column == 0 else f"{x}+{y}+{carry}"
-        carry = total // 10
-        lines.append(f"{terms}={total}")
-    lines.append(f"The answer is {a + b}.")
-    return "\n".join(lines)
+        out.append((x, y, carry, x + y + carry))
+        carry = (x + y + carry) // 10
+    return out
+
+
+def worked_solution(a: int, b: int) -> str:
+    """The column-by-column solution of ``a + b`` (ones first), ending with ``The answer is {a + b}.``"""
+    lines = [
+        (f"{x}+{y}" if i == 0 else f"{x}+{y}+{carry}") + f"={total}"
+        for i, (x, y, carry, total) in enumerate(columns(a, b))
+    ]
+    return "\n".join([*lines, f"The answer is {a + b}."])
 
 
 PLACE_NAMES = ("Ones", "Tens", "Hundreds", "Thousands", "Ten thousands")
@@ -61,19 +68,13 @@ PLACE_NAMES = ("Ones", "Tens", "Hundreds", "Thousands", "Ten thousands")
 def verbose_solution(a: int, b: int) -> str:
     """The same column-by-column addition as :func:`worked_solution` in another style (each column named, its carry
     in words), ending with ``The answer is {a + b}.``"""
-    da, db = str(a)[::-1], str(b)[::-1]
-    carry, lines = 0, []
-    for column in range(max(len(da), len(db))):
-        x = int(da[column]) if column < len(da) else 0
-        y = int(db[column]) if column < len(db) else 0
-        total = x + y + carry
-        terms = f"{x} + {y}" if column == 0 else f"{x} + {y} + {carry}"
-        carry = total // 10
-        lines.append(f"{PLACE_NAMES[column]}: {terms} = {total}" + (f", carry {carry}." if carry else "."))
-    if carry:
-        lines.append(f"{PLACE_NAMES[len(lines)]}: carry {carry}.")
-    lines.append(f"The answer is {a + b}.")
-    return "\n".join(lines)
+    lines = []
+    for i, (x, y, carry, total) in enumerate(columns(a, b)):
+        terms = f"{x} + {y}" if i == 0 else f"{x} + {y} + {carry}"
+        lines.append(f"{PLACE_NAMES[i]}: {terms} = {total}" + (f", carry {total // 10}." if total >= 10 else "."))
+    if a + b >= 10 ** len(lines):  # the last column's carry opens a new one
+        lines.append(f"{PLACE_NAMES[len(lines)]}: carry 1.")
+    return "\n".join([*lines, f"The answer is {a + b}."])
 
 
 def render(key: tuple[int, int]) -> TaskProblem:
