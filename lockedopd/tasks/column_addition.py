@@ -25,6 +25,7 @@ trains on another model's solutions), where SFT on the terse style would only re
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Sequence
@@ -130,12 +131,10 @@ COLUMN_ADDITION = Task(
     partial_credit=digit_credit,
     description="add two 3- or 4-digit numbers column by column with carries",
 )
-COLUMN_ADDITION_VERBOSE = Task(
+COLUMN_ADDITION_VERBOSE = dataclasses.replace(
+    COLUMN_ADDITION,
     name="column_addition_verbose",
-    draw=draw_operands,
     render=render_verbose,
-    verify=verify,
-    partial_credit=digit_credit,
     description="column_addition's problems, solved in words (another solution style, for off-distribution SFT)",
     variant_of="column_addition",
 )
