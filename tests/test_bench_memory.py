@@ -170,3 +170,84 @@ def test_full_mmap_is_planned_as_full_opd():
     assert planned_bytes(config, "full_mmap") == planned_bytes(config, "full")
     assert planned_bytes(config, "locked_right_mmap") == planned_bytes(config, "locked_right")
     assert planned_bytes(config, "full")["gradients"] > planned_bytes(config, "locked_right")["gradients"]
+
+
+def test_device_cuda_is_refused_before_anything_runs_where_it_cannot_work(tmp_path, monkeypatch):
+    experiment = tmp_path / "gpu.yaml"
+    experiment.write_text("device: cuda\nisolation: spawn\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device=cuda, but torch sees no CUDA GPU.*set device: cpu"):
+        load_config(experiment)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_config(experiment)["device"] == "cuda"
+    experiment.write_text("device: cuda\nisolation: fork\n")
+    with pytest.raises(ValueError, match="isolation=fork.*set\\s+isolation: spawn"):
+        load_config(experiment)
+    experiment.write_text("device: tpu\n")
+    with pytest.raises(ValueError, match="device='tpu' is invalid; allowed: \\['cpu', 'cuda'\\]"):
+        load_config(experiment)
+
+
+def test_the_gpu_experiment_is_valid_where_a_gpu_is(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = load_config(BENCH / "experiments" / "gpu_1_7b.yaml")
+    assert config["device"] == "cuda" and config["isolation"] == "spawn"
+    assert "full" in config["methods"] and "inference" in config["methods"]
+
+
+def test_a_gpu_report_adds_the_allocator_peak_columns_and_ratios(tmp_path):
+    """A run on a CUDA student (records with the allocator's peak) gets GPU columns in the absolute table, in the
+    ratios to full OPD and to inference, a sentence naming the GPU, and a GPU bar in the plot; a CPU report none."""
+    from lockedopd.bench.memory.plot import plot_memory
+    from lockedopd.bench.memory.report import add_ratios
+
+    cpu_report = json.loads((BENCH / "results" / "smollm2" / "results.json").read_text())
+    assert "GPU peak" not in markdown_report(cpu_report)
+    report = json.loads(json.dumps(cpu_report))
+    peaks = {"full": 30 * 2**30, "locked_right": 9 * 2**30, "inference": 8 * 2**30}
+    report["results"] = {m: report["results"][m] for m in peaks}
+    for method, record in report["results"].items():
+        record.pop("ratios_to_full", None), record.pop("ratios_to_inference", None)
+        record["cuda_peak_bytes"], record["cuda_peak_delta_bytes"] = peaks[method], peaks[method] - 7 * 2**30
+        record["device_name"] = "NVIDIA H200"
+    add_ratios(report["results"])
+    locked = report["results"]["locked_right"]
+    assert locked["ratios_to_full"]["cuda_peak_bytes"] == pytest.approx(9 / 30)
+    assert locked["ratios_to_full"]["cuda_peak_delta_bytes"] == pytest.approx(2 / 23)
+    assert locked["ratios_to_inference"]["cuda_peak_delta_bytes"] == pytest.approx(2 / 1)
+    text = markdown_report(report)
+    assert "On the GPU (NVIDIA H200)" in text and "GPU peak Δ MiB | GPU peak MiB |" in text
+    full_row = next(line for line in text.splitlines() if line.startswith("| full OPD (AdamW) |"))
+    assert full_row.endswith("| 23,552.00 | 30,720.00 |")
+    locked_ratio_row = [line for line in text.splitlines() if line.startswith(f"| {locked['label']} |")][1]
+    assert locked_ratio_row.endswith("| 0.087 | 0.300 |")
+    plot_memory(report, tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").stat().st_size > 10_000
+
+
+def test_a_failing_method_stops_the_run_or_is_recorded_and_the_outputs_keep_what_was_measured(tmp_path, monkeypatch):
+    """After each method the outputs are rewritten (a run stopped part-way keeps its measurements); a failing method
+    raises, or with keep_going is listed under `failed` with its error while the others are measured."""
+    from lockedopd.bench.memory import run, workers
+
+    config = load_config(TINY, ["inference", "locked_right", "full"])
+    config.update(isolation="none", steps={"warmup": 1, "timed": 1})
+    measured = workers.measure_method
+
+    def failing_locked(method, cfg):
+        if method == "locked_right":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return measured(method, cfg)
+
+    monkeypatch.setattr(workers, "measure_method", failing_locked)
+    with pytest.raises(RuntimeError, match="(?s)'locked_right' failed.*CUDA out of memory"):
+        run(config, tmp_path / "stop", progress=False)
+    partial = json.loads((tmp_path / "stop" / "results.json").read_text())
+    assert list(partial["results"]) == ["inference"] and "failed" not in partial
+
+    report = run(config, tmp_path / "go", progress=False, keep_going=True)
+    assert list(report["results"]) == ["inference", "full"]
+    assert report["failed"] == {"locked_right": "RuntimeError: CUDA out of memory (simulated)"}
+    assert report["results"]["full"]["ratios_to_inference"]["peak_live_bytes"] > 1
+    text = (tmp_path / "go" / "results.md").read_text()
+    assert "Failed `locked_right`: RuntimeError: CUDA out of memory (simulated)" in text

@@ -6,11 +6,12 @@ import copy
 import os
 from pathlib import Path
 
+import torch
 import yaml
 
 from lockedopd.bench.memory.methods import METHODS, method_spec
 
-__all__ = ["BENCH_DIR", "DEFAULTS", "ISOLATIONS", "load_config", "merge_overrides"]
+__all__ = ["BENCH_DIR", "DEFAULTS", "DEVICES", "ISOLATIONS", "load_config", "merge_overrides"]
 
 #: Every setting of the benchmark with its default and a one-line comment (ships with the package).
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
@@ -18,6 +19,7 @@ DEFAULTS = Path(__file__).with_name("defaults.yaml")
 #: checkout, the committed results).
 BENCH_DIR = Path("benchmarks")
 ISOLATIONS = ("fork", "spawn", "none")
+DEVICES = ("cpu", "cuda")
 MODEL_SOURCES = ("tiny", "smollm2")
 PROJECTED_BASES = ("grad_svd", "random")
 
@@ -72,9 +74,17 @@ def check_config(config: dict) -> None:
         ("isolation", config["isolation"], ISOLATIONS),
         ("model.source", config["model"]["source"], MODEL_SOURCES),
         ("projected.basis", config["projected"]["basis"], PROJECTED_BASES),
+        ("device", config["device"], DEVICES),
     ):
         if value not in allowed:
             raise ValueError(f"{key}={value!r} is invalid; allowed: {list(allowed)}.")
+    if config["device"] == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda, but torch sees no CUDA GPU here; run on a GPU machine or set device: cpu.")
+    if config["device"] == "cuda" and config["isolation"] == "fork":
+        raise ValueError(
+            "device=cuda with isolation=fork: a forked worker cannot use CUDA once any process before it has; set "
+            "isolation: spawn (a fresh interpreter per method) or none."
+        )
     for key, value in (
         ("objective.chunk_size", config["objective"]["chunk_size"]),
         ("rank", config["rank"]),

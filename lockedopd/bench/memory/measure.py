@@ -97,24 +97,40 @@ def _difference(after: int | None, before: int | None) -> int | None:
     return None if after is None or before is None else after - before
 
 
+def _cuda_device(setup: Setup) -> torch.device | None:
+    device = next(setup.model.parameters()).device
+    return device if device.type == "cuda" else None
+
+
 def timed_steps(setup: Setup, batch: SyntheticBatch, steps: dict[str, int]) -> dict[str, Any]:
     """``steps.warmup`` untimed then ``steps.timed`` timed steps, with the RSS growth over them (weights resident
-    first): losses, seconds of the timed steps, the largest gradient bytes, peak / final / file-backed RSS growth."""
+    first): losses, seconds of the timed steps, the largest gradient bytes, peak / final / file-backed RSS growth.
+
+    On a CUDA student also the caching allocator's peak over the steps (``torch.cuda.max_memory_allocated``): its
+    growth over the bytes allocated before them (gradients, optimizer state, activations: what RSS is on the CPU)
+    and the peak itself (weights included); each step's seconds end at a ``torch.cuda.synchronize``."""
+    cuda = _cuda_device(setup)
     make_resident(setup.model)
     gc.collect()
     rss_before, file_before = proc_status_bytes("VmRSS"), proc_status_bytes("RssFile")
     peak_ok = reset_peak_rss() and rss_before is not None
+    if cuda is not None:
+        torch.cuda.synchronize(cuda)
+        torch.cuda.reset_peak_memory_stats(cuda)
+        allocated_before = torch.cuda.memory_allocated(cuda)
     losses, seconds, grad_bytes = [], [], 0
     for i in range(steps["warmup"] + steps["timed"]):
         started = time.perf_counter()
-        loss, grads = train_step(setup, batch)
+        loss, grads = train_step(setup, batch)  # float(loss) waits for the forward; the optimizer step may not
+        if cuda is not None:
+            torch.cuda.synchronize(cuda)
         elapsed = time.perf_counter() - started
         losses.append(loss)
         grad_bytes = max(grad_bytes, grads)
         if i >= steps["warmup"]:
             seconds.append(elapsed)
     peak = proc_status_bytes("VmHWM") if peak_ok else None
-    return {
+    record = {
         "losses": losses,
         "seconds": seconds,
         "grad_bytes": grad_bytes,
@@ -122,6 +138,12 @@ def timed_steps(setup: Setup, batch: SyntheticBatch, steps: dict[str, int]) -> d
         "file_rss_growth_bytes": _difference(proc_status_bytes("RssFile"), file_before),
         "rss_growth_bytes": _difference(proc_status_bytes("VmRSS"), rss_before),
     }
+    if cuda is not None:
+        record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(cuda)
+        record["cuda_peak_delta_bytes"] = record["cuda_peak_bytes"] - allocated_before
+        record["cuda_reserved_peak_bytes"] = torch.cuda.max_memory_reserved(cuda)
+        record["device_name"] = torch.cuda.get_device_name(cuda)
+    return record
 
 
 def measure_method(method: str, config: dict) -> dict[str, Any]:

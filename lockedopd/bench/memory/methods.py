@@ -192,7 +192,8 @@ def _lock(spec: MethodSpec, model: nn.Module, targets: dict[str, nn.Linear], con
 
     opd = opd_config(config, spec)
     method = LOCK_METHODS.lookup(spec.entry)
-    pairs = {n: (orthonormal(m.out_features, opd.lock.rank, g), orthonormal(m.in_features, opd.lock.rank, g))
+    pairs = {n: (orthonormal(m.out_features, opd.lock.rank, g).to(m.weight.device),
+                 orthonormal(m.in_features, opd.lock.rank, g).to(m.weight.device))
              for n, m in targets.items()}  # fmt: skip
     warmup = build_full_optimizer(opd, freeze_all_but(model, [m.weight for m in targets.values()]))
     basis_file = workdir / "basis.safetensors"
@@ -213,7 +214,7 @@ def _projected_right(model: nn.Module, targets: dict[str, nn.Linear], config: di
     r, lr = config["rank"], config["lr"]
     params = freeze_all_but(model, [m.weight for m in targets.values()])
     if config["projected"]["basis"] == "random":
-        basis = [orthonormal(p.shape[1], r, g) for p in params]
+        basis = [orthonormal(p.shape[1], r, g).to(p.device) for p in params]
         return Setup(model, LockedAdamW([{"params": params, "basis": basis}], lr=lr, projection="right"))
     optimizer = LockedAdamW(params, lr=lr, projection="right")
 

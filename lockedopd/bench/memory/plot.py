@@ -7,7 +7,7 @@ from pathlib import Path
 from lockedopd.bench.memory.methods import LEAN_MALLOC_SUFFIX, method_spec
 from lockedopd.bench.memory.report import MIB
 
-__all__ = ["COMPONENT_BARS", "plot_memory"]
+__all__ = ["COMPONENT_BARS", "CUDA_BARS", "plot_memory"]
 
 #: (bar group label, record key); ``None`` = Adam moments + step counters
 COMPONENT_BARS = (
@@ -22,9 +22,17 @@ COMPONENT_BARS = (
 )
 
 
-def _mib_values(record: dict) -> list[float]:
+#: added on a CUDA student (``device: cuda``)
+CUDA_BARS = (("GPU peak Δ\n(measured)", "cuda_peak_delta_bytes"),)
+
+
+def _bars(results: list[dict]) -> tuple[tuple[str, str | None], ...]:
+    return COMPONENT_BARS + (CUDA_BARS if any("cuda_peak_delta_bytes" in r for r in results) else ())
+
+
+def _mib_values(record: dict, bars: tuple[tuple[str, str | None], ...]) -> list[float]:
     values = []
-    for _, key in COMPONENT_BARS:
+    for _, key in bars:
         value = record["moment_bytes"] + record["step_bytes"] if key is None else record.get(key)
         values.append(0.0 if value is None else value / MIB)
     return values
@@ -40,6 +48,7 @@ def plot_memory(report: dict, path: Path) -> None:
     from lockedopd.runtime.plotting import distinct_colours, save_figure
 
     results = list(report["results"].values())
+    bars_of = _bars(results)
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(20, 5.5), gridspec_kw={"width_ratios": [4, 1]})
     width = 0.8 / max(1, len(results))
     # one colour per method; a *_mmap method takes its twin's colour, hatched
@@ -51,14 +60,14 @@ def plot_memory(report: dict, path: Path) -> None:
             "hatch": "///" if lean else None,
             "edgecolor": "white" if lean else None,
         }
-        values = _mib_values(r)
-        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(COMPONENT_BARS))]
+        values = _mib_values(r, bars_of)
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(bars_of))]
         bars = ax.bar(xs, values, width, label=r["label"], **style)
         ax.bar_label(
             bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=6, rotation=90, padding=2
         )
         ax_t.bar(i, r["min_step_s"], **style)
-    ax.set_xticks(range(len(COMPONENT_BARS)), [name for name, _ in COMPONENT_BARS])
+    ax.set_xticks(range(len(bars_of)), [name for name, _ in bars_of])
     ax.set_ylabel("MiB")
     ax.set_title(f"{report['config']['name']}: memory per component (r = {report['config']['rank']})")
     ax.legend(fontsize=7, loc="upper left", ncol=2 if len(results) > 9 else 1)

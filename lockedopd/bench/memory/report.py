@@ -9,6 +9,7 @@ from lockedopd.bench.memory.plan import PLAN_KEYS
 from lockedopd.bench.tables import markdown_table
 
 __all__ = [
+    "CUDA_KEYS",
     "INFERENCE_RATIO_KEYS",
     "MALLOC_RATIO_KEYS",
     "MIB",
@@ -30,6 +31,9 @@ RATIO_KEYS = (
     "mean_step_s",
     "min_step_s",
 )
+#: Measured on a CUDA student only (``device: cuda``): the caching allocator's peak over the steps, its growth first
+CUDA_KEYS = ("cuda_peak_delta_bytes", "cuda_peak_bytes")
+CUDA_COLUMNS = ["GPU peak Δ", "GPU peak"]
 MALLOC_RATIO_KEYS = ("peak_rss_delta_bytes", "peak_anon_delta_bytes", "mean_step_s", "min_step_s")
 INFERENCE_RATIO_KEYS = ("peak_rss_delta_bytes", "peak_anon_delta_bytes", "peak_live_bytes")
 MIB = 2**20
@@ -56,7 +60,7 @@ def add_ratios(results: dict[str, dict]) -> None:
         ):
             ref = results.get(reference + suffix)
             if ref is not None:
-                record[field] = _ratios(record, ref, keys)
+                record[field] = _ratios(record, ref, (*keys, *(key for key in CUDA_KEYS if key in ref)))
         twin = results.get(method.removesuffix(LEAN_MALLOC_SUFFIX)) if lean else None
         if twin is not None:
             record["ratios_to_default_malloc"] = _ratios(record, twin, MALLOC_RATIO_KEYS)
@@ -71,9 +75,23 @@ def _ratio(value: float | None) -> str:
     return "n/a" if value is None else (f"{value:.4f}" if value < 0.01 else f"{value:.3f}")
 
 
+def _on_cuda(results: dict[str, dict]) -> bool:
+    return any("cuda_peak_bytes" in r for r in results.values())
+
+
+def _device_sentence(report: dict) -> str:
+    names = sorted({r["device_name"] for r in report["results"].values() if r.get("device_name")})
+    return (
+        f" On the GPU ({', '.join(names)}): *GPU peak* is the CUDA caching allocator's peak over the steps "
+        "(torch.cuda.max_memory_allocated, the weights included), *GPU peak Δ* its growth over the bytes allocated "
+        "before them; each step's seconds end at a torch.cuda.synchronize. Peak RSS is the host process's."
+    )
+
+
 def _setup_paragraph(report: dict) -> str:
     c, model, env = report["config"], report["model"], report["environment"]
     b = c["batch"]
+    device = _device_sentence(report) if _on_cuda(report["results"]) else ""
     return (
         f"Student: {model['description']}; {model['num_targets']} target matrices "
         f"({', '.join(c['target_modules'])}), {model['target_weights']:,} target weights. Rank r = {c['rank']}. "
@@ -85,6 +103,7 @@ def _setup_paragraph(report: dict) -> str:
         f"(load average {env['load_average']} at start), glibc MALLOC_MMAP_THRESHOLD_ "
         f"{env.get('malloc_mmap_threshold') or 'unset (dynamic)'}. Memory is counted from the tensors; seconds are "
         "wall time on a shared CPU (the minimum over the timed steps is the least disturbed), so compare ratios."
+        + device
     )
 
 
@@ -100,6 +119,10 @@ def _absolute_table(results: dict[str, dict]) -> str:
          f"{r['min_step_s']:.3f}"]
         for r in results.values()
     ]  # fmt: skip
+    if _on_cuda(results):
+        header += [f"{column} MiB" for column in CUDA_COLUMNS]
+        for row, r in zip(rows, results.values()):
+            row += [_mib(r.get(key)) for key in CUDA_KEYS]
     return "\n".join(markdown_table(header, rows, numbers_right=True))
 
 
@@ -108,24 +131,25 @@ def _section(intro: str, header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _ratio_rows(results: dict[str, dict], field: str, keys: tuple[str, ...]) -> list[list[str]]:
-    return [[r["label"], *(_ratio(r[field][k]) for k in keys)] for r in results.values() if r.get(field)]
+    return [[r["label"], *(_ratio(r[field].get(k)) for k in keys)] for r in results.values() if r.get(field)]
 
 
 def _ratio_sections(report: dict) -> list[str]:
     results, threshold = report["results"], report["config"].get("malloc_mmap_threshold")
     threshold = "n/a" if threshold is None else f"{threshold:,}"
+    cuda_keys, cuda_columns = (CUDA_KEYS, CUDA_COLUMNS) if _on_cuda(results) else ((), [])
     return [
         *_section(
             "Ratios to full OPD (training overhead = gradients + optimizer state + adapter bases; rows with the mmap "
             "threshold against full OPD with it):",
-            ["method", *FULL_RATIO_COLUMNS],
-            _ratio_rows(results, "ratios_to_full", RATIO_KEYS),
+            ["method", *FULL_RATIO_COLUMNS, *cuda_columns],
+            _ratio_rows(results, "ratios_to_full", (*RATIO_KEYS, *cuda_keys)),
         ),
         *_section(
             "Ratios to the inference row (the floor: the same forward under no_grad, no optimizer; rows with the mmap "
             "threshold against the inference row with it):",
-            ["method", "peak RSS Δ", "peak anon Δ", "peak live"],
-            _ratio_rows(results, "ratios_to_inference", INFERENCE_RATIO_KEYS),
+            ["method", "peak RSS Δ", "peak anon Δ", "peak live", *cuda_columns],
+            _ratio_rows(results, "ratios_to_inference", (*INFERENCE_RATIO_KEYS, *cuda_keys)),
         ),
         *_section(
             f"glibc's mmap threshold fixed at {threshold} bytes (`malloc_mmap_threshold`) against "
@@ -198,5 +222,7 @@ def markdown_report(report: dict) -> str:
     ]
     for method, reason in report["skipped"].items():
         lines += ["", f"Skipped `{method}`: {reason}."]
+    for method, error in report.get("failed", {}).items():
+        lines += ["", f"Failed `{method}`: {error}"]
     lines += ["", COLUMNS_NOTE, ""]
     return "\n".join(lines)

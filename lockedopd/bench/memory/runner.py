@@ -46,7 +46,7 @@ from lockedopd.bench.memory.plot import plot_memory
 from lockedopd.bench.memory.report import add_ratios, markdown_report
 from lockedopd.bench.memory.workers import preload_modules, run_method
 
-__all__ = ["environment", "main", "model_summary", "run", "write_outputs"]
+__all__ = ["build_report", "environment", "main", "model_summary", "run", "write_outputs"]
 
 
 def model_summary(config: dict, shapes: dict[str, list[int]]) -> dict[str, Any]:
@@ -54,7 +54,7 @@ def model_summary(config: dict, shapes: dict[str, list[int]]) -> dict[str, Any]:
     m = config["model"]
     if m["source"] == "tiny":
         description = (
-            f"tiny random Llama ({m['num_layers']} layers, hidden {m['hidden_size']}, "
+            f"random Llama ({m['num_layers']} layers, hidden {m['hidden_size']}, "
             f"intermediate {m['intermediate_size']}, vocab {m['vocab_size']})"
         )
     else:
@@ -101,8 +101,29 @@ def write_outputs(report: dict, out_dir: Path) -> None:
     plot_memory(report, out_dir / "memory.png")
 
 
-def run(config: dict, out_dir: Path, progress: bool = True) -> dict:
+def build_report(config: dict, env: dict, results: dict[str, dict], shapes: dict, skipped: dict, failed: dict) -> dict:
+    """The report of the methods measured so far: their records with ratios and plan, and what did not run."""
+    add_ratios(results)
+    add_plan(results, config)
+    report = {
+        "config": config,
+        "environment": env,
+        "model": model_summary(config, shapes),
+        "target_shapes": shapes,
+        "results": results,
+        "skipped": skipped,
+    }
+    if failed:
+        report["failed"] = failed
+    return report
+
+
+def run(config: dict, out_dir: Path, progress: bool = True, keep_going: bool = False) -> dict:
     """Run every configured method, write results.json / results.md / memory.png to ``out_dir``; return the report.
+
+    The outputs are rewritten after every method, so a run stopped part-way keeps what it measured. A method that
+    fails stops the run (``RuntimeError`` with its traceback), unless ``keep_going``: then its last error line is
+    recorded under ``failed`` and the run goes on.
 
     With ``isolation: fork`` call this from a process that has not run torch kernels yet (e.g. the CLI): forking
     after OpenMP has started hangs the workers. Use ``spawn`` otherwise.
@@ -114,34 +135,27 @@ def run(config: dict, out_dir: Path, progress: bool = True) -> dict:
     env = environment()
     results: dict[str, dict] = {}
     skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
     bar = tqdm(config["methods"], desc=f"memory/speed {config['name']}", unit="method", disable=not progress)
     for method in bar:
         bar.set_postfix(method=method)
         status, payload = run_method(method, config)
         if status == "skipped":
             skipped[method] = payload
-        elif status == "error":
+        elif status == "error" and not keep_going:
             raise RuntimeError(f"benchmark method {method!r} failed:\n{payload}")
+        elif status == "error":
+            failed[method] = payload.strip().splitlines()[-1]
         else:
+            shapes = payload.pop("target_shapes")
             results[method] = payload
+        if results:
+            write_outputs(build_report(config, env, results, shapes, skipped, failed), out_dir)
     bar.close()
     if not results:
-        raise RuntimeError(f"every method was skipped: {skipped}")
-    add_ratios(results)
-    add_plan(results, config)
-    shapes = next(iter(results.values()))["target_shapes"]
-    for record in results.values():
-        record.pop("target_shapes")
-    report = {
-        "config": config,
-        "environment": env,
-        "model": model_summary(config, shapes),
-        "target_shapes": shapes,
-        "results": results,
-        "skipped": skipped,
-    }
-    write_outputs(report, out_dir)
-    return report
+        raise RuntimeError(f"no method was measured: skipped {skipped}, failed {failed}")
+    return build_report(config, env, results, shapes, skipped, failed)
 
 
 def main(argv: list[str] | None = None, bench_dir: Path = BENCH_DIR) -> int:
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None, bench_dir: Path = BENCH_DIR) -> int:
     p.add_argument("--methods", default=None, help=f"comma list, a subset of {','.join(METHODS)}")
     p.add_argument("--isolation", choices=ISOLATIONS, default=None, help="override the config's isolation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--keep-going", action="store_true", help="record a failing method under `failed` and go on")
     p.add_argument("--rerender", action="store_true", help="only rewrite results.md and memory.png from results.json")
     args = p.parse_args(argv)
     if args.rerender:
@@ -168,7 +183,7 @@ def main(argv: list[str] | None = None, bench_dir: Path = BENCH_DIR) -> int:
     if args.isolation:
         config["isolation"] = args.isolation
     out_dir = Path(args.out) if args.out else bench_dir / "results" / config["name"]
-    report = run(config, out_dir, progress=not args.no_progress)
+    report = run(config, out_dir, progress=not args.no_progress, keep_going=args.keep_going)
     print(markdown_report(report))
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'memory.png'}")
     return 0
