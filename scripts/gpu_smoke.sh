@@ -3,7 +3,8 @@
 #   bash scripts/gpu_smoke.sh [WORK_DIR]        (PYTHON=... to pick the interpreter; default .venv/bin/python)
 # Checks: the student on the GPU with the lock at step 1; the vLLM teacher (SmolLM2, exact full-vocabulary KL from
 # its hidden states) and vLLM student rollouts; FSDP2 over 2 processes (needs 2 GPUs); bitsandbytes' 8-bit AdamW in
-# the warmup and the int8 and nf4 frozen bases after the lock; `lockedopd eval` with vLLM generating. Each check's
+# the warmup and the int8 and nf4 frozen bases after the lock; `lockedopd eval` with vLLM generating; the TRL recipe
+# (DistillationTrainer with the lock callback, then the locked PEFT adapter) on the GPU. Each check's
 # log is kept in WORK_DIR; the exit status is the number of failed checks. Without a CUDA GPU it says so and exits 0.
 set -u
 cd "$(dirname "$0")/.."
@@ -56,6 +57,12 @@ if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then
     --verifier contains_answer --samples 2 --backend vllm --json "$WORK/eval.json"
 else
   skip vllm_teacher "vLLM does not import with $PYTHON (pip install vllm)"
+fi
+if "$PYTHON" -c "import trl, datasets" > /dev/null 2>&1; then
+  check trl_peft_on_gpu "$PYTHON" recipes/trl_example.py --gpu --output-dir "$WORK/runs/trl" --warmup-steps 2 \
+    --locked-steps 2
+else
+  skip trl_peft_on_gpu "TRL or datasets does not import with $PYTHON (pip install trl)"
 fi
 if [ "$gpus" -ge 2 ]; then
   check fsdp2_two_processes "$PYTHON" -m torch.distributed.run --nproc_per_node 2 -m lockedopd distill \
