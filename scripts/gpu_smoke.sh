@@ -34,26 +34,26 @@ check() {  # check NAME COMMAND...: run it, print one line
 
 skip() { echo "SKIP $1: $2"; }
 
-lockedopd() { "$PYTHON" -m lockedopd "$@"; }
+LOCKEDOPD=("$PYTHON" -m lockedopd)  # an array, not a function: `check` runs it under timeout(1), which needs a program
 
-check student_on_gpu_lock_at_step_1 lockedopd distill recipes/configs/tiny.yaml "${STEPS[@]}" \
+check student_on_gpu_lock_at_step_1 "${LOCKEDOPD[@]}" distill recipes/configs/tiny.yaml "${STEPS[@]}" \
   output_dir="$WORK/runs/gpu"
-check resume_on_gpu lockedopd distill recipes/configs/tiny.yaml "${STEPS[@]}" max_steps=3 resume=true \
+check resume_on_gpu "${LOCKEDOPD[@]}" distill recipes/configs/tiny.yaml "${STEPS[@]}" max_steps=3 resume=true \
   output_dir="$WORK/runs/gpu"
-check bnb_adamw8bit_warmup lockedopd distill recipes/configs/tiny.yaml "${STEPS[@]}" optimizer=adamw8bit \
+check bnb_adamw8bit_warmup "${LOCKEDOPD[@]}" distill recipes/configs/tiny.yaml "${STEPS[@]}" optimizer=adamw8bit \
   output_dir="$WORK/runs/adamw8bit"
-check bnb_int8_base lockedopd distill recipes/configs/tiny.yaml "${STEPS[@]}" lock.base_dtype=int8 \
+check bnb_int8_base "${LOCKEDOPD[@]}" distill recipes/configs/tiny.yaml "${STEPS[@]}" lock.base_dtype=int8 \
   monitor.enabled=false output_dir="$WORK/runs/int8"
-check bnb_nf4_base lockedopd distill recipes/configs/tiny.yaml "${STEPS[@]}" lock.base_dtype=nf4 \
+check bnb_nf4_base "${LOCKEDOPD[@]}" distill recipes/configs/tiny.yaml "${STEPS[@]}" lock.base_dtype=nf4 \
   monitor.enabled=false output_dir="$WORK/runs/nf4"
 if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then
   SMALL=(batch_size=4 rollout.max_new_tokens=16 data.eval_size=4 teacher.batch_size=4)
-  check vllm_teacher lockedopd distill recipes/configs/smollm2_pruned.yaml "${STEPS[@]}" "${SMALL[@]}" \
+  check vllm_teacher "${LOCKEDOPD[@]}" distill recipes/configs/smollm2_pruned.yaml "${STEPS[@]}" "${SMALL[@]}" \
     teacher.backend=vllm output_dir="$WORK/runs/vllm_teacher"
-  check vllm_student_rollouts lockedopd distill recipes/configs/smollm2_pruned.yaml "${STEPS[@]}" "${SMALL[@]}" \
+  check vllm_student_rollouts "${LOCKEDOPD[@]}" distill recipes/configs/smollm2_pruned.yaml "${STEPS[@]}" "${SMALL[@]}" \
     teacher.backend=vllm rollout.backend=vllm output_dir="$WORK/runs/vllm_rollouts"
   head -n 8 recipes/data/prompts_eval.jsonl > "$WORK/problems.jsonl"
-  check eval_with_vllm lockedopd eval "$WORK/runs/vllm_teacher" --data "$WORK/problems.jsonl" \
+  check eval_with_vllm "${LOCKEDOPD[@]}" eval "$WORK/runs/vllm_teacher" --data "$WORK/problems.jsonl" \
     --verifier contains_answer --samples 2 --backend vllm --json "$WORK/eval.json"
 else
   skip vllm_teacher "vLLM does not import with $PYTHON (pip install vllm)"

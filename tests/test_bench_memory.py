@@ -216,7 +216,7 @@ def test_a_gpu_report_adds_the_allocator_peak_columns_and_ratios(tmp_path):
     assert locked["ratios_to_full"]["cuda_peak_delta_bytes"] == pytest.approx(2 / 23)
     assert locked["ratios_to_inference"]["cuda_peak_delta_bytes"] == pytest.approx(2 / 1)
     text = markdown_report(report)
-    assert "On the GPU (NVIDIA H200)" in text and "GPU peak Δ MiB | GPU peak MiB |" in text
+    assert "The student trains on the GPU (NVIDIA H200)" in text and "GPU peak Δ MiB | GPU peak MiB |" in text
     full_row = next(line for line in text.splitlines() if line.startswith("| full OPD (AdamW) |"))
     assert full_row.endswith("| 23,552.00 | 30,720.00 |")
     locked_ratio_row = [line for line in text.splitlines() if line.startswith(f"| {locked['label']} |")][1]
@@ -244,6 +244,7 @@ def test_a_failing_method_stops_the_run_or_is_recorded_and_the_outputs_keep_what
         run(config, tmp_path / "stop", progress=False)
     partial = json.loads((tmp_path / "stop" / "results.json").read_text())
     assert list(partial["results"]) == ["inference"] and "failed" not in partial
+    assert "Not measured (the run stopped before them): `locked_right`, `full`." in markdown_report(partial)
 
     report = run(config, tmp_path / "go", progress=False, keep_going=True)
     assert list(report["results"]) == ["inference", "full"]

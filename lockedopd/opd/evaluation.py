@@ -157,9 +157,14 @@ def evaluate_reverse_kl(
             student_tok, exact_kl = completion_kl_statistics(student, rollout, scores, chunk_size)
             student_tok, exact_kl = student_tok.cpu(), None if exact_kl is None else exact_kl.cpu()
         else:
-            student_lp = student_completion_logprobs(student, rollout)
-            student_tok = student_lp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-            exact_kl = reverse_kl_per_token(student_lp, scores.dense_full_logprobs()) if exact else None
+            student_lp = student_completion_logprobs(student, rollout)  # on the student's device
+            ids = rollout.completion_ids.to(student_lp.device)
+            student_tok = student_lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).cpu()
+            exact_kl = (
+                reverse_kl_per_token(student_lp, scores.dense_full_logprobs().to(student_lp.device)).cpu()
+                if exact
+                else None
+            )
         sampled = student_tok - scores.token_logprobs
         n = int(mask.sum())
         sampled_sum += float(masked_mean(sampled, mask)) * n

@@ -82,9 +82,10 @@ def _on_cuda(results: dict[str, dict]) -> bool:
 def _device_sentence(report: dict) -> str:
     names = sorted({r["device_name"] for r in report["results"].values() if r.get("device_name")})
     return (
-        f" On the GPU ({', '.join(names)}): *GPU peak* is the CUDA caching allocator's peak over the steps "
-        "(torch.cuda.max_memory_allocated, the weights included), *GPU peak Δ* its growth over the bytes allocated "
-        "before them; each step's seconds end at a torch.cuda.synchronize. Peak RSS is the host process's."
+        f" The student trains on the GPU ({', '.join(names)}): *GPU peak* is the CUDA caching allocator's peak over "
+        "the steps (torch.cuda.max_memory_allocated, the weights included), *GPU peak Δ* its growth over the bytes "
+        "allocated before them; each step's seconds end at a torch.cuda.synchronize (GPU time, not the CPU's). Peak "
+        "RSS is the host process's."
     )
 
 
@@ -224,5 +225,9 @@ def markdown_report(report: dict) -> str:
         lines += ["", f"Skipped `{method}`: {reason}."]
     for method, error in report.get("failed", {}).items():
         lines += ["", f"Failed `{method}`: {error}"]
+    accounted = {*results, *report["skipped"], *report.get("failed", {})}
+    missing = [m for m in report["config"]["methods"] if m not in accounted]
+    if missing:
+        lines += ["", f"Not measured (the run stopped before them): {', '.join(f'`{m}`' for m in missing)}."]
     lines += ["", COLUMNS_NOTE, ""]
     return "\n".join(lines)
