@@ -206,6 +206,14 @@ def test_a_built_model_is_trained_once_and_named_by_its_recipe(tmp_path, task_fi
     directory, record = build_model_from_recipe(recipe)
     assert directory == built_dir(recipe) and (directory / "model.safetensors").is_file()
     assert record["final_evaluation"]["step"] == 4 and "eval_nll" in record["final_evaluation"]
+    # the build names the weights it gave and the versions that trained them (a recipe's key names only its inputs)
+    from lockedopd.opd.built_models import built_model_identity
+    from lockedopd.runtime.provenance import weights_digest
+
+    assert record["weights_sha256"] == weights_digest(directory) and len(record["weights_sha256"]) == 16
+    assert record["environment"]["torch"] == torch.__version__
+    identity = {"key": directory.name.rsplit("-", 1)[1], "weights_sha256": record["weights_sha256"]}
+    assert built_model_identity(source) == identity
     stamp = (directory / "build.json").stat().st_mtime_ns
     again, _ = build_model_from_recipe(recipe)  # cached: not trained again
     assert again == directory and (directory / "build.json").stat().st_mtime_ns == stamp

@@ -21,6 +21,8 @@ from lockedopd.bench.accuracy_report import cell_accuracy
 from lockedopd.bench.archive import CELL_FILE, CellFiles, all_cells, small_files
 from lockedopd.bench.experiment import Experiment, cell_config, cell_overrides, has_own_student, in_root
 from lockedopd.bench.geometry import GEOMETRY_FILE
+from lockedopd.opd.built_models import built_model_identity, is_built_source
+from lockedopd.runtime.provenance import package_versions
 
 REMOVE_WHEN_DONE = ("checkpoints", "lock", "adapter", "vllm_student")
 EVAL_KEYS = ("eval_fixed_text_kl", "eval_fixed_text_forward_kl")
@@ -45,6 +47,13 @@ def _records(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def used_built_models(config: Any) -> dict[str, dict[str, str]]:
+    """``{source: {"key", "weights_sha256"}}`` of the built models (``built:RECIPE``) a cell's config trains or
+    scores with: its student and its teacher."""
+    sources = {config.student.source, config.teacher.model.source}
+    return {source: built_model_identity(source) for source in sorted(sources) if is_built_source(source)}
+
+
 def run_cell(exp: Experiment, method: str, seed: int) -> dict[str, Any]:
     """Train cell (method, seed) in this process (resuming from its checkpoint), then write ``cell.json``."""
     import torch
@@ -60,8 +69,9 @@ def run_cell(exp: Experiment, method: str, seed: int) -> dict[str, Any]:
     resumed_from = saved[-1][0] if saved else None
     started = time.time()
     try:
-        with in_root(exp):
+        with in_root(exp):  # the recipes of built models are named relative to the root
             summary = OPDTrainer.from_config(config).train()
+            built_models = used_built_models(config)
     except BaseException:
         if exp.isolation == "inline":
             add_wall(cell, time.time() - started)
@@ -88,6 +98,8 @@ def run_cell(exp: Experiment, method: str, seed: int) -> dict[str, Any]:
         "lock_step": summary.get("lock_step"),
         "lock_reason": summary.get("lock_reason"),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "built_models": built_models,
+        "environment": package_versions(),
     }
     atomic_write_text(cell / CELL_FILE, json.dumps(info, indent=2))
     cleanup(cell)

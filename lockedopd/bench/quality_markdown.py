@@ -158,6 +158,19 @@ def _per_seed(report: dict[str, Any], every_seed: dict[str, Any]) -> list[str]:
         lines += [f"- `{name}`: {reason}" for name, reason in report["not_run"].items()]
     if report["pending_cells"]:
         lines += ["", f"Pending cells: {', '.join(report['pending_cells'])}."]
+    return lines + differing_builds_section(report.get("built_models", {}))
+
+
+def differing_builds_section(builds: dict[str, dict[str, list[str]]]) -> list[str]:
+    """A section naming the built models whose cells trained on more than one build (other weights: the same
+    recipe trained in another environment), with the cells on each."""
+    differing = {source: by_digest for source, by_digest in builds.items() if len(by_digest) > 1}
+    if not differing:
+        return []
+    lines = ["", "## Cells on different builds of one model", ""]
+    for source, by_digest in differing.items():
+        builds_text = "; ".join(f"weights {digest}: {', '.join(cells)}" for digest, cells in by_digest.items())
+        lines.append(f"- `{source}`: {builds_text}")
     return lines
 
 

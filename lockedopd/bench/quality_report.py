@@ -82,6 +82,17 @@ def _accuracy_section(exp: Experiment, cells: Cells, aggregated: dict[str, Any])
     }
 
 
+def built_model_builds(cells: Cells) -> dict[str, dict[str, list[str]]]:
+    """``{source: {weights digest: ["method/seedN", ...]}}`` over the cells that record their built models (cells
+    finished before cells recorded them are left out)."""
+    builds: dict[str, dict[str, list[str]]] = {}
+    for method, by_seed in cells.items():
+        for seed, cell in by_seed.items():
+            for source, identity in (cell.get("built_models") or {}).items():
+                builds.setdefault(source, {}).setdefault(identity["weights_sha256"], []).append(f"{method}/seed{seed}")
+    return builds
+
+
 def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
     """The whole ``results.json`` content, from the finished cells (archived or on disk)."""
     cells = collect(exp)
@@ -108,6 +119,7 @@ def build_report(exp: Experiment, errors: dict[str, str]) -> dict[str, Any]:
         **(paper_section(cells) if exp.report == "paper" else {}),
         "not_run": errors,
         "pending_cells": pending,
+        "built_models": built_model_builds(cells),
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from lockedopd.opd.built_models import BUILD_FORMAT, build_key, built_dir, recipe_config
 from lockedopd.opd.trainer import OPDTrainer
 from lockedopd.runtime.atomic_io import atomic_write_text
+from lockedopd.runtime.provenance import package_versions, weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,9 @@ def build_model_from_recipe(recipe: str | Path, overrides: list[str] | None = No
     """Train ``recipe`` unless its model is cached, and return ``(directory, build record)``.
 
     The run trains in ``<directory>.run`` (resumable: a killed build continues from its last checkpoint when the
-    command is run again); its final model, tokenizer and ``build.json`` (the key, the settings and the run's
-    summary and last evaluation) are then moved into place in one rename, and the run's checkpoints deleted.
+    command is run again); its final model, tokenizer and ``build.json`` (the key, the run's summary and last
+    evaluation, the weights' digest and the package versions that trained them) are then moved into place in one
+    rename, and the run's checkpoints deleted.
     """
     config = recipe_config(recipe, overrides)
     if config.lock.enabled:  # refused before any training: the export is the plain model of a full-parameter run
@@ -50,6 +52,8 @@ def build_model_from_recipe(recipe: str | Path, overrides: list[str] | None = No
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
     trainer.base_model.save_pretrained(tmp, safe_serialization=True)
     trainer.tokenizer.save_pretrained(tmp)
+    record["weights_sha256"] = weights_digest(tmp)  # the key names the recipe; this names the weights it gave here
+    record["environment"] = package_versions()
     atomic_write_text(tmp / "build.json", json.dumps(record, indent=2))
     os.replace(tmp, target)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -85,6 +85,16 @@ def resolve_built_source(source: str) -> Path:
     return directory
 
 
+def built_model_identity(source: str) -> dict[str, str]:
+    """``{"key", "weights_sha256"}`` of a built model source: its recipe key and the digest of the weights in the
+    cache (from ``build.json``; computed, and not stored, for a model built before builds recorded it)."""
+    from lockedopd.runtime.provenance import weights_digest
+
+    directory = resolve_built_source(source)
+    record = json.loads((directory / "build.json").read_text())
+    return {"key": record["key"], "weights_sha256": record.get("weights_sha256") or weights_digest(directory)}
+
+
 def _with_built_key(value):
     if isinstance(value, str) and is_built_source(value) and Path(value[len(BUILT_PREFIX) :]).is_file():
         return f"{value}#{build_key(recipe_config(value[len(BUILT_PREFIX) :]))}"
