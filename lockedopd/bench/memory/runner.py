@@ -37,8 +37,6 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lockedopd.bench.memory.config import BENCH_DIR, ISOLATIONS, load_config
 from lockedopd.bench.memory.methods import METHODS
 from lockedopd.bench.memory.plan import add_plan
@@ -71,8 +69,7 @@ def model_summary(config: dict, shapes: dict[str, list[int]]) -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
     """Versions, machine and allocator setting of this run."""
-    import peft
-    import transformers
+    from lockedopd.runtime.provenance import package_versions
 
     galore = importlib.util.find_spec("galore_torch")
     try:
@@ -80,10 +77,7 @@ def environment() -> dict[str, Any]:
     except OSError:
         load = "n/a"
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        **package_versions(("torch", "transformers", "peft")),  # python, torch, transformers, peft
         "galore_torch_installed": galore is not None,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
