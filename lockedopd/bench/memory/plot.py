@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lockedopd.bench.memory.methods import LEAN_MALLOC_SUFFIX, method_spec
-from lockedopd.bench.memory.report import MIB
+from lockedopd.bench.memory.report import MIB, on_cuda
 
 __all__ = ["COMPONENT_BARS", "CUDA_BARS", "plot_memory"]
 
@@ -26,8 +26,8 @@ COMPONENT_BARS = (
 CUDA_BARS = (("GPU peak Δ\n(measured)", "cuda_peak_delta_bytes"),)
 
 
-def _bars(results: list[dict]) -> tuple[tuple[str, str | None], ...]:
-    return COMPONENT_BARS + (CUDA_BARS if any("cuda_peak_delta_bytes" in r for r in results) else ())
+def _bars(report: dict) -> tuple[tuple[str, str | None], ...]:
+    return COMPONENT_BARS + (CUDA_BARS if on_cuda(report["results"]) else ())
 
 
 def _mib_values(record: dict, bars: tuple[tuple[str, str | None], ...]) -> list[float]:
@@ -48,7 +48,7 @@ def plot_memory(report: dict, path: Path) -> None:
     from lockedopd.runtime.plotting import distinct_colours, save_figure
 
     results = list(report["results"].values())
-    bars_of = _bars(results)
+    bars_of = _bars(report)
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(20, 5.5), gridspec_kw={"width_ratios": [4, 1]})
     width = 0.8 / max(1, len(results))
     # one colour per method; a *_mmap method takes its twin's colour, hatched

@@ -16,6 +16,7 @@ __all__ = [
     "RATIO_KEYS",
     "add_ratios",
     "markdown_report",
+    "on_cuda",
 ]
 
 RATIO_KEYS = (
@@ -75,7 +76,8 @@ def _ratio(value: float | None) -> str:
     return "n/a" if value is None else (f"{value:.4f}" if value < 0.01 else f"{value:.3f}")
 
 
-def _on_cuda(results: dict[str, dict]) -> bool:
+def on_cuda(results: dict[str, dict]) -> bool:
+    """Whether the run measured a CUDA student (its records carry the allocator's peak)."""
     return any("cuda_peak_bytes" in r for r in results.values())
 
 
@@ -92,7 +94,7 @@ def _device_sentence(report: dict) -> str:
 def _setup_paragraph(report: dict) -> str:
     c, model, env = report["config"], report["model"], report["environment"]
     b = c["batch"]
-    device = _device_sentence(report) if _on_cuda(report["results"]) else ""
+    device = _device_sentence(report) if on_cuda(report["results"]) else ""
     return (
         f"Student: {model['description']}; {model['num_targets']} target matrices "
         f"({', '.join(c['target_modules'])}), {model['target_weights']:,} target weights. Rank r = {c['rank']}. "
@@ -120,7 +122,7 @@ def _absolute_table(results: dict[str, dict]) -> str:
          f"{r['min_step_s']:.3f}"]
         for r in results.values()
     ]  # fmt: skip
-    if _on_cuda(results):
+    if on_cuda(results):
         header += [f"{column} MiB" for column in CUDA_COLUMNS]
         for row, r in zip(rows, results.values()):
             row += [_mib(r.get(key)) for key in CUDA_KEYS]
@@ -138,7 +140,7 @@ def _ratio_rows(results: dict[str, dict], field: str, keys: tuple[str, ...]) -> 
 def _ratio_sections(report: dict) -> list[str]:
     results, threshold = report["results"], report["config"].get("malloc_mmap_threshold")
     threshold = "n/a" if threshold is None else f"{threshold:,}"
-    cuda_keys, cuda_columns = (CUDA_KEYS, CUDA_COLUMNS) if _on_cuda(results) else ((), [])
+    cuda_keys, cuda_columns = (CUDA_KEYS, CUDA_COLUMNS) if on_cuda(results) else ((), [])
     return [
         *_section(
             "Ratios to full OPD (training overhead = gradients + optimizer state + adapter bases; rows with the mmap "
