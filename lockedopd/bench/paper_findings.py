@@ -23,7 +23,9 @@ from lockedopd.bench.accuracy_report import Cells
 from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
 from lockedopd.bench.stats import t_interval
 
-__all__ = ["RULES", "findings"]
+__all__ = ["NOT_MEASURED", "RULES", "findings"]
+
+NOT_MEASURED = "not measured"  # the verdict of a claim whose cells have not run: no result, not a negative one
 
 KEEP_TOLERANCE = 0.25
 EXPANDS = 1.2
@@ -64,7 +66,7 @@ def _order(per_method: dict[str, dict[int, float]], increasing: bool) -> str:
     """The verdict of an ordering of ``per_method`` (in the dict's order): see :data:`RULES` ``order``."""
     seeds = set.intersection(*(set(v) for v in per_method.values())) if per_method else set()
     if not seeds or any(not v for v in per_method.values()):
-        return "not measured"
+        return NOT_MEASURED
     rows = [[per_method[m][s] for m in per_method] for s in sorted(seeds)]
 
     def holds(row: list[float], up: bool) -> bool:
@@ -107,7 +109,7 @@ def _trend(cells: Cells, method: str) -> dict[int, float]:
 def _contrast(sft: dict[str, Any], opd: dict[str, Any]) -> str:
     """The sufficiency contrast's verdict from two share intervals (see :data:`RULES` ``sufficiency``)."""
     if opd["low"] is None or sft["low"] is None:
-        return "not measured"
+        return NOT_MEASURED
     if sft["high"] < opd["low"]:
         return "reproduced"
     if sft["low"] > opd["high"]:
@@ -118,7 +120,7 @@ def _contrast(sft: dict[str, Any], opd: dict[str, Any]) -> str:
 def _sufficiency_findings(cells: Cells) -> list[dict[str, Any]]:
     suff = sufficiency(cells)
     opd = suff["opd"]["share"]
-    opd_verdict = "not measured" if opd["mean"] is None else ("reproduced" if opd["mean"] >= 0.9 else "not reproduced")
+    opd_verdict = NOT_MEASURED if opd["mean"] is None else ("reproduced" if opd["mean"] >= 0.9 else "not reproduced")
     opd_share = _fmt(suff["opd"]["per_seed"])
     out = [
         _finding(
@@ -155,7 +157,7 @@ def _control_finding(cells: Cells, family: str, claim: str, paper: str, expect: 
     found."""
     outcomes = {v: _keeps(cells, v) for v in CONTROLS[family] if _geometry(cells, v)}
     if not outcomes or any(k is None for k in outcomes.values()):
-        verdict = "not measured"
+        verdict = NOT_MEASURED
     elif all(k == expect(v) for v, k in outcomes.items()):
         verdict = "reproduced"
     elif all(k != expect(v) for v, k in outcomes.items()):
@@ -188,7 +190,7 @@ def findings(cells: Cells) -> list[dict[str, Any]]:
         out.append(_finding(fid, claim, paper, measured, verdict, "order"))
     principal = {arm: _final(cells, arm, "principal_mask_overlap") for arm in ARMS}
     near = [t_interval(list(v.values()))["mean"] for v in principal.values()]
-    verdict = "not measured" if None in near else ("reproduced" if max(near) <= 0.35 else "not reproduced")
+    verdict = NOT_MEASURED if None in near else ("reproduced" if max(near) <= 0.35 else "not reproduced")
     out.append(_finding(
         "principal_mask_overlap", "No paradigm targets principal weights: principal-mask overlap is near or below "
         "the 30% random baseline for all three.", "29.7% / 27.3% / 26.7%",
@@ -225,7 +227,7 @@ def _trend_verdict(trend: dict[int, float], expands: bool) -> str:
     """``reproduced`` when every seed moves the expected way by :data:`EXPANDS`, ``opposite`` when every seed moves
     the other way."""
     if not trend:
-        return "not measured"
+        return NOT_MEASURED
     up = all(v >= EXPANDS for v in trend.values())
     down = all(v <= 1 / EXPANDS for v in trend.values())
     if up or down:
@@ -235,7 +237,7 @@ def _trend_verdict(trend: dict[int, float], expands: bool) -> str:
 
 def _trajectory_findings(cells: Cells) -> list[dict[str, Any]]:
     band = {s: max(r[1:]) / min(r[1:]) for s, r in _series(cells, "opd").items() if len(r) > 2 and min(r[1:]) > 0}
-    verdict = "not measured" if not band else ("reproduced" if max(band.values()) <= 1.5 else "not reproduced")
+    verdict = NOT_MEASURED if not band else ("reproduced" if max(band.values()) <= 1.5 else "not reproduced")
     out = [
         _finding(
             "opd_rank_band",
@@ -277,6 +279,6 @@ def _trajectory_findings(cells: Cells) -> list[dict[str, Any]]:
 
 def _both(first: str, second: str) -> str:
     """The verdict of a claim made of two comparisons: ``not measured`` until both are measured."""
-    if "not measured" in (first, second):
-        return "not measured"
+    if NOT_MEASURED in (first, second):
+        return NOT_MEASURED
     return first if first == second else "not reproduced"

@@ -11,7 +11,7 @@ from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
 from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
-from lockedopd.bench.paper_findings import RULES, findings
+from lockedopd.bench.paper_findings import NOT_MEASURED, RULES, findings
 from lockedopd.bench.paper_monitor import monitor_on_locks
 from lockedopd.bench.tables import markdown_table
 
@@ -19,8 +19,13 @@ __all__ = ["paper_section", "own_starts", "findings_markdown", "plot_paper"]
 
 
 def paper_section(cells: Cells) -> dict[str, Any]:
-    """The ``findings``, ``sufficiency``, ``monitor`` (:func:`~lockedopd.bench.paper_monitor.monitor_on_locks`) and
-    per-method mean ``trajectories`` keys of ``results.json``."""
+    """The ``findings``, ``findings_not_measured``, ``sufficiency``, ``monitor``
+    (:func:`~lockedopd.bench.paper_monitor.monitor_on_locks`) and per-method mean ``trajectories`` keys of
+    ``results.json``.
+
+    ``findings`` holds the claims with a verdict (``reproduced``, ``not reproduced`` or ``opposite``);
+    ``findings_not_measured`` the ones whose cells have not run yet, in the same shape with the verdict
+    ``not measured``, so that a reader of ``findings`` never mistakes a missing measurement for a result."""
     trajectories = {}
     for method, by_seed in cells.items():
         runs = [c["geometry"] for c in by_seed.values() if c.get("geometry")]
@@ -30,8 +35,10 @@ def paper_section(cells: Cells) -> dict[str, Any]:
                 **{key: _mean_rows([[r[key] for r in g["per_step"]] for g in runs]) for key in TRAJECTORY_KEYS},
                 "seeds": sorted(s for s, c in by_seed.items() if c.get("geometry")),
             }
+    every = findings(cells)
     return {
-        "findings": findings(cells),
+        "findings": [f for f in every if f["verdict"] != NOT_MEASURED],
+        "findings_not_measured": [f for f in every if f["verdict"] == NOT_MEASURED],
         "sufficiency": sufficiency(cells),
         "monitor": monitor_on_locks(cells),
         "trajectories": trajectories,
@@ -65,9 +72,10 @@ def _mean_rows(rows: list[list[float | None]]) -> list[float | None]:
 
 def findings_markdown(report: dict[str, Any]) -> str:
     """``findings.md``: the verdict table, the rules behind the verdicts and the sufficiency shares."""
-    rows = [[f["id"], f["claim"], f["paper"], f["measured"], f["verdict"]] for f in report["findings"]]
-    counts = {v: sum(f["verdict"] == v for f in report["findings"]) for v in
-              ("reproduced", "not reproduced", "opposite", "not measured")}  # fmt: skip
+    every = report["findings"] + report.get("findings_not_measured", [])
+    rows = [[f["id"], f["claim"], f["paper"], f["measured"], f["verdict"]] for f in every]
+    counts = {v: sum(f["verdict"] == v for f in every) for v in
+              ("reproduced", "not reproduced", "opposite", NOT_MEASURED)}  # fmt: skip
     lines = [
         f"# The paper's findings on `{report.get('task')}` ({report.get('experiment')})",
         "",
