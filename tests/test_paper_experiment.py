@@ -127,7 +127,8 @@ def paper_like_cells(flip: bool = False):
                                                                  _table(0.1, 0.9, 10, 0.3, 0.3),
                                                                  acc={8: 0.3, 40: sft_kept - 0.1}, lock=8)  # fmt: skip
     for seed in (0, 1):
-        for name in ("keep_top_50", "keep_random_25", "offpolicy_teacher", "mix_0.75", "mix_0.5"):
+        for name in ("keep_top_50", "keep_top_25", "keep_random_50", "keep_random_25", "offpolicy_teacher",
+                     "offpolicy_initial", "mix_0.75", "mix_0.5"):  # fmt: skip
             cells.setdefault(name, {})[seed] = _cell([23, 26, 25], [1, 1.6, 2.2], [0.8, 0.9, 1.0], _table(*[0.5] * 5))
         for name in ("mix_0.25", "mix_0"):
             cells.setdefault(name, {})[seed] = _cell(
@@ -180,6 +181,27 @@ def test_a_checkpoint_without_a_measured_rank_leaves_its_seed_out_instead_of_fai
     cells["opd"][0]["geometry"]["per_step"][0]["stable_rank_median"] = None  # e.g. no update yet at step 4
     found = {f["id"]: f for f in findings(cells)}
     assert found["opd_rank_band"]["verdict"] == "reproduced" and "(n=1)" not in found["opd_rank_band"]["measured"]
+
+
+def test_a_control_family_is_reproduced_only_once_every_variant_ran():
+    from lockedopd.bench.paper_findings import findings
+
+    cells = paper_like_cells()
+    del cells["keep_random_50"], cells["mix_0.25"]
+    found = {f["id"]: f for f in findings(cells)}
+    # the variants that ran behave as the paper found, but the claim is about all of them
+    assert found["token_sparsification"]["verdict"] == "not measured"
+    assert found["token_sparsification"]["measured"].endswith("; not run yet: keep_random_50")
+    assert "keep_top_50: keeps (final stable rank 20 [20, 20], 2 seeds)" in found["token_sparsification"]["measured"]
+    assert found["objective_mixing"]["verdict"] == "not measured"
+    # one variant against the paper settles it before the rest run
+    cells["mix_0"] = cells["mix_0.75"]  # λ = 0 keeps OPD's trajectory: the paper's departs
+    assert {f["id"]: f["verdict"] for f in findings(cells)}["objective_mixing"] == "not reproduced"
+    cells = paper_like_cells()
+    for name in ("mix_0.25", "mix_0"):
+        cells[name] = cells["mix_0.75"]
+    cells["mix_0.75"] = cells["mix_0.5"] = paper_like_cells()["mix_0"]  # every variant the other way round
+    assert {f["id"]: f["verdict"] for f in findings(cells)}["objective_mixing"] == "opposite"
 
 
 def test_a_claim_against_two_arms_waits_for_both():

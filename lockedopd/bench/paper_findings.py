@@ -31,7 +31,8 @@ KEEP_TOLERANCE = 0.25
 EXPANDS = 1.2
 RULES = {
     "order": "holds on every shared seed: reproduced; the reverse on every seed: opposite; else not reproduced",
-    "keeps": f"median stable rank within ±{KEEP_TOLERANCE:.0%} of OPD's at every checkpoint (mean over seeds)",
+    "keeps": f"median stable rank within ±{KEEP_TOLERANCE:.0%} of OPD's at every checkpoint (mean over seeds); "
+    "a control family is reproduced once every variant ran and each behaves as the paper found",
     "expands": f"last / first checkpoint's median stable rank ≥ {EXPANDS} (contracts: ≤ 1/{EXPANDS}) on every seed",
     "sufficiency": "share of the unconstrained run's post-lock greedy accuracy gain; OPD reproduced at mean ≥ 0.9; "
     "the contrast reproduced when SFT's 95% interval lies below OPD's",
@@ -154,20 +155,25 @@ def _finding(fid: str, claim: str, paper: str, measured: str, verdict: str, rule
 
 def _control_finding(cells: Cells, family: str, claim: str, paper: str, expect: Callable[[str], bool]) -> dict:
     """A control family: each variant keeps OPD's trajectory or departs; ``expect(variant)`` says which the paper
-    found."""
-    outcomes = {v: _keeps(cells, v) for v in CONTROLS[family] if _geometry(cells, v)}
-    if not outcomes or any(k is None for k in outcomes.values()):
+    found. The claim is about every variant of the family: it is ``reproduced`` only once all of them ran, while one
+    that went against the paper already makes it ``not reproduced``."""
+    variants = CONTROLS[family]
+    outcomes = {v: _keeps(cells, v) for v in variants if _geometry(cells, v)}
+    missing = [v for v in variants if v not in outcomes]
+    agree = {v: k == expect(v) for v, k in outcomes.items() if k is not None}
+    if not agree or len(agree) < len(outcomes):
         verdict = NOT_MEASURED
-    elif all(k == expect(v) for v, k in outcomes.items()):
-        verdict = "reproduced"
-    elif all(k != expect(v) for v, k in outcomes.items()):
-        verdict = "opposite"
+    elif not all(agree.values()):
+        verdict = "opposite" if not missing and not any(agree.values()) else "not reproduced"
     else:
-        verdict = "not reproduced"
-    norms = {v: _final(cells, v, "stable_rank") for v in outcomes}
+        verdict = NOT_MEASURED if missing else "reproduced"
     measured = "; ".join(
-        f"{v}: {'keeps' if k else 'departs'} (final stable rank {_fmt(norms[v])})" for v, k in outcomes.items()
+        f"{v}: {'keeps' if k else 'departs'} (final stable rank {_fmt(_final(cells, v, 'stable_rank'))}, "
+        f"{len(_series(cells, v))} seed{'s' if len(_series(cells, v)) != 1 else ''})"
+        for v, k in outcomes.items()
     )
+    if outcomes and missing:
+        measured += f"; not run yet: {', '.join(missing)}"
     return _finding(family.replace(" ", "_").replace("-", "_"), claim, paper, measured or "—", verdict, "keeps")
 
 
