@@ -23,7 +23,7 @@ from lockedopd.bench.accuracy_report import Cells
 from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
 from lockedopd.bench.stats import t_interval
 
-__all__ = ["NOT_MEASURED", "RULES", "findings"]
+__all__ = ["KEEP_TOLERANCE", "NOT_MEASURED", "RULES", "findings"]
 
 NOT_MEASURED = "not measured"  # the verdict of a claim whose cells have not run: no result, not a negative one
 
@@ -52,6 +52,12 @@ def _series(cells: Cells, method: str, key: str = "stable_rank_median") -> dict[
     left out)."""
     series = {s: [r[key] for r in g["per_step"]] for s, g in _geometry(cells, method).items()}
     return {s: values for s, values in series.items() if values and all(v is not None for v in values)}
+
+
+def _last_mean(cells: Cells, method: str, key: str) -> float:
+    """``key`` at the last checkpoint, mean over the seeds that measured every checkpoint (nan without one)."""
+    last = [series[-1] for series in _series(cells, method, key).values()]
+    return sum(last) / len(last) if last else float("nan")
 
 
 def _fmt(values: dict[int, float], scale: float = 1.0, unit: str = "") -> str:
@@ -167,10 +173,14 @@ def _control_finding(cells: Cells, family: str, claim: str, paper: str, expect: 
         verdict = "opposite" if not missing and not any(agree.values()) else "not reproduced"
     else:
         verdict = NOT_MEASURED if missing else "reproduced"
+    opd_rank, opd_norm = _last_mean(cells, "opd", "stable_rank_median"), _last_mean(cells, "opd", "update_fro_norm")
     measured = "; ".join(
-        f"{v}: {'keeps' if k else 'departs'} (final stable rank {_fmt(_final(cells, v, 'stable_rank'))}, "
+        f"{v}: {'keeps' if k else 'departs'} (median stable rank at the end "
+        f"{_last_mean(cells, v, 'stable_rank_median'):.3g} vs OPD's {opd_rank:.3g}, ‖ΔW‖_F "
+        f"{_last_mean(cells, v, 'update_fro_norm'):.3g} vs {opd_norm:.3g}; "
         f"{len(_series(cells, v))} seed{'s' if len(_series(cells, v)) != 1 else ''})"
         for v, k in outcomes.items()
+        if k is not None
     )
     if outcomes and missing:
         measured += f"; not run yet: {', '.join(missing)}"

@@ -11,7 +11,7 @@ from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
 from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
-from lockedopd.bench.paper_findings import NOT_MEASURED, RULES, findings
+from lockedopd.bench.paper_findings import KEEP_TOLERANCE, NOT_MEASURED, RULES, findings
 from lockedopd.bench.paper_monitor import monitor_on_locks
 from lockedopd.bench.tables import markdown_table
 
@@ -176,7 +176,12 @@ def plot_paper(report: dict[str, Any], out_dir: Path) -> list[Path]:
     if families and "opd" in traj:
         fig, axes = plt.subplots(1, len(families), figsize=(4.4 * len(families), 3.6), squeeze=False)
         for ax, (family, variants) in zip(axes[0], families):
-            ax.plot(traj["opd"]["steps"], traj["opd"]["stable_rank_median"], color="black", lw=2, label="OPD")
+            steps, opd_rank = traj["opd"]["steps"], traj["opd"]["stable_rank_median"]
+            ax.plot(steps, opd_rank, color="black", lw=2, label="OPD")
+            known = [(s, r) for s, r in zip(steps, opd_rank) if r is not None]
+            ax.fill_between([s for s, _ in known], [(1 - KEEP_TOLERANCE) * r for _, r in known],
+                            [(1 + KEEP_TOLERANCE) * r for _, r in known], color="grey", alpha=0.15,
+                            label=f"keeps OPD's (±{KEEP_TOLERANCE:.0%})")  # fmt: skip
             for v in variants:
                 ax.plot(traj[v]["steps"], traj[v]["stable_rank_median"], marker=".", label=v)
             ax.set(title=family, xlabel="step", ylabel="stable rank (median)")
