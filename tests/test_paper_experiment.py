@@ -245,6 +245,21 @@ def test_the_monitor_agrees_only_when_its_estimate_orders_the_locks_as_their_mea
     assert monitor_on_locks(_with_monitor(paper_like_cells(), one_seed_wrong))["verdict"] == "mixed"
 
 
+def test_the_monitor_verdict_is_given_per_sft_arm_and_over_all_of_them():
+    from lockedopd.bench.paper_monitor import monitor_on_locks
+
+    estimates = {"opd_locked": {0: 0.2, 1: 0.2}, "sft_locked": {0: 0.05, 1: 0.05},
+                 "sft_verbose_locked": {0: 0.3, 1: 0.25}}  # fmt: skip
+    monitor = monitor_on_locks(_with_monitor(paper_like_cells(), estimates))
+    # both SFT locks keep less than OPD's (≈0.4 vs ≈0.97): the SFT estimates read lower, the off-distribution higher
+    assert monitor["verdict_by_arm"] == {"sft": "agrees", "sft_verbose": "opposite"}
+    assert monitor["verdict"] == "mixed" and monitor["seeds"] == [0, 1]
+    del estimates["sft_verbose_locked"][1]
+    estimates["sft_verbose_locked"][0] = 0.1
+    monitor = monitor_on_locks(_with_monitor(paper_like_cells(), estimates))
+    assert monitor["verdict_by_arm"]["sft_verbose"] == "agrees" and monitor["verdict"] == "agrees"
+
+
 def test_findings_markdown_shows_the_monitor_beside_the_measured_shares():
     from lockedopd.bench.paper_report import findings_markdown, paper_section
 

@@ -22,10 +22,12 @@ def monitor_on_locks(cells: Cells) -> dict[str, Any]:
 
     Returns:
         ``{"estimate": MONITOR_ESTIMATE, "per_seed": {arm: {seed: {"estimate", "measured", "captured_energy",
-        "drift_events"}}}, "seeds": [...], "verdict"}``. The verdict compares the locked SFT and OPD runs of every seed
-        that has both estimates and both measured shares: ``"agrees"`` when on each of them the monitor's estimate
-        orders the two runs as their measured shares do (the lock that kept less reads lower), ``"opposite"`` when it
-        orders them the other way on each, ``"mixed"`` otherwise, ``"not measured"`` without such a seed.
+        "drift_events"}}}, "seeds": [...], "verdict", "verdict_by_arm": {arm: verdict}}``. A verdict compares an SFT
+        arm's lock with OPD's on every seed that has both estimates and both measured shares: ``"agrees"`` when on
+        each of them the monitor's estimate orders the two runs as their measured shares do (the lock that kept less
+        reads lower), ``"opposite"`` when it orders them the other way on each, ``"mixed"`` otherwise,
+        ``"not measured"`` without such a seed. ``verdict_by_arm`` holds one per SFT arm (``seeds`` are the SFT
+        arm's); ``verdict`` pools every (SFT arm, seed) pair.
     """
     suff = sufficiency(cells)
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
@@ -39,22 +41,38 @@ def monitor_on_locks(cells: Cells) -> dict[str, Any]:
                 "captured_energy": monitor.get("captured_energy_mean"),
                 "drift_events": list(monitor.get("drift_events") or []),
             }
+    by_arm = {arm: _ordering(per_seed, arm) for arm in per_seed if arm != "opd"}
+    pairs = [sign for _, signs in by_arm.values() for sign in signs]
+    return {
+        "estimate": MONITOR_ESTIMATE,
+        "per_seed": per_seed,
+        "seeds": by_arm.get("sft", ([], []))[0],
+        "verdict": _verdict(pairs),
+        "verdict_by_arm": {arm: _verdict(signs) for arm, (_, signs) in by_arm.items()},
+    }
+
+
+def _ordering(per_seed: dict[str, dict[int, dict[str, Any]]], arm: str) -> tuple[list[int], list[float]]:
+    """The seeds on which ``arm``'s lock and OPD's both have an estimate and a measured share, and on each the sign
+    of (estimate difference) x (measured difference): positive when the monitor orders the two as measured."""
     seeds = [
         s
-        for s in sorted(set(per_seed["sft"]) & set(per_seed["opd"]))
-        if all(per_seed[a][s][k] is not None for a in ("sft", "opd") for k in ("estimate", "measured"))
+        for s in sorted(set(per_seed[arm]) & set(per_seed["opd"]))
+        if all(per_seed[a][s][k] is not None for a in (arm, "opd") for k in ("estimate", "measured"))
     ]
-    agree = [
-        (per_seed["sft"][s]["estimate"] - per_seed["opd"][s]["estimate"])
-        * (per_seed["sft"][s]["measured"] - per_seed["opd"][s]["measured"])
+    signs = [
+        (per_seed[arm][s]["estimate"] - per_seed["opd"][s]["estimate"])
+        * (per_seed[arm][s]["measured"] - per_seed["opd"][s]["measured"])
         for s in seeds
     ]
-    if not seeds:
-        verdict = "not measured"
-    elif all(a > 0 for a in agree):
-        verdict = "agrees"
-    elif all(a < 0 for a in agree):
-        verdict = "opposite"
-    else:
-        verdict = "mixed"
-    return {"estimate": MONITOR_ESTIMATE, "per_seed": per_seed, "seeds": seeds, "verdict": verdict}
+    return seeds, signs
+
+
+def _verdict(signs: list[float]) -> str:
+    if not signs:
+        return "not measured"
+    if all(a > 0 for a in signs):
+        return "agrees"
+    if all(a < 0 for a in signs):
+        return "opposite"
+    return "mixed"

@@ -123,9 +123,10 @@ def _monitor_markdown(monitor: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
     return [
         f"The live monitor on these locks (`{monitor['estimate']}`, read during the run without the unconstrained "
-        f"one): does it tell the lock that kept less of its gain? Verdict over seeds {monitor['seeds'] or '—'}: "
-        f"**{monitor['verdict']}** (agrees: on every seed its estimate orders the SFT and OPD locks as their measured "
-        "shares do).",
+        f"one): does it tell the lock that kept less of its gain? Verdict over every SFT lock against OPD's on its "
+        f"seed: **{monitor['verdict']}** ("
+        + ", ".join(f"{label(arm)}: {v}" for arm, v in monitor.get("verdict_by_arm", {}).items())
+        + "; agrees: on every seed its estimate orders the SFT and OPD locks as their measured shares do).",
         "",
         *markdown_table(["lock", "seed", "monitor's estimate", "measured share", "captured energy", "drift at"], rows),
     ]
