@@ -174,13 +174,12 @@ def _control_finding(cells: Cells, family: str, claim: str, paper: str, expect: 
     else:
         verdict = NOT_MEASURED if missing else "reproduced"
     opd_rank, opd_norm = _last_mean(cells, "opd", "stable_rank_median"), _last_mean(cells, "opd", "update_fro_norm")
+    seeds = {v: len(_series(cells, v)) for v in agree}
     measured = "; ".join(
-        f"{v}: {'keeps' if k else 'departs'} (median stable rank at the end "
+        f"{v}: {'keeps' if outcomes[v] else 'departs'} (median stable rank at the end "
         f"{_last_mean(cells, v, 'stable_rank_median'):.3g} vs OPD's {opd_rank:.3g}, ‖ΔW‖_F "
-        f"{_last_mean(cells, v, 'update_fro_norm'):.3g} vs {opd_norm:.3g}; "
-        f"{len(_series(cells, v))} seed{'s' if len(_series(cells, v)) != 1 else ''})"
-        for v, k in outcomes.items()
-        if k is not None
+        f"{_last_mean(cells, v, 'update_fro_norm'):.3g} vs {opd_norm:.3g}; {n} seed{'s' if n != 1 else ''})"
+        for v, n in seeds.items()
     )
     if outcomes and missing:
         measured += f"; not run yet: {', '.join(missing)}"

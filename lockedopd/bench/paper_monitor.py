@@ -8,6 +8,7 @@ from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
 from lockedopd.bench.paper_arms import LOCKED, sufficiency
+from lockedopd.bench.paper_findings import NOT_MEASURED
 
 __all__ = ["MONITOR_ESTIMATE", "monitor_on_locks"]
 
@@ -69,8 +70,9 @@ def _ordering(per_seed: dict[str, dict[int, dict[str, Any]]], arm: str) -> tuple
 
 
 def _verdict(signs: list[float]) -> str:
+    """``agrees`` / ``opposite`` when every sign is positive / negative, ``mixed`` otherwise."""
     if not signs:
-        return "not measured"
+        return NOT_MEASURED
     if all(a > 0 for a in signs):
         return "agrees"
     if all(a < 0 for a in signs):
