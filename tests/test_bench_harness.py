@@ -142,7 +142,7 @@ ARCHIVED_GRIDS = sorted(p.parent.name for p in (REPO / "benchmarks" / "results")
 
 @pytest.mark.parametrize("name", ARCHIVED_GRIDS)
 def test_the_committed_archive_reproduces_the_committed_report(tmp_path, name):
-    """Every committed grid's report is what its archive renders today: a report change is re-rendered and committed."""
+    """Every committed grid's report is what its archive renders today: re-render and commit after a report change."""
     committed = REPO / "benchmarks" / "results" / name
     out = tmp_path / name
     out.mkdir()

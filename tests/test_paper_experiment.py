@@ -283,3 +283,27 @@ def test_findings_markdown_names_an_arm_that_starts_from_its_own_student():
         'RLVR starts from its own student (`student.source="built:anchor.yaml"`, `student.keep_layers=null`)' in text
     )
     assert "SFT starts" not in text and "OPD starts" not in text
+
+
+def test_the_controls_summary_gives_each_variants_gap_to_opd_beside_opds_own_seed_spread():
+    from lockedopd.bench.paper_findings import controls_summary
+    from lockedopd.bench.paper_report import findings_markdown, paper_section
+
+    cells = paper_like_cells()
+    cells["opd"][2]["geometry"]["per_step"][1]["stable_rank_median"] = 28  # OPD's mean trajectory: 22, 26, 24
+    cells["mix_0"][1]["eval_accuracy"] = {40: 0.1}
+    rows = {r["variant"]: r for r in controls_summary(cells)}
+    assert rows["opd"]["family"] == "baseline" and abs(rows["opd"]["largest_gap"] - 2 / 26) < 1e-12
+    assert abs(rows["opd"]["greedy_accuracy_end"] - 0.8) < 1e-12 and rows["opd"]["seeds"] == [0, 1, 2]
+    assert abs(rows["keep_top_50"]["largest_gap"] - 1 / 22) < 1e-12  # 23 vs 22 at the first checkpoint
+    assert abs(rows["mix_0"]["largest_gap"] - 10 / 24) < 1e-12  # 14 vs 24 at the last: past the ±25% band
+    assert rows["mix_0"]["family"] == "objective mixing" and rows["mix_0"]["seeds"] == [0, 1]
+    assert rows["mix_0"]["stable_rank_end"] == 14 and abs(rows["mix_0"]["update_norm_end"] - 0.3) < 1e-12
+    assert rows["mix_0"]["greedy_accuracy_end"] == 0.1 and rows["keep_top_50"]["greedy_accuracy_end"] is None
+    del cells["keep_random_50"]
+    assert "keep_random_50" not in {r["variant"] for r in controls_summary(cells)}
+    report = {"task": "t", "experiment": "e", **paper_section(cells)}
+    text = findings_markdown(report)
+    assert "| mix_0 | objective mixing | 0, 1 | 41.7% | 14 | 0.3 | 0.100 |" in text
+    assert "| opd (seed to seed) | baseline | 0, 1, 2 | 7.7% |" in text
+    assert controls_summary({"mix_0": cells["mix_0"]}) == []  # nothing to compare with

@@ -19,11 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lockedopd.bench.accuracy_report import Cells
+from lockedopd.bench.accuracy_report import Cells, final_accuracy
 from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
 from lockedopd.bench.stats import t_interval
 
-__all__ = ["KEEP_TOLERANCE", "NOT_MEASURED", "RULES", "findings"]
+__all__ = ["KEEP_TOLERANCE", "NOT_MEASURED", "RULES", "controls_summary", "findings"]
 
 NOT_MEASURED = "not measured"  # the verdict of a claim whose cells have not run: no result, not a negative one
 
@@ -95,10 +95,16 @@ def _arm_order(cells: Cells, key: str, increasing: bool, scale: float, unit: str
 
 def _keeps(cells: Cells, method: str, baseline: str = "opd") -> bool | None:
     """Whether ``method``'s mean stable-rank trajectory stays within the tolerance of ``baseline``'s."""
-    ours, base = _mean_series(_series(cells, method)), _mean_series(_series(cells, baseline))
+    gap = _largest_gap(_mean_series(_series(cells, method)), _mean_series(_series(cells, baseline)))
+    return None if gap is None else gap <= KEEP_TOLERANCE
+
+
+def _largest_gap(ours: list[float], base: list[float]) -> float | None:
+    """The largest relative gap ``|a - b| / |b|`` between two trajectories, checkpoint by checkpoint: what the
+    ``keeps`` rule bounds (None when they cannot be compared)."""
     if not ours or not base or len(ours) != len(base):
         return None
-    return all(abs(a - b) <= KEEP_TOLERANCE * abs(b) for a, b in zip(ours, base))
+    return max(abs(a - b) / abs(b) if b else (0.0 if a == b else float("inf")) for a, b in zip(ours, base))
 
 
 def _mean_series(by_seed: dict[int, list[float]]) -> list[float]:
@@ -184,6 +190,46 @@ def _control_finding(cells: Cells, family: str, claim: str, paper: str, expect: 
     if outcomes and missing:
         measured += f"; not run yet: {', '.join(missing)}"
     return _finding(family.replace(" ", "_").replace("-", "_"), claim, paper, measured or "—", verdict, "keeps")
+
+
+def controls_summary(cells: Cells, baseline: str = "opd") -> list[dict[str, Any]]:
+    """One row per control variant that ran, after the baseline's own: what each family's verdict reads, with its
+    margin.
+
+    Each row has ``family``, ``variant``, ``seeds``, ``largest_gap`` (the largest relative gap between the variant's
+    mean median-stable-rank trajectory and the baseline's, checkpoint by checkpoint: ``keeps`` means
+    ≤ :data:`KEEP_TOLERANCE`), and means over its seeds of ``stable_rank_end`` and ``update_norm_end`` (median stable
+    rank and ‖ΔW‖_F at the last checkpoint) and ``greedy_accuracy_end`` (None where no seed evaluated it). The
+    baseline's row gives its seed-to-seed spread instead: the largest gap of one of its seeds from their mean, the
+    floor below which no variant can be told from it.
+    """
+    base_series = _series(cells, baseline)
+    base = _mean_series(base_series)
+    if not base:
+        return []
+    spread = [g for g in (_largest_gap(r, base) for r in base_series.values()) if g is not None]
+    rows = [_control_row(cells, "baseline", baseline, max(spread) if spread else None)]
+    for family, variants in CONTROLS.items():
+        for variant in variants:
+            series = _series(cells, variant)
+            if series:
+                rows.append(_control_row(cells, family, variant, _largest_gap(_mean_series(series), base)))
+    return rows
+
+
+def _control_row(cells: Cells, family: str, method: str, gap: float | None) -> dict[str, Any]:
+    accuracy = [
+        a for a in (final_accuracy(c, "eval_accuracy") for c in cells.get(method, {}).values()) if a is not None
+    ]
+    return {
+        "family": family,
+        "variant": method,
+        "seeds": sorted(_series(cells, method)),
+        "largest_gap": gap,
+        "stable_rank_end": _last_mean(cells, method, "stable_rank_median"),
+        "update_norm_end": _last_mean(cells, method, "update_fro_norm"),
+        "greedy_accuracy_end": sum(accuracy) / len(accuracy) if accuracy else None,
+    }
 
 
 def findings(cells: Cells) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
 from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
-from lockedopd.bench.paper_findings import KEEP_TOLERANCE, NOT_MEASURED, RULES, findings
+from lockedopd.bench.paper_findings import KEEP_TOLERANCE, NOT_MEASURED, RULES, controls_summary, findings
 from lockedopd.bench.paper_monitor import monitor_on_locks
 from lockedopd.bench.tables import markdown_table
 
@@ -19,7 +19,8 @@ __all__ = ["paper_section", "own_starts", "findings_markdown", "plot_paper"]
 
 
 def paper_section(cells: Cells) -> dict[str, Any]:
-    """The ``findings``, ``findings_not_measured``, ``sufficiency``, ``monitor``
+    """The ``findings``, ``findings_not_measured``, ``sufficiency``, ``controls``
+    (:func:`~lockedopd.bench.paper_findings.controls_summary`), ``monitor``
     (:func:`~lockedopd.bench.paper_monitor.monitor_on_locks`) and per-method mean ``trajectories`` keys of
     ``results.json``.
 
@@ -40,6 +41,7 @@ def paper_section(cells: Cells) -> dict[str, Any]:
         "findings": [f for f in every if f["verdict"] != NOT_MEASURED],
         "findings_not_measured": [f for f in every if f["verdict"] == NOT_MEASURED],
         "sufficiency": sufficiency(cells),
+        "controls": controls_summary(cells),
         "monitor": monitor_on_locks(cells),
         "trajectories": trajectories,
         "own_starts": own_starts(cells),
@@ -96,6 +98,8 @@ def findings_markdown(report: dict[str, Any]) -> str:
         *[f"- {name}: {rule}" for name, rule in RULES.items()],
         "",
     ]
+    if report.get("controls"):
+        lines += [*_controls_markdown(report["controls"]), ""]
     suff = report["sufficiency"]
     lines += [
         "Functional sufficiency (share of the unconstrained run's post-lock greedy accuracy gain, per seed):",
@@ -107,6 +111,32 @@ def findings_markdown(report: dict[str, Any]) -> str:
     if report.get("monitor"):
         lines += ["", *_monitor_markdown(report["monitor"])]
     return "\n".join(lines) + "\n"
+
+
+CONTROLS_HEADER = ["run", "family", "seeds", "largest gap to OPD", "median stable rank at the end",
+                   "‖ΔW‖_F at the end", "greedy accuracy at the end"]  # fmt: skip
+
+
+def _controls_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The controls against OPD: how far each variant's stable-rank trajectory strays from OPD's, beside OPD's own
+    seed-to-seed spread, with its update's size and what it learned."""
+
+    def _number(x: float | None, fmt: str = ".3g") -> str:
+        return "—" if x is None else format(x, fmt)
+
+    table = [
+        [r["variant"] if r["family"] != "baseline" else f"{r['variant']} (seed to seed)",
+         r["family"], ", ".join(map(str, r["seeds"])), _number(r["largest_gap"], ".1%"),
+         _number(r["stable_rank_end"]), _number(r["update_norm_end"]), _number(r["greedy_accuracy_end"], ".3f")]
+        for r in rows
+    ]  # fmt: skip
+    return [
+        f"The controls against OPD: the largest gap between a variant's mean median-stable-rank trajectory and "
+        f"OPD's, checkpoint by checkpoint (`keeps` means at most {KEEP_TOLERANCE:.0%}); OPD's own row is the largest "
+        "gap of one of its seeds from their mean, the spread below which no variant can be told from it.",
+        "",
+        *markdown_table(CONTROLS_HEADER, table),
+    ]
 
 
 def _monitor_markdown(monitor: dict[str, Any]) -> list[str]:
