@@ -204,6 +204,7 @@ def plot_paper(report: dict[str, Any], out_dir: Path) -> list[Path]:
         written.append(save_figure(fig, out_dir / "sufficiency.png"))
     families = [(f, [v for v in variants if v in traj]) for f, variants in CONTROLS.items()]
     families = [(f, v) for f, v in families if v]
+    spread = next((r["largest_gap"] for r in report.get("controls", []) if r["family"] == "baseline"), None)
     if families and "opd" in traj:
         fig, axes = plt.subplots(1, len(families), figsize=(4.4 * len(families), 3.6), squeeze=False)
         for ax, (family, variants) in zip(axes[0], families):
@@ -213,6 +214,10 @@ def plot_paper(report: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.fill_between([s for s, _ in known], [(1 - KEEP_TOLERANCE) * r for _, r in known],
                             [(1 + KEEP_TOLERANCE) * r for _, r in known], color="grey", alpha=0.15,
                             label=f"keeps OPD's (±{KEEP_TOLERANCE:.0%})")  # fmt: skip
+            if spread is not None:
+                ax.fill_between([s for s, _ in known], [(1 - spread) * r for _, r in known],
+                                [(1 + spread) * r for _, r in known], color="black", alpha=0.15,
+                                label=f"OPD's seed spread (±{spread:.1%})")  # fmt: skip
             for v in variants:
                 ax.plot(traj[v]["steps"], traj[v]["stable_rank_median"], marker=".", label=v)
             ax.set(title=family, xlabel="step", ylabel="stable rank (median)")
