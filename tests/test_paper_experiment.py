@@ -286,7 +286,7 @@ def test_findings_markdown_names_an_arm_that_starts_from_its_own_student():
 
 
 def test_the_controls_summary_gives_each_variants_gap_to_opd_beside_opds_own_seed_spread():
-    from lockedopd.bench.paper_findings import controls_summary
+    from lockedopd.bench.paper_controls import controls_summary
     from lockedopd.bench.paper_report import findings_markdown, paper_section
 
     cells = paper_like_cells()

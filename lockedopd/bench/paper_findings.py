@@ -19,11 +19,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lockedopd.bench.accuracy_report import Cells, final_accuracy
+from lockedopd.bench.accuracy_report import Cells
 from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
+from lockedopd.bench.paper_trajectories import (
+    final_by_seed,
+    geometry_by_seed,
+    largest_gap,
+    last_mean,
+    mean_series,
+    series_by_seed,
+)
 from lockedopd.bench.stats import t_interval
 
-__all__ = ["KEEP_TOLERANCE", "NOT_MEASURED", "RULES", "controls_summary", "findings"]
+__all__ = ["KEEP_TOLERANCE", "NOT_MEASURED", "RULES", "findings"]
 
 NOT_MEASURED = "not measured"  # the verdict of a claim whose cells have not run: no result, not a negative one
 
@@ -37,27 +45,6 @@ RULES = {
     "sufficiency": "share of the unconstrained run's post-lock greedy accuracy gain; OPD reproduced at mean ≥ 0.9; "
     "the contrast reproduced when SFT's 95% interval lies below OPD's",
 }
-
-
-def _geometry(cells: Cells, method: str) -> dict[int, dict[str, Any]]:
-    return {s: c["geometry"] for s, c in cells.get(method, {}).items() if c.get("geometry")}
-
-
-def _final(cells: Cells, method: str, key: str) -> dict[int, float]:
-    return {s: g["final"][key] for s, g in _geometry(cells, method).items() if g["final"].get(key) is not None}
-
-
-def _series(cells: Cells, method: str, key: str = "stable_rank_median") -> dict[int, list[float]]:
-    """Per seed, ``key`` at every checkpoint (seeds with an unmeasured checkpoint, e.g. an update still zero, are
-    left out)."""
-    series = {s: [r[key] for r in g["per_step"]] for s, g in _geometry(cells, method).items()}
-    return {s: values for s, values in series.items() if values and all(v is not None for v in values)}
-
-
-def _last_mean(cells: Cells, method: str, key: str) -> float:
-    """``key`` at the last checkpoint, mean over the seeds that measured every checkpoint (nan without one)."""
-    last = [series[-1] for series in _series(cells, method, key).values()]
-    return sum(last) / len(last) if last else float("nan")
 
 
 def _fmt(values: dict[int, float], scale: float = 1.0, unit: str = "") -> str:
@@ -88,35 +75,20 @@ def _order(per_method: dict[str, dict[int, float]], increasing: bool) -> str:
 
 
 def _arm_order(cells: Cells, key: str, increasing: bool, scale: float, unit: str) -> tuple[str, str]:
-    per = {arm: _final(cells, arm, key) for arm in ARMS}
+    per = {arm: final_by_seed(cells, arm, key) for arm in ARMS}
     measured = ", ".join(f"{arm.upper()} {_fmt(v, scale, unit)}" for arm, v in per.items())
     return measured, _order(per, increasing)
 
 
 def _keeps(cells: Cells, method: str, baseline: str = "opd") -> bool | None:
     """Whether ``method``'s mean stable-rank trajectory stays within the tolerance of ``baseline``'s."""
-    gap = _largest_gap(_mean_series(_series(cells, method)), _mean_series(_series(cells, baseline)))
+    gap = largest_gap(mean_series(series_by_seed(cells, method)), mean_series(series_by_seed(cells, baseline)))
     return None if gap is None else gap <= KEEP_TOLERANCE
-
-
-def _largest_gap(ours: list[float], base: list[float]) -> float | None:
-    """The largest relative gap ``|a - b| / |b|`` between two trajectories, checkpoint by checkpoint: what the
-    ``keeps`` rule bounds (None when they cannot be compared)."""
-    if not ours or not base or len(ours) != len(base):
-        return None
-    return max(abs(a - b) / abs(b) if b else (0.0 if a == b else float("inf")) for a, b in zip(ours, base))
-
-
-def _mean_series(by_seed: dict[int, list[float]]) -> list[float]:
-    rows = [r for r in by_seed.values() if r and all(v is not None for v in r)]
-    if not rows or len({len(r) for r in rows}) != 1:
-        return []
-    return [sum(col) / len(col) for col in zip(*rows)]
 
 
 def _trend(cells: Cells, method: str) -> dict[int, float]:
     """Per seed: last / first checkpoint's median stable rank."""
-    return {s: r[-1] / r[0] for s, r in _series(cells, method).items() if len(r) > 1 and r[0]}
+    return {s: r[-1] / r[0] for s, r in series_by_seed(cells, method).items() if len(r) > 1 and r[0]}
 
 
 def _contrast(sft: dict[str, Any], opd: dict[str, Any]) -> str:
@@ -170,7 +142,7 @@ def _control_finding(cells: Cells, family: str, claim: str, paper: str, expect: 
     found. The claim is about every variant of the family: it is ``reproduced`` only once all of them ran, while one
     that went against the paper already makes it ``not reproduced``."""
     variants = CONTROLS[family]
-    outcomes = {v: _keeps(cells, v) for v in variants if _geometry(cells, v)}
+    outcomes = {v: _keeps(cells, v) for v in variants if geometry_by_seed(cells, v)}
     missing = [v for v in variants if v not in outcomes]
     agree = {v: k == expect(v) for v, k in outcomes.items() if k is not None}
     if not agree or len(agree) < len(outcomes):
@@ -179,57 +151,17 @@ def _control_finding(cells: Cells, family: str, claim: str, paper: str, expect: 
         verdict = "opposite" if not missing and not any(agree.values()) else "not reproduced"
     else:
         verdict = NOT_MEASURED if missing else "reproduced"
-    opd_rank, opd_norm = _last_mean(cells, "opd", "stable_rank_median"), _last_mean(cells, "opd", "update_fro_norm")
-    seeds = {v: len(_series(cells, v)) for v in agree}
+    opd_rank, opd_norm = last_mean(cells, "opd", "stable_rank_median"), last_mean(cells, "opd", "update_fro_norm")
+    seeds = {v: len(series_by_seed(cells, v)) for v in agree}
     measured = "; ".join(
         f"{v}: {'keeps' if outcomes[v] else 'departs'} (median stable rank at the end "
-        f"{_last_mean(cells, v, 'stable_rank_median'):.3g} vs OPD's {opd_rank:.3g}, ‖ΔW‖_F "
-        f"{_last_mean(cells, v, 'update_fro_norm'):.3g} vs {opd_norm:.3g}; {n} seed{'s' if n != 1 else ''})"
+        f"{last_mean(cells, v, 'stable_rank_median'):.3g} vs OPD's {opd_rank:.3g}, ‖ΔW‖_F "
+        f"{last_mean(cells, v, 'update_fro_norm'):.3g} vs {opd_norm:.3g}; {n} seed{'s' if n != 1 else ''})"
         for v, n in seeds.items()
     )
     if outcomes and missing:
         measured += f"; not run yet: {', '.join(missing)}"
     return _finding(family.replace(" ", "_").replace("-", "_"), claim, paper, measured or "—", verdict, "keeps")
-
-
-def controls_summary(cells: Cells, baseline: str = "opd") -> list[dict[str, Any]]:
-    """One row per control variant that ran, after the baseline's own: what each family's verdict reads, with its
-    margin.
-
-    Each row has ``family``, ``variant``, ``seeds``, ``largest_gap`` (the largest relative gap between the variant's
-    mean median-stable-rank trajectory and the baseline's, checkpoint by checkpoint: ``keeps`` means
-    ≤ :data:`KEEP_TOLERANCE`), and means over its seeds of ``stable_rank_end`` and ``update_norm_end`` (median stable
-    rank and ‖ΔW‖_F at the last checkpoint) and ``greedy_accuracy_end`` (None where no seed evaluated it). The
-    baseline's row gives its seed-to-seed spread instead: the largest gap of one of its seeds from their mean, the
-    floor below which no variant can be told from it.
-    """
-    base_series = _series(cells, baseline)
-    base = _mean_series(base_series)
-    if not base:
-        return []
-    spread = [g for g in (_largest_gap(r, base) for r in base_series.values()) if g is not None]
-    rows = [_control_row(cells, "baseline", baseline, max(spread) if spread else None)]
-    for family, variants in CONTROLS.items():
-        for variant in variants:
-            series = _series(cells, variant)
-            if series:
-                rows.append(_control_row(cells, family, variant, _largest_gap(_mean_series(series), base)))
-    return rows
-
-
-def _control_row(cells: Cells, family: str, method: str, gap: float | None) -> dict[str, Any]:
-    accuracy = [
-        a for a in (final_accuracy(c, "eval_accuracy") for c in cells.get(method, {}).values()) if a is not None
-    ]
-    return {
-        "family": family,
-        "variant": method,
-        "seeds": sorted(_series(cells, method)),
-        "largest_gap": gap,
-        "stable_rank_end": _last_mean(cells, method, "stable_rank_median"),
-        "update_norm_end": _last_mean(cells, method, "update_fro_norm"),
-        "greedy_accuracy_end": sum(accuracy) / len(accuracy) if accuracy else None,
-    }
 
 
 def findings(cells: Cells) -> list[dict[str, Any]]:
@@ -249,7 +181,7 @@ def findings(cells: Cells) -> list[dict[str, Any]]:
     ):  # fmt: skip
         measured, verdict = _arm_order(cells, key, increasing, scale, unit)
         out.append(_finding(fid, claim, paper, measured, verdict, "order"))
-    principal = {arm: _final(cells, arm, "principal_mask_overlap") for arm in ARMS}
+    principal = {arm: final_by_seed(cells, arm, "principal_mask_overlap") for arm in ARMS}
     near = [t_interval(list(v.values()))["mean"] for v in principal.values()]
     verdict = NOT_MEASURED if None in near else ("reproduced" if max(near) <= 0.35 else "not reproduced")
     out.append(_finding(
@@ -297,7 +229,9 @@ def _trend_verdict(trend: dict[int, float], expands: bool) -> str:
 
 
 def _trajectory_findings(cells: Cells) -> list[dict[str, Any]]:
-    band = {s: max(r[1:]) / min(r[1:]) for s, r in _series(cells, "opd").items() if len(r) > 2 and min(r[1:]) > 0}
+    band = {
+        s: max(r[1:]) / min(r[1:]) for s, r in series_by_seed(cells, "opd").items() if len(r) > 2 and min(r[1:]) > 0
+    }
     verdict = NOT_MEASURED if not band else ("reproduced" if max(band.values()) <= 1.5 else "not reproduced")
     out = [
         _finding(
@@ -316,12 +250,16 @@ def _trajectory_findings(cells: Cells) -> list[dict[str, Any]]:
         claim = f"{label(arm)}'s stable rank {word} over training."
         out.append(_finding(fid, claim, paper, f"last / first {_fmt(trend)}", _trend_verdict(trend, expands),
                             "expands"))  # fmt: skip
-    norms = {a: {s: r[-1] for s, r in _series(cells, a, "update_fro_norm").items() if r} for a in ("rlvr", "opd")}
+    norms = {
+        a: {s: r[-1] for s, r in series_by_seed(cells, a, "update_fro_norm").items() if r} for a in ("rlvr", "opd")
+    }
     out.append(_finding("opd_norm_above_rlvr", "OPD's cumulative update is larger than RLVR's (locking is not a "
                         "small-update artefact).", "OPD's ‖ΔW‖_F substantially larger",
                         f"‖ΔW_T‖_F OPD {_fmt(norms['opd'])}, RLVR {_fmt(norms['rlvr'])}", _order(norms, True),
                         "order"))  # fmt: skip
-    first = {arm: {s: r[0] for s, r in _series(cells, arm, "subspace_similarity_mean").items() if r} for arm in ARMS}
+    first = {
+        arm: {s: r[0] for s, r in series_by_seed(cells, arm, "subspace_similarity_mean").items() if r} for arm in ARMS
+    }
     against_sft = _order({"sft": first["sft"], "opd": first["opd"]}, True)
     against_rlvr = _order({"rlvr": first["rlvr"], "opd": first["opd"]}, True)
     out.append(

@@ -11,7 +11,8 @@ from typing import Any
 
 from lockedopd.bench.accuracy_report import Cells
 from lockedopd.bench.paper_arms import ARMS, CONTROLS, SFT_OFF_DISTRIBUTION, label, sufficiency
-from lockedopd.bench.paper_findings import KEEP_TOLERANCE, NOT_MEASURED, RULES, controls_summary, findings
+from lockedopd.bench.paper_controls import controls_summary
+from lockedopd.bench.paper_findings import KEEP_TOLERANCE, NOT_MEASURED, RULES, findings
 from lockedopd.bench.paper_monitor import monitor_on_locks
 from lockedopd.bench.tables import markdown_table
 
@@ -20,7 +21,7 @@ __all__ = ["paper_section", "own_starts", "findings_markdown", "plot_paper"]
 
 def paper_section(cells: Cells) -> dict[str, Any]:
     """The ``findings``, ``findings_not_measured``, ``sufficiency``, ``controls``
-    (:func:`~lockedopd.bench.paper_findings.controls_summary`), ``monitor``
+    (:func:`~lockedopd.bench.paper_controls.controls_summary`), ``monitor``
     (:func:`~lockedopd.bench.paper_monitor.monitor_on_locks`) and per-method mean ``trajectories`` keys of
     ``results.json``.
 
